@@ -1,0 +1,101 @@
+"""Hyperparameters of an edit, with per-family presets and JSON loading.
+
+The target-optimisation fields follow MEMIT's hparams (``v_lr``, ``v_num_grad_steps``,
+``clamp_norm_factor``, ``kl_factor``, ``v_weight_decay``); ``lam`` is MOSE's retention weight
+λ in ``M = λ·W·C0·Wᵀ + V_E·(W·K_E)ᵀ``.  Because ``C0`` here is the *mean* second moment
+E[k kᵀ] (not a sum over tokens), λ reads as "how many corpus tokens one edit key is worth
+against": λ = 100 weighs the corpus like 100 keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class MOSEConfig:
+    # --- where to edit -------------------------------------------------------------------
+    layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    # --- the rotation --------------------------------------------------------------------
+    lam: float = 100.0                 # retention weight λ
+    solve_dtype: str = "float64"       # dtype of M, the SVD and R (the reference is float64)
+    polar_method: str = "svd"          # see mose_fast.procrustes.POLAR_METHODS
+    # --- targets (MEMIT compute_z) ---------------------------------------------------------
+    v_lr: float = 0.5
+    v_num_grad_steps: int = 25
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 1e-3
+    v_loss_early_stop: float = 5e-2
+    # --- context templates (ROME/MEMIT: generated prefixes, "{}" kept as the subject slot) --
+    context_template_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
+    context_template_length: int = 10   # generated tokens per template
+    # --- key statistics C0 -----------------------------------------------------------------
+    stats_corpus: str | None = None     # text file; None → WikiText-2 under MOSE_DATA_DIR
+    stats_tokens: int = 100_000
+    stats_seq_len: int = 256
+    stats_batch_size: int = 8
+    stats_cache_dir: str | None = None  # None → $MOSE_CACHE_DIR or ~/.cache/mose_fast
+    # --- bookkeeping -----------------------------------------------------------------------
+    seed: int = 0
+    undo_history: int = 64             # rotations kept in memory for undo()
+    master_weights: bool = True        # float32 master copy for bf16/fp16 weights (bounds drift)
+
+    def validate(self) -> None:
+        if not self.layers or any((not isinstance(l, int)) or l < 0 for l in self.layers):
+            raise ValueError(f"MOSEConfig.layers must be a non-empty list of layer indices, got {self.layers!r}")
+        if sorted(set(self.layers)) != list(self.layers):
+            raise ValueError(f"MOSEConfig.layers must be strictly increasing, got {self.layers!r}")
+        if not (self.lam >= 0):
+            raise ValueError(f"MOSEConfig.lam must be >= 0, got {self.lam!r}")
+        if self.solve_dtype not in ("float64", "float32"):
+            raise ValueError(f"MOSEConfig.solve_dtype must be 'float64' or 'float32', got {self.solve_dtype!r}")
+        if self.v_num_grad_steps < 1:
+            raise ValueError("MOSEConfig.v_num_grad_steps must be >= 1")
+        if self.stats_tokens < 1:
+            raise ValueError("MOSEConfig.stats_tokens must be >= 1")
+
+    # --- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["context_template_prefixes"] = list(self.context_template_prefixes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MOSEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown MOSEConfig field(s) {unknown}; known fields: {sorted(known)}")
+        d = dict(d)
+        if "context_template_prefixes" in d:
+            d["context_template_prefixes"] = tuple(d["context_template_prefixes"])
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "MOSEConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def preset(cls, model_type: str, **overrides: Any) -> "MOSEConfig":
+        """Defaults tuned (or taken from MEMIT/AlphaEdit) for a model family."""
+        base = dict(PRESETS.get(model_type, {}))
+        base.update(overrides)
+        return cls.from_dict(base)
+
+
+# Per-family presets.  "llama" is what was tuned on SmolLM2-135M (30 layers); the others follow
+# MEMIT's published GPT-J/GPT-2 settings scaled to their depth.
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama": dict(layers=[4, 5, 6, 7, 8], lam=100.0, v_lr=0.5, clamp_norm_factor=4.0),
+    "mistral": dict(layers=[4, 5, 6, 7, 8], lam=100.0),
+    "qwen2": dict(layers=[4, 5, 6, 7, 8], lam=100.0),
+    "gptj": dict(layers=[3, 4, 5, 6, 7, 8], lam=100.0, clamp_norm_factor=0.75, v_weight_decay=0.5),
+    "gpt2": dict(layers=[3, 4, 5, 6, 7, 8], lam=100.0, clamp_norm_factor=0.75, v_weight_decay=0.5),
+    "gpt_neox": dict(layers=[3, 4, 5, 6, 7, 8], lam=100.0),
+}

@@ -1,0 +1,256 @@
+"""MOSEEditor: batch and sequential edits, journal, exact undo, all-or-nothing semantics.
+
+One edit (a batch of requests), MEMIT's multi-layer schedule with MOSE's update:
+
+    z       = target residual after the last edited layer           (targets.py)
+    for layer l in layers (first to last), on the model as already edited:
+        K_E   = keys at l                                          (keys.py)
+        resid = (z − current residual at the last layer) / (layers left)
+        A_E   = W_l·K_E ,  V_E = A_E + resid
+        R     = polar(λ·P_l + V_E·A_Eᵀ) ;  W_l ← R·W_l ;  P_l ← R·P_l·R ᵀ
+
+If anything raises before the edit completes, every touched weight (and retention Gram) is put
+back from a snapshot taken before the first write, bit for bit.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from .arch import ArchSpec, resolve_arch
+from .config import MOSEConfig
+from .keys import block_outputs_at_subject, compute_keys, generate_context_templates
+from .requests import EditRequest
+from .rules.mose import MOSERule
+from .stats import default_data_dir, key_second_moments, model_fingerprint
+from .targets import compute_targets
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+
+
+@dataclass
+class LayerRecord:
+    layer: int
+    objective: float            # Procrustes objective at the chosen R
+    objective_identity: float   # ... at R = I
+    orth_error: float           # ‖RᵀR − I‖_F (solve dtype)
+    weight_norm_before: float   # ‖W‖_F
+    weight_norm_after: float
+    seconds_keys: float
+    seconds_solve: float
+    seconds_apply: float
+
+
+@dataclass
+class EditRecord:
+    index: int
+    case_ids: list
+    layers: list[LayerRecord] = field(default_factory=list)
+    target_nll: list[float] = field(default_factory=list)   # NLL of target_new after optimising δ
+    seconds_targets: float = 0.0
+    seconds_total: float = 0.0
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return {"targets": self.seconds_targets,
+                "keys": sum(l.seconds_keys for l in self.layers),
+                "solve": sum(l.seconds_solve for l in self.layers),
+                "apply": sum(l.seconds_apply for l in self.layers),
+                "total": self.seconds_total}
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["seconds"] = self.seconds
+        return d
+
+
+class MOSEEditor:
+    def __init__(self, model, tok, config: MOSEConfig | None = None, arch: ArchSpec | dict | None = None,
+                 second_moments: dict[int, torch.Tensor] | None = None, progress: bool = True):
+        self.model, self.tok = model, tok
+        self.arch = resolve_arch(model, arch)
+        self.cfg = config or MOSEConfig.preset(getattr(model.config, "model_type", ""))
+        self.cfg.validate()
+        n_layers = self.arch.num_layers(model)
+        bad = [l for l in self.cfg.layers if l >= n_layers]
+        if bad:
+            raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        self.progress = progress
+        self.rule = MOSERule(self.cfg.lam, self.cfg.polar_method, DTYPES[self.cfg.solve_dtype])
+        self._second_moments = dict(second_moments) if second_moments is not None else None
+        self._templates: list[list[str]] | None = None
+        self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
+        self._undo: deque = deque(maxlen=self.cfg.undo_history)  # (record index, {layer: R})
+        self.records: list[EditRecord] = []
+        self.journal: list[dict] = []                      # every edit and undo, in order
+        self._n_edits = 0
+
+    # --- lazily built state -------------------------------------------------------------------
+    def second_moments(self) -> dict[int, torch.Tensor]:
+        if self._second_moments is None or any(l not in self._second_moments for l in self.cfg.layers):
+            corpus = self.cfg.stats_corpus or str(default_data_dir() / "wikitext-2" / "valid.txt")
+            self._second_moments = key_second_moments(
+                self.model, self.tok, self.arch, self.cfg.layers, corpus, self.cfg.stats_tokens,
+                self.cfg.stats_seq_len, self.cfg.stats_batch_size, self.cfg.stats_cache_dir, self.progress)
+        return self._second_moments
+
+    def context_templates(self) -> list[list[str]]:
+        if self._templates is None:
+            self._templates = generate_context_templates(
+                self.model, self.tok, self.cfg.context_template_prefixes, self.cfg.context_template_length,
+                self.cfg.seed)
+        return self._templates
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """The matrix the rotation acts on: the float32 master for bf16/fp16 weights, else the
+        parameter itself (as a d_out × d_in view)."""
+        return self._master.get(layer, self.arch.weight_view(self.model, layer))
+
+    def _prepare(self) -> None:
+        need = [l for l in self.cfg.layers if l not in self.rule.gram]
+        if not need:
+            return
+        C0 = self.second_moments()
+        for l in need:
+            W = self.arch.weight_view(self.model, l)
+            if self.cfg.master_weights and W.dtype in (torch.bfloat16, torch.float16):
+                # Rounding W to 8 mantissa bits after every rotation would random-walk the weights;
+                # a float32 master keeps the drift to one rounding from the exact product.
+                self._master[l] = W.float()
+            self.rule.prepare(l, self.weight(l), C0[l])
+        # P carries all that later edits need of C0; the d_in × d_in matrices can go.
+        self._second_moments = None
+
+    # --- editing -------------------------------------------------------------------------------
+    def validate(self, requests: Iterable[EditRequest]) -> list[EditRequest]:
+        requests = list(requests)
+        if not requests:
+            raise ValueError("no edit requests given")
+        for i, r in enumerate(requests):
+            if not isinstance(r, EditRequest):
+                raise ValueError(f"request #{i} is a {type(r).__name__}, expected EditRequest")
+            r.validate_tokens(self.tok)
+        return requests
+
+    def edit(self, requests: Iterable[EditRequest] | EditRequest) -> EditRecord:
+        """Apply one batch edit (all requests together).  All-or-nothing."""
+        if isinstance(requests, EditRequest):
+            requests = [requests]
+        requests = self.validate(requests)
+        t_start = time.perf_counter()
+        self._prepare()
+        templates = self.context_templates()
+        layers = self.cfg.layers
+        snapshot = self._snapshot()
+        was_training = self.model.training
+        grad_flags = [p.requires_grad for p in self.model.parameters()]
+        self.model.eval().requires_grad_(False)
+        record = EditRecord(index=self._n_edits, case_ids=[r.case_id for r in requests])
+        rotations: dict[int, torch.Tensor] = {}
+        try:
+            t = time.perf_counter()
+            targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
+            record.seconds_targets = time.perf_counter() - t
+            record.target_nll = [tr.nll for tr in targets]
+            z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
+            for i, layer in enumerate(layers):
+                t = time.perf_counter()
+                K = compute_keys(self.model, self.tok, self.arch, layer, requests, templates).to(torch.float64)
+                current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
+                resid = (z - current.to(torch.float64)) / (len(layers) - i)        # n × d
+                t_keys = time.perf_counter() - t
+                W = self.weight(layer)
+                norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
+                A = W.to(torch.float64) @ K.T.to(W.device)                          # d_out × n
+                V = A + resid.T.to(W.device)
+                solved, t_solve = self.rule.solve(layer, A, V)
+                t_apply = self.rule.apply(layer, W, solved.R)
+                if layer in self._master:
+                    self.arch.weight_view(self.model, layer).copy_(W)
+                rotations[layer] = solved.R.detach().cpu()
+                record.layers.append(LayerRecord(
+                    layer=layer, objective=solved.objective, objective_identity=solved.objective_identity,
+                    orth_error=solved.orth_error, weight_norm_before=norm_before,
+                    weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
+                    seconds_keys=t_keys, seconds_solve=t_solve, seconds_apply=t_apply))
+        except BaseException:
+            self._restore(snapshot)
+            raise
+        finally:
+            self.model.train(was_training)
+            for p, flag in zip(self.model.parameters(), grad_flags):
+                p.requires_grad_(flag)
+        record.seconds_total = time.perf_counter() - t_start
+        self._n_edits += 1
+        self.records.append(record)
+        self._undo.append((record.index, rotations))
+        self.journal.append({"op": "edit", "requests": [r.to_dict() for r in requests], **record.to_dict()})
+        return record
+
+    def edit_sequential(self, requests: Iterable[EditRequest]) -> list[EditRecord]:
+        """One edit per request, in order (each on the model as already edited)."""
+        requests = self.validate(requests)
+        out = []
+        for r in tqdm(requests, desc="sequential edits", unit="edit", disable=not self.progress):
+            out.append(self.edit([r]))
+        return out
+
+    def undo(self, n: int = 1) -> None:
+        """Revert the last ``n`` edits by applying Rᵀ in reverse order (exact up to rounding)."""
+        if n < 0 or n > len(self._undo):
+            raise ValueError(f"cannot undo {n} edit(s): {len(self._undo)} can be undone "
+                             f"(undo_history={self.cfg.undo_history})")
+        for _ in range(n):
+            index, rotations = self._undo.pop()
+            for layer in reversed(list(rotations)):
+                W = self.weight(layer)
+                self.rule.revert(layer, W, rotations[layer].to(W.device))
+                if layer in self._master:
+                    self.arch.weight_view(self.model, layer).copy_(W)
+            self.records = [r for r in self.records if r.index != index]
+            self.journal.append({"op": "undo", "index": index})
+
+    # --- snapshots --------------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        return {
+            "weights": {l: self.arch.weight_view(self.model, l).clone() for l in self.cfg.layers},
+            "master": {l: w.clone() for l, w in self._master.items()},
+            "gram": {l: p.clone() for l, p in self.rule.gram.items()},
+        }
+
+    def _restore(self, snap: dict) -> None:
+        with torch.no_grad():
+            for l, w in snap["weights"].items():
+                self.arch.weight_view(self.model, l).copy_(w)
+            for l, w in snap["master"].items():
+                self._master[l].copy_(w)
+            self.rule.gram = snap["gram"]
+
+    # --- inspection and saving -------------------------------------------------------------------
+    @torch.no_grad()
+    def spectrum(self, layer: int) -> dict[str, float]:
+        """‖W‖_F, σ_max, σ_min and κ₂ of an edited matrix (float64)."""
+        s = torch.linalg.svdvals(self.arch.weight_view(self.model, layer).to(torch.float64))
+        return {"fro": float(s.pow(2).sum().sqrt()), "sigma_max": float(s[0]), "sigma_min": float(s[-1]),
+                "kappa": float(s[0] / s[-1])}
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the edited model (safetensors, loadable with from_pretrained), the tokenizer, and
+        ``mose_journal.json`` (config, every edit and undo with its records)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(out, safe_serialization=True)
+        self.tok.save_pretrained(out)
+        journal = {"config": self.cfg.to_dict(), "arch": asdict(self.arch),
+                   "model_fingerprint": model_fingerprint(self.model), "entries": self.journal}
+        (out / "mose_journal.json").write_text(json.dumps(journal, indent=1, default=str))
+        return out

@@ -1,0 +1,89 @@
+"""Forward hooks: capture a module's input, edit a block's output, stop a forward early.
+
+Decoder blocks return a tensor in some transformers families and a tuple whose first element is
+the hidden state in others; :func:`_hidden` / :func:`_replace_hidden` treat both alike.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the deepest needed layer has run."""
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_hidden(output, hidden):
+    return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+
+@contextmanager
+def capture_inputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record the first positional input of each module on every call (detached)."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = []
+    for name, module in modules.items():
+        def pre_hook(_m, args, _name=name):
+            seen[_name].append(args[0].detach())
+        handles.append(module.register_forward_pre_hook(pre_hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_outputs(modules: dict[str, nn.Module]) -> Iterator[dict[str, list[torch.Tensor]]]:
+    """Record each module's hidden-state output on every call (detached)."""
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = []
+    for name, module in modules.items():
+        def hook(_m, _args, output, _name=name):
+            seen[_name].append(_hidden(output).detach())
+        handles.append(module.register_forward_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def edit_output(module: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """Replace a block's hidden-state output by ``fn(hidden)`` (out of place, so autograd sees it)."""
+    def hook(_m, _args, output):
+        return _replace_hidden(output, fn(_hidden(output)))
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def stop_after(module: nn.Module) -> Iterator[None]:
+    """Raise :class:`StopForward` once ``module`` has run; catch it around the forward call."""
+    def hook(_m, _args, _output):
+        raise StopForward
+    handle = module.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def run_until(model: nn.Module, stop_module: nn.Module, **inputs) -> None:
+    """Forward ``model`` on ``inputs`` but skip every layer after ``stop_module``."""
+    with stop_after(stop_module):
+        try:
+            model(**inputs)
+        except StopForward:
+            pass

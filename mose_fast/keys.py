@@ -1,0 +1,80 @@
+"""Keys ``K_E`` (MEMIT ``compute_ks``) and block outputs at the subject's last token.
+
+A key is the input of the FFN output projection at the subject's last token, averaged over the
+context templates: first within each group of templates, then across groups (so the bare
+``"{}"`` group weighs as much as all generated prefixes together, as in MEMIT).
+"""
+from __future__ import annotations
+
+import torch
+
+from .arch import ArchSpec
+from .hooks import capture_inputs, capture_outputs, run_until
+from .requests import EditRequest
+from .tokens import pad_batch, subject_last_index
+
+
+@torch.no_grad()
+def generate_context_templates(model, tok, prefixes=("The", "Therefore", "Because", "I", "You"),
+                               length: int = 10, seed: int = 0) -> list[list[str]]:
+    """``[["{}"], ["<generated text>. {}", ...]]``: ROME/MEMIT's templates, sampled with top-k 5
+    from the model itself under a fixed seed, so the same model and seed give the same templates."""
+    templates = ["{}"]
+    if prefixes and length > 0:
+        device = next(model.parameters()).device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for prefix in prefixes:
+            ids = torch.tensor([tok(prefix)["input_ids"]], device=device)
+            for _ in range(length):   # top-k sampling by hand: reproducible with our own generator
+                logits = model(input_ids=ids).logits[0, -1].float().cpu()
+                top = logits.topk(5)
+                pick = top.indices[torch.multinomial(torch.softmax(top.values, -1), 1, generator=gen)]
+                ids = torch.cat([ids, pick.view(1, 1).to(device)], dim=1)
+            text = tok.decode(ids[0], skip_special_tokens=True).replace("{", " ").replace("}", " ")
+            templates.append(text.strip() + ". {}")
+    groups = [["{}"]]
+    if len(templates) > 1:
+        groups.append(templates[1:])
+    return groups
+
+
+def _subject_batch(tok, requests: list[EditRequest], templates: list[str]):
+    ids, positions = [], []
+    for req in requests:
+        for t in templates:
+            i, p = subject_last_index(tok, t.replace("{}", req.template, 1), req.subject)
+            ids.append(i)
+            positions.append(p)
+    return ids, positions
+
+
+@torch.no_grad()
+def compute_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
+                 context_templates: list[list[str]]) -> torch.Tensor:
+    """``K_E`` as an (n_requests × d_in) tensor in the model's dtype."""
+    flat = [t for group in context_templates for t in group]
+    ids, positions = _subject_batch(tok, requests, flat)
+    device = next(model.parameters()).device
+    module = arch.mlp_out_module(model, layer)
+    with capture_inputs({"k": module}) as seen:
+        run_until(model, arch.block(model, layer), **pad_batch(tok, ids, device))
+    inputs = seen["k"][0]
+    rows = inputs[torch.arange(len(ids), device=device), torch.tensor(positions, device=device)]
+    rows = rows.view(len(requests), len(flat), -1)
+    start, group_means = 0, []
+    for group in context_templates:
+        group_means.append(rows[:, start:start + len(group)].mean(1))
+        start += len(group)
+    return torch.stack(group_means, 1).mean(1)
+
+
+@torch.no_grad()
+def block_outputs_at_subject(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest]) -> torch.Tensor:
+    """Residual stream after block ``layer`` at the subject's last token of each bare prompt."""
+    ids, positions = _subject_batch(tok, requests, ["{}"])
+    device = next(model.parameters()).device
+    block = arch.block(model, layer)
+    with capture_outputs({"h": block}) as seen:
+        run_until(model, block, **pad_batch(tok, ids, device))
+    hidden = seen["h"][0]
+    return hidden[torch.arange(len(ids), device=device), torch.tensor(positions, device=device)]

@@ -1,0 +1,169 @@
+"""Edit requests: validation and readers for the ROME, EasyEdit and MEND/zsRE schemas.
+
+A request is normalised to a *template* holding ``{}`` where the subject stands, as in ROME
+(``"The mother tongue of {} is"``); the subject's last token is where keys are read and the
+target vector is written.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+
+@dataclass
+class EditRequest:
+    prompt: str                       # with the subject written out, or with a "{}" placeholder
+    subject: str
+    target_new: str
+    target_true: str | None = None
+    paraphrase_prompts: Sequence[str] = field(default_factory=tuple)    # full sentences
+    neighborhood_prompts: Sequence[str] = field(default_factory=tuple)  # full sentences
+    neighborhood_answers: Sequence[str] = field(default_factory=tuple)  # their true answers
+    case_id: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "subject", "target_new"):
+            _check_text(self, name, getattr(self, name))
+        if self.target_true is not None:
+            _check_text(self, "target_true", self.target_true)
+        for name in ("paraphrase_prompts", "neighborhood_prompts", "neighborhood_answers"):
+            values = getattr(self, name)
+            if isinstance(values, str):
+                values = (values,)
+            values = tuple(values)
+            for i, v in enumerate(values):
+                _check_text(self, f"{name}[{i}]", v)
+            object.__setattr__(self, name, values)
+        if "{}" not in self.prompt and self.subject not in self.prompt:
+            raise ValueError(f"{self._name()}: subject {self.subject!r} does not occur in prompt {self.prompt!r} "
+                             "(write it out, or put a '{}' placeholder where it stands)")
+        if self.prompt.count("{}") > 1:
+            raise ValueError(f"{self._name()}: prompt has more than one '{{}}' placeholder: {self.prompt!r}")
+
+    # --- derived forms -----------------------------------------------------------------------
+    @property
+    def template(self) -> str:
+        """The prompt with ``{}`` in place of the subject (its first occurrence)."""
+        if "{}" in self.prompt:
+            return self.prompt
+        i = self.prompt.index(self.subject)
+        return self.prompt[:i] + "{}" + self.prompt[i + len(self.subject):]
+
+    @property
+    def text(self) -> str:
+        """The rewrite prompt as a sentence."""
+        return fill(self.template, self.subject)
+
+    def _name(self) -> str:
+        return f"EditRequest(case_id={self.case_id!r})" if self.case_id is not None else \
+            f"EditRequest(prompt={getattr(self, 'prompt', None)!r})"
+
+    def validate_tokens(self, tok) -> None:
+        """Checks that need the tokenizer: the subject and target must produce tokens."""
+        if len(tok(self.subject, add_special_tokens=False)["input_ids"]) == 0:
+            raise ValueError(f"{self._name()}: field 'subject' ({self.subject!r}) tokenises to nothing")
+        if len(tok(" " + self.target_new.strip(), add_special_tokens=False)["input_ids"]) == 0:
+            raise ValueError(f"{self._name()}: field 'target_new' ({self.target_new!r}) tokenises to nothing")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(case_id=self.case_id, prompt=self.prompt, subject=self.subject, target_new=self.target_new,
+                    target_true=self.target_true, paraphrase_prompts=list(self.paraphrase_prompts),
+                    neighborhood_prompts=list(self.neighborhood_prompts),
+                    neighborhood_answers=list(self.neighborhood_answers))
+
+
+def fill(template: str, subject: str) -> str:
+    # str.replace, not str.format: subjects and generated prefixes may contain braces.
+    return template.replace("{}", subject, 1)
+
+
+def _check_text(req: EditRequest, name: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise ValueError(f"{req._name()}: field {name!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{req._name()}: field {name!r} is empty or only whitespace ({value!r})")
+
+
+# --- schema readers ----------------------------------------------------------------------------
+
+def from_rome(record: dict) -> EditRequest:
+    """ROME/MEMIT CounterFact: ``{"case_id", "requested_rewrite": {...}, "paraphrase_prompts", ...}``."""
+    rw = record["requested_rewrite"]
+    return EditRequest(
+        prompt=rw["prompt"], subject=rw["subject"],
+        target_new=rw["target_new"]["str"], target_true=rw["target_true"]["str"],
+        paraphrase_prompts=record.get("paraphrase_prompts", ()),
+        neighborhood_prompts=record.get("neighborhood_prompts", ()),
+        neighborhood_answers=[rw["target_true"]["str"]] * len(record.get("neighborhood_prompts", ())),
+        case_id=record.get("case_id"))
+
+
+def from_easyedit(record: dict) -> EditRequest:
+    """EasyEdit flat schema: ``prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt``."""
+    def as_list(v):
+        return [] if v is None else ([v] if isinstance(v, str) else list(v))
+    loc = as_list(record.get("locality_prompt"))
+    loc_ans = as_list(record.get("locality_ground_truth"))
+    if loc and not loc_ans and record.get("ground_truth") is not None:
+        loc_ans = [record["ground_truth"]] * len(loc)   # CounterFact neighbours share the true object
+    return EditRequest(
+        prompt=record["prompt"], subject=record["subject"], target_new=record["target_new"],
+        target_true=record.get("ground_truth"),
+        paraphrase_prompts=as_list(record.get("rephrase_prompt")),
+        neighborhood_prompts=loc, neighborhood_answers=loc_ans, case_id=record.get("case_id"))
+
+
+def from_mend(record: dict) -> EditRequest:
+    """MEND/zsRE: ``subject, src, alt, answers, rephrase, loc, loc_ans``.
+
+    EasyEdit convention: the new answer is ``alt`` and ``answers[0]`` the original one.
+    """
+    return EditRequest(
+        prompt=record["src"], subject=record["subject"], target_new=record["alt"],
+        target_true=(record.get("answers") or [None])[0],
+        paraphrase_prompts=[record["rephrase"]] if record.get("rephrase") else [],
+        neighborhood_prompts=[record["loc"]] if record.get("loc") else [],
+        neighborhood_answers=[record["loc_ans"]] if record.get("loc_ans") else [],
+        case_id=record.get("case_id"))
+
+
+def detect_schema(record: dict) -> str:
+    if "requested_rewrite" in record:
+        return "rome"
+    if "src" in record and "alt" in record:
+        return "mend"
+    if "prompt" in record and "target_new" in record:
+        return "easyedit"
+    raise ValueError(f"unrecognised edit-request schema with keys {sorted(record)}: expected ROME "
+                     "('requested_rewrite'), EasyEdit ('prompt','subject','target_new',...) or MEND "
+                     "('src','alt','answers',...)")
+
+
+READERS = {"rome": from_rome, "easyedit": from_easyedit, "mend": from_mend}
+
+
+def parse_records(records: Iterable[dict]) -> list[EditRequest]:
+    out = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict):
+            raise ValueError(f"request #{i} is a {type(rec).__name__}, expected a JSON object")
+        try:
+            out.append(READERS[detect_schema(rec)](rec))
+        except KeyError as e:
+            raise ValueError(f"request #{i} ({detect_schema(rec)} schema) lacks field {e}") from None
+    return out
+
+
+def load_requests(path: str | Path, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+    """Read a JSON list (or JSON-lines) of requests in any of the three schemas."""
+    text = Path(path).read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if isinstance(data, dict):
+        data = [data]
+    data = data[offset: None if limit is None else offset + limit]
+    return parse_records(data)

@@ -1,0 +1,34 @@
+"""mose_fast: fast Multiplicative Orthogonal Sequential Editing (MOSE) for HF causal LMs.
+
+Layout: the library in mose_fast/, Triton kernels in kernels/ installed as mose_fast.kernels
+(a global top-level package named `kernels` would collide with other projects), CUDA C++ in
+csrc/ compiled lazily on a CUDA machine (torch.utils.cpp_extension + ninja), never at install.
+"""
+from setuptools import setup
+
+setup(
+    name="mose-fast",
+    version="0.1.0",
+    description="Multiplicative Orthogonal Sequential Editing (closed-form MOSE) for Hugging Face causal LMs",
+    python_requires=">=3.10",
+    packages=["mose_fast", "mose_fast.rules", "mose_fast.eval", "mose_fast.kernels"],
+    package_dir={"mose_fast": "mose_fast", "mose_fast.kernels": "kernels"},
+    package_data={"mose_fast": ["csrc/*"]},
+    install_requires=[
+        # torch 2.13.0: the CPU wheel on CPU-only machines (a bare `torch` pulls CUDA builds)
+        "torch==2.13.0",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",      # transformers needs it to load GGUF files
+        "gguf>=0.10",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "triton": ["triton>=3.2"],
+        "gpu": ["triton>=3.2", "cupy-cuda12x>=13", "ninja>=1.11"],
+        "eval": ["matplotlib>=3.7"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2"],
+    },
+    entry_points={"console_scripts": ["mose-fast=mose_fast.cli:main"]},
+)
