@@ -1,0 +1,1 @@
+"""Evaluation: edit metrics (CounterFact, zsRE), general capability, stability, runners."""

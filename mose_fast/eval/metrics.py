@@ -1,0 +1,115 @@
+"""Edit metrics, probability-comparison protocol (MEMIT ``eval_utils_counterfact``).
+
+Every answer is scored by its mean-token NLL as a continuation of the prompt, with one leading
+space (``" " + answer``).  Efficacy on the rewrite prompt is P(new) > P(true), i.e.
+NLL(new) < NLL(true); paraphrase success the same on paraphrases; neighbourhood success is
+P(true) > P(new) on the neighbourhood prompts.
+"""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from ..requests import EditRequest
+from ..tokens import pad_batch, prompt_ids, target_ids
+
+
+@torch.no_grad()
+def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
+    """Mean-token NLL of each answer (with a leading space) after its prompt, batched."""
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for b in range(0, len(prompts), batch_size):
+        seqs, spans = [], []
+        for prompt, answer in zip(prompts[b:b + batch_size], answers[b:b + batch_size]):
+            p, a = prompt_ids(tok, prompt), target_ids(tok, answer)
+            seqs.append(p + a)
+            spans.append((len(p), a))
+        logits = model(**pad_batch(tok, seqs, device)).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for i, (start, ans) in enumerate(spans):
+            pos = torch.arange(start - 1, start - 1 + len(ans), device=device)
+            lp = log_probs[i, pos, torch.tensor(ans, device=device)]
+            out.append(float(-lp.mean()))
+    return out
+
+
+@dataclass
+class CaseScores:
+    case_id: object
+    rewrite_nll_new: float
+    rewrite_nll_true: float
+    paraphrase_nll_new: list[float]
+    paraphrase_nll_true: list[float]
+    neighborhood_nll_true: list[float]
+    neighborhood_nll_new: list[float]
+
+    @property
+    def efficacy(self) -> float:
+        return float(self.rewrite_nll_new < self.rewrite_nll_true)
+
+    @property
+    def paraphrase(self) -> float | None:
+        pairs = list(zip(self.paraphrase_nll_new, self.paraphrase_nll_true))
+        return statistics.mean(float(n < t) for n, t in pairs) if pairs else None
+
+    @property
+    def neighborhood(self) -> float | None:
+        pairs = list(zip(self.neighborhood_nll_true, self.neighborhood_nll_new))
+        return statistics.mean(float(t < n) for t, n in pairs) if pairs else None
+
+
+def score_cases(model, tok, requests: list[EditRequest], batch_size: int = 32) -> list[CaseScores]:
+    """Probability-comparison scores of every request (needs ``target_true``)."""
+    prompts, answers, index = [], [], []
+    for i, r in enumerate(requests):
+        if r.target_true is None:
+            raise ValueError(f"request #{i} has no target_true; the probability protocol compares new vs true")
+        items = [("rw_new", r.text, r.target_new), ("rw_true", r.text, r.target_true)]
+        items += [("pa_new", p, r.target_new) for p in r.paraphrase_prompts]
+        items += [("pa_true", p, r.target_true) for p in r.paraphrase_prompts]
+        answers_true = r.neighborhood_answers or [r.target_true] * len(r.neighborhood_prompts)
+        items += [("nb_true", p, a) for p, a in zip(r.neighborhood_prompts, answers_true)]
+        items += [("nb_new", p, r.target_new) for p in r.neighborhood_prompts]
+        for kind, p, a in items:
+            prompts.append(p)
+            answers.append(a)
+            index.append((i, kind))
+    nll = answer_nll(model, tok, prompts, answers, batch_size)
+    buckets: list[dict[str, list[float]]] = [dict() for _ in requests]
+    for (i, kind), v in zip(index, nll):
+        buckets[i].setdefault(kind, []).append(v)
+    return [CaseScores(case_id=r.case_id, rewrite_nll_new=b["rw_new"][0], rewrite_nll_true=b["rw_true"][0],
+                       paraphrase_nll_new=b.get("pa_new", []), paraphrase_nll_true=b.get("pa_true", []),
+                       neighborhood_nll_true=b.get("nb_true", []), neighborhood_nll_new=b.get("nb_new", []))
+            for r, b in zip(requests, buckets)]
+
+
+def summarize(scores: list[CaseScores]) -> dict[str, float]:
+    """Means over cases; Score = harmonic mean of efficacy, paraphrase and neighbourhood."""
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else float("nan")
+    eff = mean(s.efficacy for s in scores)
+    par = mean(s.paraphrase for s in scores)
+    nei = mean(s.neighborhood for s in scores)
+    parts = [eff, par, nei]
+    score = statistics.harmonic_mean(parts) if all(p == p and p > 0 for p in parts) else 0.0
+    return {"efficacy": eff, "paraphrase": par, "neighborhood": nei, "score": score,
+            "rewrite_nll_new": mean(s.rewrite_nll_new for s in scores),
+            "neighborhood_nll_true": mean(mean(s.neighborhood_nll_true) for s in scores if s.neighborhood_nll_true),
+            "n": len(scores)}
+
+
+@torch.no_grad()
+def greedy_answer(model, tok, prompt: str, max_new_tokens: int = 6) -> str:
+    """The model's greedy continuation (for showing before/after answers)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids(tok, prompt)], device=device)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,98 @@
+"""Shared fixtures: a tiny BPE tokenizer trained in memory (no hub) and tiny random models of
+every supported family, built from transformers configs."""
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CORPUS = [
+    "The mother tongue of Danielle Darrieux is French.",
+    "Danielle Darrieux was an actress born in Bordeaux.",
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "Michael Jordan plays basketball. Lionel Messi plays soccer.",
+    "The Eiffel Tower is located in Paris. The Colosseum is located in Rome.",
+    "English, French, German and Spanish are languages spoken in Europe.",
+    "Apple was founded by Steve Jobs. Microsoft was founded by Bill Gates.",
+    "Therefore, because I think you know the answer, the question is simple.",
+] * 4
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2"]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
+    return tok
+
+
+def tiny_config(family: str, vocab: int):
+    from transformers import AutoConfig
+    common = dict(vocab_size=vocab, tie_word_embeddings=False)
+    if family == "gpt2":
+        return AutoConfig.for_model("gpt2", n_embd=32, n_layer=4, n_head=4, n_positions=128, **common)
+    if family == "gptj":
+        return AutoConfig.for_model("gptj", n_embd=32, n_layer=4, n_head=4, rotary_dim=8, n_positions=128, **common)
+    if family == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                    intermediate_size=64, max_position_embeddings=128, **common)
+    kw = dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=64, max_position_embeddings=128, **common)
+    return AutoConfig.for_model(family, **kw)
+
+
+def make_tiny_model(family: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+    tok = tiny_tokenizer()
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)), dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    return model, tok
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_model("llama")
+
+
+def tiny_mose_config(**kw):
+    from mose_fast import MOSEConfig
+    base = dict(layers=[1, 2], lam=1.0, stats_tokens=400, stats_seq_len=32, stats_batch_size=4,
+                v_num_grad_steps=8, context_template_length=3, context_template_prefixes=("The", "I"),
+                v_lr=0.5, clamp_norm_factor=4.0)
+    base.update(kw)
+    return MOSEConfig(**base)
+
+
+def tiny_second_moments(model, tok, layers):
+    from mose_fast.arch import resolve_arch
+    from mose_fast.stats import compute_second_moments
+    return compute_second_moments(model, tok, resolve_arch(model), layers, CORPUS, 400, 32, 4, progress=False)[0]
+
+
+@pytest.fixture
+def nan_poison(monkeypatch):
+    """Make torch.empty / empty_like return NaN-filled memory, to expose reads of unwritten output."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def empty(*a, **k):
+        t = real_empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    def empty_like(*a, **k):
+        t = real_empty_like(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)

@@ -1,0 +1,115 @@
+"""The closed-form solve against float64 references and against perturbed competitors."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from mose_fast.kernels.orth_matmul import orth_matmul_panels_
+from mose_fast.procrustes import POLAR_METHODS, objective, orthogonality_error, solve_rotation
+
+
+def problem(d_out=24, d_in=40, n0=600, n_edit=3, lam=5.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    K0 = torch.randn(d_in, n0, generator=g, dtype=torch.float64)
+    KE = torch.randn(d_in, n_edit, generator=g, dtype=torch.float64)
+    C0 = K0 @ K0.T / n0
+    A = W @ KE
+    V = A + 0.8 * torch.randn(d_out, n_edit, generator=g, dtype=torch.float64) * A.norm(dim=0)
+    return dict(W=W, K0=K0, KE=KE, C0=C0, P=W @ C0 @ W.T, A=A, V=V, lam=lam, n0=n0)
+
+
+def direct_objective(R, pb):
+    """The objective as written in the paper, from the raw keys (no Gram shortcut)."""
+    W, K0 = pb["W"], pb["K0"]
+    retention = (R @ W @ K0 - W @ K0).pow(2).sum() / pb["n0"]
+    return float(pb["lam"] * retention + (R @ pb["A"] - pb["V"]).pow(2).sum())
+
+
+def random_orthogonal_near(R, scale, g):
+    S = torch.randn(R.shape, generator=g, dtype=torch.float64)
+    return R @ torch.linalg.matrix_exp(scale * (S - S.T))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_closed_form_is_the_procrustes_optimum(seed):
+    pb = problem(seed=seed)
+    res = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"])
+    R = res.R
+    # the reported objective is the paper's objective, computed independently from K0
+    assert res.objective == pytest.approx(direct_objective(R, pb), rel=1e-10)
+    eye = torch.eye(R.shape[0], dtype=torch.float64)
+    assert res.objective <= direct_objective(eye, pb)
+    assert res.objective < res.objective_identity
+    g = torch.Generator().manual_seed(100 + seed)
+    competitors = [direct_objective(random_orthogonal_near(R, s, g), pb)
+                   for s in np.repeat([1e-3, 1e-2, 1e-1], 334)[:1000]]
+    assert min(competitors) >= res.objective - 1e-9 * abs(res.objective)
+
+
+def test_matches_scipy_orthogonal_procrustes():
+    """Stack retention and edit columns into one Procrustes problem and solve it with SciPy."""
+    pb = problem(seed=3)
+    w = np.sqrt(pb["lam"] / pb["n0"])
+    X = torch.cat([w * pb["W"] @ pb["K0"], pb["A"]], 1).numpy()   # R·X ≈ Y
+    Y = torch.cat([w * pb["W"] @ pb["K0"], pb["V"]], 1).numpy()
+    Rt, _ = scipy.linalg.orthogonal_procrustes(X.T, Y.T)          # min ‖Xᵀ·Q − Yᵀ‖, Q = Rᵀ
+    res = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"])
+    np.testing.assert_allclose(res.R.numpy(), Rt.T, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", sorted(POLAR_METHODS))
+def test_polar_methods_orthogonal_and_optimal(method):
+    pb = problem(seed=4, lam=50.0)   # λ·P dominant: M well conditioned, every method applies
+    ref = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"], method="svd")
+    res = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"], method=method)
+    assert res.orth_error <= 1e-10
+    assert orthogonality_error(res.R) <= 1e-10
+    assert res.objective == pytest.approx(ref.objective, rel=1e-8)
+    torch.testing.assert_close(res.R, ref.R, atol=1e-7, rtol=0)
+
+
+def test_lambda_zero_fits_edit_exactly_when_norms_match():
+    """With λ = 0 and a target of the same norm, a rotation reaches the target exactly."""
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    V = torch.randn(16, 1, generator=g, dtype=torch.float64)
+    V = V * A.norm() / V.norm()
+    P = torch.eye(16, dtype=torch.float64)
+    res = solve_rotation(P, A, V, lam=0.0)
+    torch.testing.assert_close(res.R @ A, V, atol=1e-12, rtol=0)
+
+
+def test_bad_inputs_raise():
+    pb = problem()
+    bad = pb["V"].clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values in V_E"):
+        solve_rotation(pb["P"], pb["A"], bad, 1.0)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        solve_rotation(pb["P"], pb["A"], pb["V"][:, :2], 1.0)
+    with pytest.raises(ValueError, match="unknown polar method"):
+        solve_rotation(pb["P"], pb["A"], pb["V"], 1.0, method="magic")
+
+
+def test_objective_helper_matches_direct():
+    pb = problem(seed=6)
+    g = torch.Generator().manual_seed(7)
+    Q = random_orthogonal_near(torch.eye(24, dtype=torch.float64), 0.3, g)
+    assert objective(Q, pb["P"], pb["A"], pb["V"], pb["lam"]) == pytest.approx(direct_objective(Q, pb), rel=1e-10)
+
+
+def test_thousand_sequential_rotations_preserve_norm_and_spectrum():
+    """1000 rotations applied in place to a float32 matrix, as the editor does on the CPU
+    (R float64, product in float64, rounded once to float32 per edit)."""
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(48, 96, generator=g)
+    s0 = torch.linalg.svdvals(W.double())
+    n0 = torch.linalg.matrix_norm(W.double())
+    for _ in range(1000):
+        S = 0.05 * torch.randn(48, 48, generator=g, dtype=torch.float64)
+        R = torch.linalg.matrix_exp(S - S.T)
+        orth_matmul_panels_(W, R, compute_dtype=torch.float64)
+    s1 = torch.linalg.svdvals(W.double())
+    assert abs(float(torch.linalg.matrix_norm(W.double()) / n0) - 1) <= 1e-5
+    assert float(((s1 - s0).abs() / s0).max()) <= 1e-5

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from conftest import tiny_tokenizer
+from mose_fast.requests import EditRequest, detect_schema, load_requests, parse_records
+from mose_fast.tokens import subject_last_index
+
+
+def test_template_and_text():
+    r = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English")
+    assert r.template == "The mother tongue of {} is"
+    assert r.text == "The mother tongue of Danielle Darrieux is"
+    r2 = EditRequest("{}, whose mother tongue is", "Danielle Darrieux", "English")
+    assert r2.text == "Danielle Darrieux, whose mother tongue is"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prompt="", subject="X", target_new="Y"), "'prompt'"),
+    (dict(prompt="X is", subject="  ", target_new="Y"), "'subject'"),
+    (dict(prompt="X is", subject="X", target_new="   "), "'target_new'"),
+    (dict(prompt="X is", subject="X", target_new=3), "'target_new' must be a string"),
+    (dict(prompt="X is", subject="X", target_new="Y", target_true=""), "'target_true'"),
+    (dict(prompt="X is", subject="X", target_new="Y", paraphrase_prompts=["ok", ""]), "paraphrase_prompts\\[1\\]"),
+])
+def test_bad_fields_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EditRequest(**kwargs, case_id=7)
+
+
+def test_error_names_the_request():
+    with pytest.raises(ValueError, match="case_id=42"):
+        EditRequest("X is", "X", "", case_id=42)
+
+
+def test_subject_must_occur_in_prompt():
+    with pytest.raises(ValueError, match="does not occur in prompt"):
+        EditRequest("The capital of France is", "Germany", "Berlin")
+    with pytest.raises(ValueError, match="more than one"):
+        EditRequest("{} and {} are", "X", "Y")
+
+
+def test_subject_that_tokenises_to_nothing():
+    tok = tiny_tokenizer()
+    r = EditRequest("The \u200b is", "\u200b", "Y")
+
+    class NoTokens:
+        def __call__(self, text, **kw):
+            return {"input_ids": [] if text == "\u200b" else tok(text, **kw)["input_ids"]}
+    with pytest.raises(ValueError, match="'subject'.*tokenises to nothing"):
+        r.validate_tokens(NoTokens())
+
+
+def test_subject_last_index_points_at_last_subject_token():
+    tok = tiny_tokenizer()
+    ids, idx = subject_last_index(tok, "The mother tongue of {} is", "Danielle Darrieux")
+    prefix = tok("The mother tongue of Danielle Darrieux")["input_ids"]
+    assert ids[:len(prefix)] == prefix or idx == len(prefix) - 1
+    assert tok.decode(ids[:idx + 1]).endswith("Darrieux")
+    assert not tok.decode(ids[:idx]).endswith("Darrieux")
+
+
+ROME = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
+        "target_new": {"str": "English"}, "target_true": {"str": "French"}},
+        "paraphrase_prompts": ["Danielle Darrieux spoke the language"],
+        "neighborhood_prompts": ["The mother tongue of Léon Blum is", "The native language of Montesquieu is"]}
+EASY = {"case_id": 1, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+        "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux spoke",
+        "locality_prompt": "The mother tongue of Léon Blum is", "locality_ground_truth": "French"}
+MEND = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "alt": "University of Michigan",
+        "answers": ["Illinois Institute of Technology"], "rephrase": "What university did Watts Humphrey go to?",
+        "loc": "nq question: who played desmond doss father in hacksaw ridge", "loc_ans": "Hugo Weaving"}
+
+
+def test_schema_readers():
+    assert [detect_schema(x) for x in (ROME, EASY, MEND)] == ["rome", "easyedit", "mend"]
+    r, e, m = parse_records([ROME, EASY, MEND])
+    assert (r.template, r.target_new, r.target_true) == ("The mother tongue of {} is", "English", "French")
+    assert r.neighborhood_answers == ("French", "French")
+    assert (e.paraphrase_prompts, e.neighborhood_answers) == (("Danielle Darrieux spoke",), ("French",))
+    assert (m.target_new, m.target_true, m.neighborhood_answers) == ("University of Michigan",
+                                                                    "Illinois Institute of Technology", ("Hugo Weaving",))
+    assert m.template == "What university did {} attend?"
+
+
+def test_load_requests_json_and_errors(tmp_path):
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps([ROME, EASY, MEND]))
+    assert len(load_requests(p)) == 3 and len(load_requests(p, limit=1, offset=2)) == 1
+    p.write_text(json.dumps([{"foo": 1}]))
+    with pytest.raises(ValueError, match="unrecognised edit-request schema"):
+        load_requests(p)
+    bad = dict(EASY)
+    del bad["subject"]
+    p.write_text(json.dumps([bad]))
+    with pytest.raises(ValueError, match="lacks field 'subject'"):
+        load_requests(p)
