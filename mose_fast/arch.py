@@ -66,7 +66,7 @@ ARCHS: dict[str, ArchSpec] = {
     "gptj": ArchSpec(layers="transformer.h", mlp_out="mlp.fc_out", mlp_in=("mlp.fc_in",),
                      ln_f="transformer.ln_f", lm_head="lm_head"),
     "gpt_neox": ArchSpec(layers="gpt_neox.layers", mlp_out="mlp.dense_4h_to_h", mlp_in=("mlp.dense_h_to_4h",),
-                         ln_f="gpt_neox.final_layer_norm", lm_head="embed_out"),
+                         ln_f="gpt_neox.final_layer_norm", lm_head="lm_head"),
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,

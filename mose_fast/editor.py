@@ -55,7 +55,8 @@ class EditRecord:
     layers: list[LayerRecord] = field(default_factory=list)
     target_nll: list[float] = field(default_factory=list)   # NLL of target_new after optimising δ
     seconds_targets: float = 0.0
-    seconds_total: float = 0.0
+    seconds_total: float = 0.0      # this edit, excluding one-time setup
+    seconds_setup: float = 0.0      # C0 statistics, retention Grams, context templates (first edit)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -146,9 +147,11 @@ class MOSEEditor:
         if isinstance(requests, EditRequest):
             requests = [requests]
         requests = self.validate(requests)
-        t_start = time.perf_counter()
+        t_setup = time.perf_counter()
         self._prepare()
         templates = self.context_templates()
+        seconds_setup = time.perf_counter() - t_setup
+        t_start = time.perf_counter()
         layers = self.cfg.layers
         snapshot = self._snapshot()
         was_training = self.model.training
@@ -190,6 +193,7 @@ class MOSEEditor:
             for p, flag in zip(self.model.parameters(), grad_flags):
                 p.requires_grad_(flag)
         record.seconds_total = time.perf_counter() - t_start
+        record.seconds_setup = seconds_setup
         self._n_edits += 1
         self.records.append(record)
         self._undo.append((record.index, rotations))

@@ -40,7 +40,7 @@ def tiny_tokenizer():
 
 def tiny_config(family: str, vocab: int):
     from transformers import AutoConfig
-    common = dict(vocab_size=vocab, tie_word_embeddings=False)
+    common = dict(vocab_size=vocab, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     if family == "gpt2":
         return AutoConfig.for_model("gpt2", n_embd=32, n_layer=4, n_head=4, n_positions=128, **common)
     if family == "gptj":
@@ -58,6 +58,15 @@ def make_tiny_model(family: str, seed: int = 0):
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tok)), dtype=torch.float32)
+    # HF's init (std 0.02, GPT-2 scales projections down further) leaves FFN outputs far smaller
+    # than the residual stream; a trained model's are not.  Give every projection a 1/√fan_in
+    # scale so a rotation of W·k can move the residual as it does in a real model.
+    with torch.no_grad():
+        for module in model.modules():
+            w = getattr(module, "weight", None)
+            if w is not None and w.ndim == 2 and type(module).__name__ in ("Linear", "Conv1D"):
+                fan_in = w.shape[0] if type(module).__name__ == "Conv1D" else w.shape[1]
+                w.normal_(0.0, fan_in ** -0.5)
     model.eval().requires_grad_(False)
     return model, tok
 

@@ -8,6 +8,8 @@ from conftest import FAMILIES, make_tiny_model, tiny_mose_config, tiny_second_mo
 from mose_fast import ARCHS, ArchSpec, EditRequest, MOSEEditor
 from mose_fast.arch import is_conv1d, resolve_arch
 from mose_fast.eval.metrics import answer_nll
+from mose_fast.keys import block_outputs_at_subject
+from mose_fast.targets import compute_target
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 REQ2 = EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")
@@ -31,11 +33,18 @@ def test_each_adapter_edits_its_tiny_model(family):
     editor, model, tok = make_editor(family)
     arch = ARCHS[family]
     before = all_weights(model)
+    last = editor.cfg.layers[-1]
+    # the editor's target z, recomputed independently (deterministic given the seed)
+    z = compute_target(model, tok, arch, last, REQ, editor.context_templates(), editor.cfg).z
+    h_before = block_outputs_at_subject(model, tok, arch, last, [REQ])[0]
     nll_before = answer_nll(model, tok, [REQ.text], [REQ.target_new])[0]
     Ws = {l: arch.weight_view(model, l).double().clone() for l in editor.cfg.layers}
     rec = editor.edit(REQ)
+    h_after = block_outputs_at_subject(model, tok, arch, last, [REQ])[0]
     nll_after = answer_nll(model, tok, [REQ.text], [REQ.target_new])[0]
-    assert nll_after < nll_before - 0.05, (nll_before, nll_after)
+    # the residual stream moved towards the target, and the new answer became likelier
+    assert float((h_after - z).norm()) < 0.75 * float((h_before - z).norm())
+    assert nll_after < nll_before, (nll_before, nll_after)
     after = all_weights(model)
     edited = {arch.mlp_out_name(l) + ".weight" for l in editor.cfg.layers}
     for name in before:
