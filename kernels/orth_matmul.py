@@ -2,8 +2,9 @@
 
 R·W needs every row of a column of W before any of that column may be overwritten, so W is
 processed in column panels: ``ws = R·W[:, j:j+p]`` into a workspace of d_out × p, then written
-back.  With p ≤ d_in/8 the extra memory is at most 1/8 of W (1/16 when the panel must also be
-cast to a wider compute dtype, which takes a second panel-sized buffer).
+back.  The panel width is chosen so the workspace bytes are at most 1/8 of W's (counting the
+second buffer and wider elements when the product is formed in a wider compute dtype).  R is
+an input, not workspace: pass it in the compute dtype to avoid a d_out × d_out cast copy.
 
 Stack, top to bottom in this file:
   * ``orth_matmul_reference``  — out-of-place float64 truth
@@ -30,10 +31,14 @@ def orth_matmul_reference(R: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
     return R.to(torch.float64) @ W.to(torch.float64)
 
 
-def panel_width(d_in: int, fraction: float = 1 / 8, needs_cast: bool = False) -> int:
-    """Columns per panel so that the workspace stays within ``fraction`` of W."""
-    per_panel = fraction / (2 if needs_cast else 1)
-    return max(1, int(math.floor(d_in * per_panel)))
+def panel_width(d_in: int, fraction: float = 1 / 8, w_itemsize: int = 4, compute_itemsize: int | None = None) -> int:
+    """Columns per panel so that the workspace *bytes* stay within ``fraction`` of W's bytes.
+
+    A compute dtype other than W's needs two panel buffers (the cast input and the product),
+    each as wide as the compute dtype."""
+    compute_itemsize = compute_itemsize or w_itemsize
+    buffers = 1 if compute_itemsize == w_itemsize else 2
+    return max(1, int(math.floor(d_in * fraction * w_itemsize / (compute_itemsize * buffers))))
 
 
 def _check(W: torch.Tensor, R: torch.Tensor) -> None:
@@ -52,7 +57,7 @@ def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.d
     _check(W, R)
     compute_dtype = compute_dtype or W.dtype
     needs_cast = compute_dtype != W.dtype
-    p = panel_width(W.shape[1], workspace_fraction, needs_cast)
+    p = panel_width(W.shape[1], workspace_fraction, W.element_size(), torch.empty((), dtype=compute_dtype).element_size())
     Rc = R.to(compute_dtype)
     ws = torch.empty((W.shape[0], p), dtype=compute_dtype, device=W.device)
     for j in range(0, W.shape[1], p):
@@ -99,7 +104,7 @@ def orth_matmul_triton_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: fl
         raise RuntimeError("triton is not installed (pip install 'mose-fast[triton]')")
     _check(W, R)
     d_out, d_in = W.shape
-    p = panel_width(d_in, workspace_fraction)
+    p = panel_width(d_in, workspace_fraction, W.element_size())
     Rc = R.to(W.dtype).contiguous()
     ws = torch.empty((d_out, p), dtype=W.dtype, device=W.device)
     for j in range(0, d_in, p):
