@@ -122,18 +122,31 @@ def cmd_stats(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.runner import run_sequential
+    from .eval.runner import EvalSettings, run_eval, run_sequential
     from .models import load_model
     from .requests import load_requests
     from .stats import default_data_dir
+    if args.method != "mose":
+        raise ValueError(f"method {args.method!r} is not available; available: ['mose']")
+    data = Path(args.data_dir) if args.data_dir else default_data_dir()
+    if args.dataset == "counterfact":
+        path = data / "counterfact" / f"counterfact-{args.split}.json"
+    elif args.dataset == "zsre":
+        path = data / "zsre" / "zsre_mend_train-1k.json"
+    else:
+        path = Path(args.dataset)
+    requests = load_requests(path, limit=args.n_edits, offset=args.offset)
     model, tok = load_model(args.model)
     cfg = _config(args, model)
-    data = Path(args.data_dir) if args.data_dir else default_data_dir()
-    path = data / "counterfact" / f"counterfact-{args.split}.json" if args.dataset == "counterfact" else Path(args.dataset)
-    requests = load_requests(path, limit=args.n_edits, offset=args.offset)
-    report = run_sequential(model, tok, requests, cfg, args.out, model_name=args.model)
+    if args.before_after:
+        run_sequential(model, tok, requests, cfg, args.out, model_name=args.model)
+    else:
+        settings = EvalSettings(eval_every=args.eval_every, batch_size=args.batch_size, glue_n=args.glue_n,
+                                glue_tasks=tuple(args.glue_tasks.split(",")) if args.glue_tasks else (),
+                                ppl_tokens=args.ppl_tokens, data_dir=str(data))
+        run_eval(model, tok, requests, cfg, args.out, settings, model_name=args.model)
     print((Path(args.out) / "summary.md").read_text())
-    return 0 if report else 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("eval", help="sequential edits with before/after metrics and stability")
     _add_common(p)
-    p.add_argument("--dataset", default="counterfact", help="'counterfact' or a JSON file of requests")
-    p.add_argument("--split", default="val", choices=["val", "edit"])
-    p.add_argument("--data-dir", help="folder with counterfact/ (default: $MOSE_DATA_DIR or ../shared/data)")
-    p.add_argument("--n-edits", type=int, default=20)
+    p.add_argument("--method", default="mose")
+    p.add_argument("--dataset", default="counterfact", help="'counterfact', 'zsre' or a JSON file of requests")
+    p.add_argument("--split", default="edit", choices=["val", "edit"], help="CounterFact file")
+    p.add_argument("--data-dir", help="folder with counterfact/, glue/, wikitext-2/ "
+                                      "(default: $MOSE_DATA_DIR or ../shared/data)")
+    p.add_argument("--n-edits", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--glue-tasks", default="sst2", help="comma-separated: sst2,mrpc,cola,rte,mmlu ('' for none)")
+    p.add_argument("--glue-n", type=int, default=200)
+    p.add_argument("--ppl-tokens", type=int, default=20000)
+    p.add_argument("--before-after", action="store_true",
+                   help="short run: scores before and after only, with per-stage timing")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_eval)
     args = parser.parse_args(argv)

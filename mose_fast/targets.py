@@ -11,13 +11,14 @@ is ``z = h₀ + δ`` where ``h₀`` is the unedited residual on the bare prompt.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
 from .arch import ArchSpec
 from .config import MOSEConfig
-from .hooks import _hidden, edit_output
+from .hooks import edit_output
 from .requests import EditRequest
 from .tokens import pad_batch, subject_last_index, target_ids
 
@@ -73,11 +74,11 @@ def compute_target(model, tok, arch: ArchSpec, layer: int, request: EditRequest,
         add[rows, cols] = delta.to(hidden.dtype)
         return hidden + add
 
-    tail = _Tail(model, arch, layer, batch)
-    h0 = tail.h_layer[0, lookup[0]].float().clone()
-    if tail.usable:
+    runner = _PrefixCache(model, arch, layer, ids, lookup, sel_rows, sel_cols, tok)
+    h0 = runner.h0[0].float().clone()
+    if runner.usable:
         def selected_logits() -> torch.Tensor:
-            return tail.logits_at(bump(tail.h_layer), sel_rows_t, sel_cols_t)
+            return runner.logits(delta)
     else:
         block = arch.block(model, layer)
 
@@ -118,52 +119,76 @@ def compute_targets(model, tok, arch: ArchSpec, layer: int, requests: list[EditR
     return [compute_target(model, tok, arch, layer, r, context_templates, cfg) for r in requests]
 
 
-class _Tail:
-    """The blocks after ``layer``, re-run on their own.
+class _PrefixCache:
+    """Runs each optimisation step on the prompts' *suffixes* only.
 
-    δ enters after block ``layer``, so nothing before it depends on δ: one full forward records
-    the output of block ``layer`` and the arguments every later block was called with (masks,
-    rotary embeddings, ...), and each optimisation step then runs only the later blocks, the
-    final norm and the unembedding at the selected positions.  The same forward's logits check
-    the tail once (δ = 0); a family whose tail does not reproduce them (extra logit processing,
-    say) falls back to full forwards.
+    δ enters at the subject's last token (row i's position ``lookup[i]``), and attention is
+    causal, so no position before it depends on δ.  Each prompt's prefix ``ids[i][:lookup[i]]``
+    is run once (left-padded, no grad) into a key/value cache; every step then feeds only the
+    suffix ``ids[i][lookup[i]:]`` (a few tokens instead of the whole templated prompt) with δ
+    added at its first position after block ``layer``.  The full forward done here at δ = 0
+    checks the logits at every selected position and provides h₀; a family whose cached forward
+    does not reproduce them falls back to full forwards (``usable`` False).
     """
 
-    def __init__(self, model, arch: ArchSpec, layer: int, batch: dict):
-        self.blocks = arch.blocks(model)
-        self.layer = layer
-        self.ln_f = arch.get(model, arch.ln_f)
-        self.lm_head = arch.get(model, arch.lm_head)
-        self.calls: dict[int, tuple] = {}
-        seen = {}
-        handles = [self.blocks[layer].register_forward_hook(
-            lambda _m, _a, out: seen.__setitem__("h", _hidden(out).detach()))]
-        for i in range(layer + 1, len(self.blocks)):
-            def pre(_m, args, kwargs, _i=i):
-                self.calls[_i] = (args, kwargs)
-            handles.append(self.blocks[i].register_forward_pre_hook(pre, with_kwargs=True))
-        try:
-            with torch.no_grad():
-                full_logits = model(**batch, use_cache=False).logits
-        finally:
-            for h in handles:
-                h.remove()
-        self.h_layer = seen["h"]
-        rows = torch.arange(full_logits.shape[0], device=full_logits.device)
-        last = batch["attention_mask"].sum(1) - 1
+    def __init__(self, model, arch: ArchSpec, layer: int, ids: list[list[int]], lookup: list[int],
+                 sel_rows: list[int], sel_cols: list[int], tok):
+        self.model = model
+        self.block = arch.block(model, layer)
+        device = next(model.parameters()).device
+        n = len(ids)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        P = max(lookup)
+        S = max(len(x) - c for x, c in zip(ids, lookup))
+        prefix = torch.full((n, P), pad, dtype=torch.long)
+        prefix_mask = torch.zeros((n, P), dtype=torch.long)
+        suffix = torch.full((n, S), pad, dtype=torch.long)
+        suffix_mask = torch.zeros((n, S), dtype=torch.long)
+        for i, (x, c) in enumerate(zip(ids, lookup)):
+            if c:
+                prefix[i, P - c:] = torch.tensor(x[:c])
+                prefix_mask[i, P - c:] = 1
+            suffix[i, :len(x) - c] = torch.tensor(x[c:])
+            suffix_mask[i, :len(x) - c] = 1
+        lookup_t = torch.tensor(lookup)
+        self.suffix = suffix.to(device)
+        self.mask = torch.cat([prefix_mask, suffix_mask], 1).to(device)
+        self.positions = (torch.arange(S).unsqueeze(0) + lookup_t.unsqueeze(1)).to(device)
+        self.rows = torch.tensor(sel_rows, device=device)
+        self.cols = (torch.tensor(sel_cols) - lookup_t[torch.tensor(sel_rows)]).to(device)
+        self.cache = None
         with torch.no_grad():
-            mine = self.logits_at(self.h_layer, rows, last)
-        ref = full_logits[rows, last]
-        err = float((mine.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
-        self.usable = err < 1e-3
+            if P:
+                pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
+                self.cache = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
+                                   position_ids=pre_pos.to(device), use_cache=True).past_key_values
+        # The reference full forward also yields h0 = residual after block `layer` at each
+        # prompt's subject position.
+        seen = {}
 
-    def logits_at(self, hidden: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        h = hidden
-        for i in range(self.layer + 1, len(self.blocks)):
-            args, kwargs = self.calls[i]
-            if args:
-                out = self.blocks[i](h, *args[1:], **kwargs)
-            else:
-                out = self.blocks[i](**{**kwargs, "hidden_states": h})
-            h = _hidden(out)
-        return self.lm_head(self.ln_f(h[rows, cols]))
+        def grab(hidden):
+            seen["h"] = hidden[torch.arange(n, device=device), lookup_t.to(device)].detach()
+            return hidden
+        with torch.no_grad():
+            with edit_output(self.block, grab):
+                full = model(**pad_batch(tok, ids, device), use_cache=False)
+            ref = full.logits[self.rows, torch.tensor(sel_cols, device=device)].float()
+            mine = self._forward().float()
+        self.h0 = seen["h"]
+        err = float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
+        self.usable = bool(err < 1e-3)
+
+    def _forward(self) -> torch.Tensor:
+        # The cache is appended to by each forward: give every step its own copy of the prefix.
+        cache = copy.deepcopy(self.cache) if self.cache is not None else None
+        out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
+                         past_key_values=cache, use_cache=cache is not None)
+        return out.logits[self.rows, self.cols]
+
+    def logits(self, delta: torch.Tensor) -> torch.Tensor:
+        def add(hidden):
+            bump = torch.zeros_like(hidden)
+            bump[:, 0] = delta.to(hidden.dtype)
+            return hidden + bump
+        with edit_output(self.block, add):
+            return self._forward()

@@ -1,4 +1,4 @@
-"""Target optimisation: the fast tail (only blocks after the edited layer) equals full forwards."""
+"""Target optimisation: the prefix-cached suffix forward equals full forwards."""
 import pytest
 import torch
 
@@ -7,6 +7,7 @@ from mose_fast import EditRequest
 from mose_fast import targets as T
 from mose_fast.arch import resolve_arch
 from mose_fast.keys import generate_context_templates
+from mose_fast.hooks import edit_output
 from mose_fast.tokens import pad_batch
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English French")
@@ -14,42 +15,46 @@ REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieu
 
 @pytest.mark.model
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tail_reproduces_full_forward(family, monkeypatch):
+def test_prefix_cache_reproduces_full_forward(family):
+    """With δ added after block 1 at each row's lookup position (one of them 0), the cached
+    suffix forward gives the full forward's logits at every selected position."""
     model, tok = make_tiny_model(family)
     arch = resolve_arch(model)
-    batch = pad_batch(tok, [tok("The capital of France is")["input_ids"], tok("Apple was founded by Steve")["input_ids"]])
-    tail = T._Tail(model, arch, 1, batch)
-    assert tail.usable, family
-    # with a perturbation after block 1 the tail must still match a hooked full forward
-    bump = 0.5 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([2, 0, 3])
-    h = tail.h_layer.clone()
-    h[rows, cols] += bump
-    mine = tail.logits_at(h, torch.tensor([0, 1]), torch.tensor([4, 4]))
-    from mose_fast.hooks import edit_output
+    ids = [tok("The capital of France is Paris")["input_ids"], tok("Apple was founded by Steve")["input_ids"],
+           tok("Rome is")["input_ids"]]
+    lookup = [3, 2, 0]
+    sel_rows, sel_cols = [0, 0, 1, 2, 2], [3, len(ids[0]) - 1, 4, 0, len(ids[2]) - 1]
+    runner = T._PrefixCache(model, arch, 1, ids, lookup, sel_rows, sel_cols, tok)
+    assert runner.usable, family
+    delta = 0.5 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mine = runner.logits(delta)
 
     def add(hidden):
         out = hidden.clone()
-        out[rows, cols] += bump
+        out[torch.arange(3), torch.tensor(lookup)] += delta
         return out
     with edit_output(arch.block(model, 1), add), torch.no_grad():
-        ref = model(**batch, use_cache=False).logits[torch.tensor([0, 1]), torch.tensor([4, 4])]
+        ref = model(**pad_batch(tok, ids), use_cache=False).logits[torch.tensor(sel_rows), torch.tensor(sel_cols)]
     torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-5)
+    # and the cache is not consumed by a step: a second call gives the same logits
+    with torch.no_grad():
+        torch.testing.assert_close(runner.logits(delta), mine)
 
 
 @pytest.mark.model
-def test_target_same_with_and_without_tail(monkeypatch):
+def test_target_same_with_and_without_cache(monkeypatch):
     model, tok = make_tiny_model("llama")
     arch = resolve_arch(model)
     cfg = tiny_mose_config(v_num_grad_steps=6)
     templates = generate_context_templates(model, tok, ("The",), 3, seed=0)
     fast = T.compute_target(model, tok, arch, 2, REQ, templates, cfg)
-    real_init = T._Tail.__init__
+    real_init = T._PrefixCache.__init__
 
     def disabled(self, *a, **k):
         real_init(self, *a, **k)
         self.usable = False
-    monkeypatch.setattr(T._Tail, "__init__", disabled)
+    monkeypatch.setattr(T._PrefixCache, "__init__", disabled)
     slow = T.compute_target(model, tok, arch, 2, REQ, templates, cfg)
     assert fast.steps == slow.steps
     torch.testing.assert_close(fast.z, slow.z, rtol=1e-4, atol=1e-5)

@@ -1,23 +1,56 @@
-"""Sequential-editing run: scores before, N sequential edits, scores after, stability, timing.
+"""Long sequential-editing runs with periodic evaluation, resumable from their journal.
 
-Writes ``report.json`` and ``summary.md`` into the output folder.
+Folder layout of a run (``--out runs/NAME``)::
+
+    run.json          what the run is (model, config, settings, case ids); checked on resume
+    w0.safetensors    the unedited matrices (for ‖W − W0‖_F)
+    state.safetensors edited matrices + retention Grams after ``n_done`` edits (atomic replace)
+    journal.jsonl     one line per edit (its record), in order
+    evals.jsonl       one line per evaluation (edits so far, general capability, stability)
+    report.json, summary.md, plots.png
+
+Crash safety: an edit's journal line is written *before* the state that includes it, and the
+state file names how many edits it holds.  On resume the state is loaded and journal/eval lines
+past it are dropped, so an edit interrupted anywhere is redone exactly once from the state it
+started from: no edit is lost and none is applied twice.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..config import MOSEConfig
 from ..editor import MOSEEditor
 from ..requests import EditRequest
+from ..stats import default_data_dir
+from .general import perplexity, task_accuracy
 from .metrics import score_cases, summarize
+
+
+@dataclass
+class EvalSettings:
+    eval_every: int = 100
+    batch_size: int = 1
+    glue_tasks: tuple[str, ...] = ("sst2",)
+    glue_n: int = 200
+    ppl_tokens: int = 20_000
+    data_dir: str | None = None
+    checkpoint_every: int = 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["glue_tasks"] = list(self.glue_tasks)
+        return d
 
 
 def git_commit() -> str:
@@ -28,8 +61,236 @@ def git_commit() -> str:
         return "unknown"
 
 
+def machine() -> str:
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+
+
+# --- evaluation at one point of the run ---------------------------------------------------------
+
+def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSettings, W0: dict[int, torch.Tensor],
+             n_done: int) -> dict:
+    model, tok = editor.model, editor.tok
+    data = Path(settings.data_dir) if settings.data_dir else default_data_dir()
+    t = time.perf_counter()
+    out: dict = {"n_edits": n_done}
+    cases = requests[:n_done] if n_done else requests
+    scores = score_cases(model, tok, cases)
+    out["edit"] = summarize(scores)
+    out["edit"]["cases"] = "edited so far" if n_done else "all cases of the run, before editing"
+    out["general"] = {task: task_accuracy(model, tok, data, task, settings.glue_n)["accuracy"]
+                      for task in settings.glue_tasks}
+    if settings.ppl_tokens:
+        out["general"]["perplexity"] = perplexity(model, tok, data / "wikitext-2" / "test.txt",
+                                                  settings.ppl_tokens)["perplexity"]
+    out["stability"] = {}
+    for l in editor.cfg.layers:
+        s = editor.spectrum(l)
+        s["dist_w0"] = float(torch.linalg.matrix_norm(editor.arch.weight_view(model, l).double() - W0[l].double()))
+        out["stability"][str(l)] = s
+    out["seconds"] = time.perf_counter() - t
+    return out
+
+
+# --- the run ------------------------------------------------------------------------------------
+
+def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: str | Path,
+             settings: EvalSettings | None = None, model_name: str = "", progress: bool = True) -> dict:
+    settings = settings or EvalSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    identity = {"model": model_name, "config": cfg.to_dict(), "settings": settings.to_dict(),
+                "case_ids": [r.case_id for r in requests], "method": "mose"}
+    run_file = out / "run.json"
+    if run_file.is_file():
+        stored = json.loads(run_file.read_text())
+        for k in ("model", "config", "settings", "case_ids", "method"):
+            if stored.get(k) != json.loads(json.dumps(identity[k])):
+                raise ValueError(f"{out} holds a different run ({k} differs); use another --out folder")
+    else:
+        run_file.write_text(json.dumps({**identity, "commit": git_commit(), "started": time.strftime("%F %T")}))
+
+    editor = MOSEEditor(model, tok, cfg, progress=progress)
+    editor._prepare()
+    editor.context_templates()   # from the unedited model, also when resuming an edited state
+    w0_file = out / "w0.safetensors"
+    if not w0_file.is_file():
+        _atomic_save({f"W{l}": editor.arch.weight_view(model, l).contiguous() for l in cfg.layers}, w0_file, {})
+    W0 = {l: t for l, t in ((int(k[1:]), v) for k, v in load_file(str(w0_file)).items())}
+
+    n_done = _restore_state(editor, out / "state.safetensors")
+    journal = _read_lines(out / "journal.jsonl", lambda e: e["index"] < n_done)
+    evals = _read_lines(out / "evals.jsonl", lambda e: e["n_edits"] <= n_done)
+    if not evals:
+        evals.append(evaluate(editor, requests, settings, W0, 0))
+        _append(out / "evals.jsonl", evals[-1])
+
+    bs = settings.batch_size
+    bar = tqdm(total=len(requests), initial=n_done, desc="sequential edits", unit="edit", disable=not progress)
+    t_run = time.perf_counter()
+    while n_done < len(requests):
+        batch = requests[n_done:n_done + bs]
+        rec = editor.edit(batch)
+        entry = {"index": n_done, "case_ids": [r.case_id for r in batch], **rec.to_dict()}
+        _append(out / "journal.jsonl", entry)
+        journal.append(entry)
+        n_done += len(batch)
+        last = n_done == len(requests)
+        if last or n_done % settings.checkpoint_every < bs:
+            _save_state(editor, out / "state.safetensors", n_done)
+        if last or n_done % settings.eval_every < bs:
+            evals.append(evaluate(editor, requests, settings, W0, n_done))
+            _append(out / "evals.jsonl", evals[-1])
+            if not last:   # an evaluation must not be redone on resume: checkpoint with it
+                _save_state(editor, out / "state.safetensors", n_done)
+        bar.update(len(batch))
+    bar.close()
+    report = build_report(identity, journal, evals, time.perf_counter() - t_run)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "summary.md").write_text(markdown_summary(report))
+    try:
+        plot_report(report, out / "plots.png")
+    except ImportError:   # matplotlib is the [eval] extra
+        pass
+    return report
+
+
+def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _save_state(editor: MOSEEditor, path: Path, n_done: int) -> None:
+    tensors = {}
+    for l in editor.cfg.layers:
+        tensors[f"W{l}"] = editor.arch.weight_view(editor.model, l).contiguous()
+        tensors[f"P{l}"] = editor.rule.gram[l].cpu().contiguous()
+        if l in editor._master:
+            tensors[f"M{l}"] = editor._master[l].contiguous()
+    _atomic_save(tensors, path, {"n_done": str(n_done)})
+
+
+def _restore_state(editor: MOSEEditor, path: Path) -> int:
+    if not path.is_file():
+        return 0
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        n_done = int(f.metadata()["n_done"])
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for l in editor.cfg.layers:
+            editor.arch.weight_view(editor.model, l).copy_(tensors[f"W{l}"])
+            editor.rule.gram[l] = tensors[f"P{l}"].to(editor.rule.gram[l].device)
+            if f"M{l}" in tensors:
+                editor._master[l].copy_(tensors[f"M{l}"])
+    editor._n_edits = n_done
+    return n_done
+
+
+def _read_lines(path: Path, keep) -> list[dict]:
+    """Entries of a JSON-lines file that ``keep`` accepts; the file is rewritten with just those
+    (drops lines written after the last saved state, and a torn last line)."""
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text().splitlines():
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if keep(e):
+            entries.append(e)
+    path.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
+    return entries
+
+
+def _append(path: Path, entry: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- reporting ----------------------------------------------------------------------------------
+
+def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: float) -> dict:
+    base = evals[0]
+    stages = ("targets", "keys", "solve", "apply", "total")
+    for e in evals:
+        e["retention"] = {k: e["general"][k] / base["general"][k] for k in e["general"]}
+        e["stability_ratio"] = {l: {"fro": s["fro"] / base["stability"][l]["fro"],
+                                    "kappa": s["kappa"] / base["stability"][l]["kappa"]}
+                                for l, s in e["stability"].items()}
+    return {
+        **identity, "commit": git_commit(), "date": time.strftime("%F %T"), "machine": machine(),
+        "protocol": "probability comparison (MEMIT eval_utils_counterfact): mean-token NLL of ' '+answer; "
+                    "general: zero-shot label likelihood; perplexity on WikiText-2 test",
+        "n_edits": sum(len(j["case_ids"]) for j in journal),
+        "seconds_per_edit": {s: statistics.mean(j["seconds"][s] for j in journal) for s in stages} if journal else {},
+        "max_orth_error": max((l["orth_error"] for j in journal for l in j["layers"]), default=float("nan")),
+        "wall_seconds_this_session": wall,
+        "evaluations": evals,
+    }
+
+
+def markdown_summary(rep: dict) -> str:
+    cfg, st = rep["config"], rep["settings"]
+    ev = rep["evaluations"]
+    lines = [f"# MOSE sequential editing: {rep['model']}", "",
+             f"{rep['n_edits']} sequential edits (batch {st['batch_size']}), layers {cfg['layers']}, λ = {cfg['lam']}; "
+             f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
+             f"Protocol: {rep['protocol']}.", "",
+             "| edits | efficacy | paraphrase | neighbourhood | Score | " +
+             " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio |",
+             "|---" * (6 + len(ev[0]["general"]) + 1) + "|"]
+    for e in ev:
+        m = e["edit"]
+        gen = " | ".join(f"{e['general'][k]:.3f} ({e['retention'][k]:.3f})" for k in e["general"])
+        fro = max(abs(r["fro"] - 1) for r in e["stability_ratio"].values())
+        kap = max(r["kappa"] for r in e["stability_ratio"].values())
+        lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
+                     f"{m['score']:.3f} | {gen} | {fro:.1e} | {kap:.6f} |")
+    sp = rep["seconds_per_edit"]
+    if sp:
+        lines += ["", "Seconds per edit (mean): " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()) +
+                  f"; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.1e}."]
+    lines += ["", "Row 0 scores all cases of the run before any edit; row k the k cases edited so far, "
+              "after k edits. Retention = value / value before editing (perplexity: ratio, lower is better)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(rep: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ev = rep["evaluations"]
+    n = [e["n_edits"] for e in ev]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    for k in ("efficacy", "paraphrase", "neighborhood", "score"):
+        ax[0].plot(n, [e["edit"][k] for e in ev], marker="o", label=k)
+    ax[0].set(title="edit metrics (cases edited so far)", xlabel="edits", ylim=(0, 1.05))
+    ax[0].legend()
+    for k in ev[0]["general"]:
+        ax[1].plot(n, [e["retention"][k] for e in ev], marker="o", label=k)
+    ax[1].set(title="general capability (relative to unedited)", xlabel="edits")
+    ax[1].legend()
+    for l in ev[0]["stability"]:
+        ax[2].plot(n, [e["stability_ratio"][l]["fro"] for e in ev], marker=".", label=f"layer {l}")
+        ax[3].plot(n, [e["stability_ratio"][l]["kappa"] for e in ev], marker=".", label=f"layer {l}")
+    ax[2].set(title="‖W‖_F / ‖W0‖_F", xlabel="edits")
+    ax[3].set(title="κ₂(W) / κ₂(W0)", xlabel="edits")
+    ax[2].legend()
+    fig.suptitle(f"MOSE on {rep['model']}: {rep['n_edits']} sequential edits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+# --- short before/after run (the issue-2 experiment) ----------------------------------------------
+
 def run_sequential(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: str | Path | None = None,
                    model_name: str = "", progress: bool = True) -> dict:
+    """Scores before, len(requests) sequential edits, scores after, spectra, timing by stage."""
     editor = MOSEEditor(model, tok, cfg, progress=progress)
     before = score_cases(model, tok, requests)
     spectra_before = {l: editor.spectrum(l) for l in cfg.layers}
@@ -38,14 +299,12 @@ def run_sequential(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out
     wall = time.perf_counter() - t0
     after = score_cases(model, tok, requests)
     spectra_after = {l: editor.spectrum(l) for l in cfg.layers}
-
     nb_delta = [statistics.mean(a.neighborhood_nll_true) - statistics.mean(b.neighborhood_nll_true)
                 for a, b in zip(after, before) if a.neighborhood_nll_true]
     stages = ("targets", "keys", "solve", "apply", "total")
     report = {
         "model": model_name, "n_edits": len(requests), "batch_size": 1, "commit": git_commit(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": f"{platform.machine()} CPU, "
-        f"{torch.get_num_threads()} torch threads", "config": cfg.to_dict(),
+        "date": time.strftime("%F %T"), "machine": machine(), "config": cfg.to_dict(),
         "protocol": "probability comparison (MEMIT eval_utils_counterfact): mean-token NLL of ' '+answer",
         "before": summarize(before), "after": summarize(after),
         "neighborhood_nll_true_change": statistics.mean(nb_delta) if nb_delta else float("nan"),
@@ -65,37 +324,32 @@ def run_sequential(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        (out / "summary.md").write_text(markdown_summary(report))
+        (out / "summary.md").write_text(before_after_summary(report))
     return report
 
 
-def markdown_summary(rep: dict) -> str:
+def before_after_summary(rep: dict) -> str:
     b, a = rep["before"], rep["after"]
     cfg = rep["config"]
     lines = [
-        f"# MOSE sequential editing: {rep['model']}",
-        "",
+        f"# MOSE sequential editing: {rep['model']}", "",
         f"{rep['n_edits']} sequential edits (batch 1), layers {cfg['layers']}, λ = {cfg['lam']}, "
         f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
-        f"Protocol: {rep['protocol']}.",
-        "",
-        "| metric | before | after |",
-        "|---|---|---|",
+        f"Protocol: {rep['protocol']}.", "",
+        "| metric | before | after |", "|---|---|---|",
         f"| efficacy P(new) > P(true) | {b['efficacy']:.3f} | {a['efficacy']:.3f} |",
         f"| paraphrase success | {b['paraphrase']:.3f} | {a['paraphrase']:.3f} |",
         f"| neighbourhood success P(true) > P(new) | {b['neighborhood']:.3f} | {a['neighborhood']:.3f} |",
         f"| Score (harmonic mean) | {b['score']:.3f} | {a['score']:.3f} |",
-        f"| mean NLL of target_new on rewrite prompt | {b['rewrite_nll_new']:.3f} | {a['rewrite_nll_new']:.3f} |",
-        "",
+        f"| mean NLL of target_new on rewrite prompt | {b['rewrite_nll_new']:.3f} | {a['rewrite_nll_new']:.3f} |", "",
         f"Mean change of the neighbourhood prompts' NLL of their true answer: "
-        f"{rep['neighborhood_nll_true_change']:+.4f} nats.",
-        "",
-        "| layer | ‖W‖_F after/before | κ₂ after/before | κ₂ before |",
-        "|---|---|---|---|",
+        f"{rep['neighborhood_nll_true_change']:+.4f} nats.", "",
+        "| layer | ‖W‖_F after/before | κ₂ after/before | κ₂ before |", "|---|---|---|---|",
     ]
     for l, s in rep["stability"].items():
         lines.append(f"| {l} | {s['fro_ratio']:.12f} | {s['kappa_ratio']:.12f} | {s['before']['kappa']:.2f} |")
     sp = rep["seconds_per_edit"]
     lines += ["", "Seconds per edit: " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()) +
-              f"; one-time setup (C0, templates) {rep['setup_seconds']:.0f} s; wall {rep['wall_seconds']:.0f} s; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.2e}.", ""]
+              f"; one-time setup (C0, templates) {rep['setup_seconds']:.0f} s; wall {rep['wall_seconds']:.0f} s; "
+              f"max ‖RᵀR − I‖_F = {rep['max_orth_error']:.2e}.", ""]
     return "\n".join(lines)

@@ -1,0 +1,99 @@
+"""Metrics on hand-made models whose answers are known exactly."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_tokenizer
+from mose_fast.eval import general
+from mose_fast.eval.metrics import answer_nll, score_cases, summarize
+from mose_fast.requests import EditRequest
+from mose_fast.tokens import target_ids
+
+
+class ConstantModel(torch.nn.Module):
+    """Same logits at every position: +5 on the given token ids, 0 elsewhere."""
+
+    def __init__(self, vocab, favoured):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.logits = torch.zeros(vocab)
+        self.logits[list(favoured)] = 5.0
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        b, t = input_ids.shape
+        return SimpleNamespace(logits=self.logits.expand(b, t, -1).clone())
+
+
+REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French",
+                    paraphrase_prompts=["Danielle Darrieux spoke"], neighborhood_prompts=["Léon Blum spoke"],
+                    neighborhood_answers=["French"]),
+        EditRequest("Apple was founded by", "Apple", "Bill Gates", target_true="Steve Jobs",
+                    paraphrase_prompts=["The founder of Apple is"], neighborhood_prompts=["NeXT was founded by"],
+                    neighborhood_answers=["Steve Jobs"])]
+
+
+def favour(tok, answers):
+    ids = set()
+    for a in answers:
+        ids |= set(target_ids(tok, a))
+    return ids
+
+
+def test_answer_nll_exact_value():
+    tok = tiny_tokenizer()
+    fav = favour(tok, ["French"])
+    model = ConstantModel(len(tok), fav)
+    got = answer_nll(model, tok, ["The mother tongue is"], ["French"])[0]
+    expected = -(5.0 - math.log(len(fav) * math.exp(5.0) + (len(tok) - len(fav))))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
+def test_model_preferring_true_object():
+    tok = tiny_tokenizer()
+    model = ConstantModel(len(tok), favour(tok, ["French", "Steve Jobs"]) - favour(tok, ["English", "Bill Gates"]))
+    s = summarize(score_cases(model, tok, REQS))
+    assert (s["efficacy"], s["paraphrase"], s["neighborhood"], s["score"]) == (0.0, 0.0, 1.0, 0.0)
+
+
+def test_model_preferring_new_object():
+    tok = tiny_tokenizer()
+    model = ConstantModel(len(tok), favour(tok, ["English", "Bill Gates"]) - favour(tok, ["French", "Steve Jobs"]))
+    s = summarize(score_cases(model, tok, REQS))
+    assert (s["efficacy"], s["paraphrase"], s["neighborhood"]) == (1.0, 1.0, 0.0)
+
+
+def test_score_is_harmonic_mean():
+    from mose_fast.eval.metrics import CaseScores
+    cases = [CaseScores(0, 1.0, 2.0, [1.0, 3.0], [2.0, 2.0], [1.0], [2.0])]   # eff 1, para 0.5, neigh 1
+    s = summarize(cases)
+    assert s["score"] == pytest.approx(3 / (1 + 2 + 1))
+
+
+def test_missing_target_true_is_an_error():
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="no target_true"):
+        score_cases(ConstantModel(len(tok), {1}), tok, [EditRequest("X is", "X", "Y")])
+
+
+def test_glue_accuracy_of_constant_answer(tmp_path):
+    """A model that always says ' positive' scores the share of positive items."""
+    tok = tiny_tokenizer()
+    items = [{"sentence": f"film number {i} was fine", "label": int(i % 3 == 0), "idx": i} for i in range(30)]
+    (tmp_path / "glue").mkdir()
+    (tmp_path / "glue" / "sst2.json").write_text(json.dumps(items))
+    pos = favour(tok, ["positive"]) - favour(tok, ["negative"])
+    res = general.task_accuracy(ConstantModel(len(tok), pos), tok, tmp_path, "sst2", n=30)
+    assert res["accuracy"] == pytest.approx(sum(x["label"] for x in items) / 30)
+    assert set(res["predictions"]) == {1}
+
+
+def test_perplexity_of_uniform_model_is_vocab_size(tmp_path):
+    tok = tiny_tokenizer()
+    p = tmp_path / "t.txt"
+    p.write_text("The capital of France is Paris. " * 20)
+    res = general.perplexity(ConstantModel(len(tok), set()), tok, p, max_tokens=100, seq_len=32)
+    assert res["perplexity"] == pytest.approx(len(tok), rel=1e-5)
+    assert res["tokens"] > 50

@@ -1,0 +1,95 @@
+"""The resumable runner on a tiny model: a run killed mid-way continues with no lost or repeated edit."""
+import json
+
+import pytest
+import torch
+
+from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
+from mose_fast import EditRequest, MOSEEditor
+from mose_fast.eval import runner
+
+REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French",
+                    paraphrase_prompts=["Danielle Darrieux spoke"], neighborhood_prompts=["Paris is in"],
+                    neighborhood_answers=["France"], case_id=i) if i % 2 == 0 else
+        EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball",
+                    paraphrase_prompts=["Michael Jordan is famous for"], neighborhood_prompts=["Messi plays"],
+                    neighborhood_answers=["soccer"], case_id=i) for i in range(5)]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    (d / "glue").mkdir(parents=True)
+    (d / "wikitext-2").mkdir()
+    (d / "glue" / "sst2.json").write_text(json.dumps([{"sentence": s, "label": i % 2, "idx": i}
+                                                      for i, s in enumerate(CORPUS[:10])]))
+    (d / "wikitext-2" / "test.txt").write_text(" ".join(CORPUS))
+    return d
+
+
+def setup(monkeypatch):
+    model, tok = make_tiny_model("llama")
+    cfg = tiny_mose_config()
+    c0 = tiny_second_moments(model, tok, cfg.layers)
+    real_init = MOSEEditor.__init__
+
+    def init(self, *a, **k):   # feed the precomputed statistics (no WikiText corpus in tests)
+        real_init(self, *a, **{**k, "second_moments": c0})
+    monkeypatch.setattr(MOSEEditor, "__init__", init)
+    return model, tok, cfg
+
+
+@pytest.mark.model
+def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, monkeypatch):
+    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    ref = runner.run_eval(model, tok, REQS, cfg, tmp_path / "ref", settings, "tiny", progress=False)
+    ref_w = {l: model.model.layers[l].mlp.down_proj.weight.clone() for l in cfg.layers}
+
+    model, tok, cfg = setup(monkeypatch)
+    calls = {"n": 0}
+    real_edit = MOSEEditor.edit
+
+    def dying_edit(self, reqs):
+        calls["n"] += 1
+        if calls["n"] == 4:           # killed while doing the 4th edit
+            raise KeyboardInterrupt
+        return real_edit(self, reqs)
+    monkeypatch.setattr(MOSEEditor, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in journal] == [0, 1, 2]
+    monkeypatch.setattr(MOSEEditor, "edit", real_edit)
+
+    model, tok, cfg = setup(monkeypatch)     # a fresh process: the unedited model again
+    rep = runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in journal] == [0, 1, 2, 3, 4]
+    assert [e["n_edits"] for e in rep["evaluations"]] == [0, 2, 4, 5]
+    for l in cfg.layers:
+        assert torch.equal(model.model.layers[l].mlp.down_proj.weight, ref_w[l])
+    assert rep["evaluations"][-1]["edit"] == ref["evaluations"][-1]["edit"]
+    assert (tmp_path / "run" / "summary.md").read_text().count("\n| ") >= 4
+
+
+@pytest.mark.model
+def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
+    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    with pytest.raises(ValueError, match="different run"):
+        runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
+
+
+@pytest.mark.model
+def test_stability_logged_against_w0(tmp_path, data_dir, monkeypatch):
+    settings = runner.EvalSettings(eval_every=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    rep = runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    ev = rep["evaluations"]
+    for l in map(str, cfg.layers):
+        assert ev[0]["stability"][l]["dist_w0"] == 0.0
+        assert ev[2]["stability"][l]["dist_w0"] > 0.0
+        assert ev[2]["stability_ratio"][l]["fro"] == pytest.approx(1.0, abs=1e-6)
+        assert ev[2]["stability_ratio"][l]["kappa"] == pytest.approx(1.0, abs=1e-5)
