@@ -18,6 +18,10 @@ import math
 
 import torch
 
+# Panels take at most 1/8 of W's bytes; 0.12 leaves headroom under that bound for the small
+# allocations every call makes besides the panels (views, allocator bookkeeping).
+WORKSPACE_FRACTION = 0.12
+
 try:  # triton is an optional extra; nothing here touches CUDA at import
     import triton
     import triton.language as tl
@@ -52,7 +56,7 @@ def _check(W: torch.Tensor, R: torch.Tensor) -> None:
 
 @torch.no_grad()
 def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.dtype | None = None,
-                        workspace_fraction: float = 1 / 8) -> torch.Tensor:
+                        workspace_fraction: float = WORKSPACE_FRACTION) -> torch.Tensor:
     """W ← R·W in place (W may be a transposed view), panel by panel; returns W."""
     _check(W, R)
     compute_dtype = compute_dtype or W.dtype
@@ -65,6 +69,29 @@ def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.d
         out = ws[:, :panel.shape[1]]
         torch.matmul(Rc, panel.to(compute_dtype) if needs_cast else panel, out=out)
         panel.copy_(out)
+    return W
+
+
+@torch.no_grad()
+def orth_matmul_factored_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tensor,
+                          compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W ← W + Q·((Rk − I)·(Qᵀ·W)) in place: R = I + Q·(Rk − I)·Qᵀ acting on a k-dimensional
+    subspace.  Workspace k × d_in; O(d_out·d_in·k) instead of O(d_out²·d_in)."""
+    if Q.ndim != 2 or Q.shape[0] != W.shape[0] or Rk.shape != (Q.shape[1], Q.shape[1]):
+        raise ValueError(f"need W (d × n), Q (d × k), Rk (k × k); got {tuple(W.shape)}, {tuple(Q.shape)}, "
+                         f"{tuple(Rk.shape)}")
+    cd = compute_dtype or W.dtype
+    Qc = Q.to(cd)
+    left = Qc @ (Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device))   # d × k
+    if cd == W.dtype:
+        W.addmm_(left, Qc.T @ W)          # extra memory: the k × d_in product only
+        return W
+    # wider compute dtype: panel by panel, so no full-size cast of W is ever held
+    p = panel_width(W.shape[1], WORKSPACE_FRACTION, W.element_size(), torch.empty((), dtype=cd).element_size())
+    for j in range(0, W.shape[1], p):
+        panel = W[:, j:j + p]
+        wide = panel.to(cd)
+        panel.copy_(wide.addmm_(left, Qc.T @ wide))
     return W
 
 
@@ -97,7 +124,7 @@ if triton is not None:
                  acc.to(WS_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def orth_matmul_triton_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: float = 1 / 8,
+def orth_matmul_triton_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: float = WORKSPACE_FRACTION,
                         BLOCK_M: int = 64, BLOCK_N: int = 64, BLOCK_K: int = 32) -> torch.Tensor:
     """Triton launcher: each panel is computed into the workspace, then copied over W."""
     if triton is None:

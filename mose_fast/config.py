@@ -22,7 +22,7 @@ class MOSEConfig:
     # --- the rotation --------------------------------------------------------------------
     lam: float = 100.0                 # retention weight λ
     solve_dtype: str = "float64"       # dtype of M, the SVD and R (the reference is float64)
-    polar_method: str = "svd"          # see mose_fast.procrustes.POLAR_METHODS
+    polar_method: str = "svd"          # "subspace" or one of mose_fast.procrustes.POLAR_METHODS
     # --- targets (MEMIT compute_z) ---------------------------------------------------------
     v_lr: float = 0.5
     v_num_grad_steps: int = 25
@@ -53,6 +53,10 @@ class MOSEConfig:
             raise ValueError(f"MOSEConfig.lam must be >= 0, got {self.lam!r}")
         if self.solve_dtype not in ("float64", "float32"):
             raise ValueError(f"MOSEConfig.solve_dtype must be 'float64' or 'float32', got {self.solve_dtype!r}")
+        from .procrustes import POLAR_METHODS, SUBSPACE_METHODS
+        if self.polar_method not in (*POLAR_METHODS, *SUBSPACE_METHODS):
+            raise ValueError(f"MOSEConfig.polar_method {self.polar_method!r}: choose from "
+                             f"{sorted((*POLAR_METHODS, *SUBSPACE_METHODS))}")
         if self.v_num_grad_steps < 1:
             raise ValueError("MOSEConfig.v_num_grad_steps must be >= 1")
         if self.stats_tokens < 1:

@@ -28,7 +28,7 @@ from .arch import ArchSpec, resolve_arch
 from .config import MOSEConfig
 from .keys import block_outputs_at_subject, compute_keys, generate_context_templates
 from .requests import EditRequest
-from .rules.mose import MOSERule
+from .rules.mose import MOSERule, Rotation
 from .stats import default_data_dir, key_second_moments, model_fingerprint
 from .targets import compute_targets
 
@@ -90,7 +90,7 @@ class MOSEEditor:
         self._second_moments = dict(second_moments) if second_moments is not None else None
         self._templates: list[list[str]] | None = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
-        self._undo: deque = deque(maxlen=self.cfg.undo_history)  # (record index, {layer: R})
+        self._undo: deque = deque(maxlen=self.cfg.undo_history)  # (record index, {layer: Rotation})
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
         self._n_edits = 0
@@ -158,7 +158,7 @@ class MOSEEditor:
         grad_flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval().requires_grad_(False)
         record = EditRecord(index=self._n_edits, case_ids=[r.case_id for r in requests])
-        rotations: dict[int, torch.Tensor] = {}
+        rotations: dict[int, Rotation] = {}
         try:
             t = time.perf_counter()
             targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
@@ -175,11 +175,11 @@ class MOSEEditor:
                 norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
                 A = W.to(torch.float64) @ K.T.to(W.device)                          # d_out × n
                 V = A + resid.T.to(W.device)
-                solved, t_solve = self.rule.solve(layer, A, V)
-                t_apply = self.rule.apply(layer, W, solved.R)
+                solved, rotation, t_solve = self.rule.solve(layer, A, V)
+                t_apply = self.rule.apply(layer, W, rotation)
                 if layer in self._master:
                     self.arch.weight_view(self.model, layer).copy_(W)
-                rotations[layer] = solved.R.detach().cpu()
+                rotations[layer] = rotation.to("cpu")
                 record.layers.append(LayerRecord(
                     layer=layer, objective=solved.objective, objective_identity=solved.objective_identity,
                     orth_error=solved.orth_error, weight_norm_before=norm_before,
@@ -217,7 +217,7 @@ class MOSEEditor:
             index, rotations = self._undo.pop()
             for layer in reversed(list(rotations)):
                 W = self.weight(layer)
-                self.rule.revert(layer, W, rotations[layer].to(W.device))
+                self.rule.revert(layer, W, rotations[layer])
                 if layer in self._master:
                     self.arch.weight_view(self.model, layer).copy_(W)
             self.records = [r for r in self.records if r.index != index]

@@ -23,7 +23,7 @@ import torch
 
 @dataclass
 class SolveResult:
-    R: torch.Tensor            # (d_out × d_out) orthogonal, in the solve dtype
+    R: torch.Tensor | None     # (d_out × d_out) orthogonal, in the solve dtype (None: factored solve)
     objective: float           # Procrustes objective at R
     objective_identity: float  # ... at R = I (no edit), for reference
     orth_error: float          # ‖RᵀR − I‖_F
@@ -77,6 +77,13 @@ def polar_newton_schulz(M: torch.Tensor, steps: int = 60, tol: float | None = No
     return X
 
 
+def polar_newton_schulz_fp32(M: torch.Tensor) -> torch.Tensor:
+    """Newton–Schulz in float32 (the fast matmul precision), finished in M's dtype: two
+    full-precision steps take ‖XᵀX − I‖ from float32 level (~1e-6) to float64 level."""
+    X = polar_newton_schulz(M.to(torch.float32), steps=80, tol=1e-5).to(M.dtype)
+    return newton_schulz_step(newton_schulz_step(X))
+
+
 def newton_schulz_step(R: torch.Tensor, eye: torch.Tensor | None = None) -> torch.Tensor:
     """One step towards the nearest orthogonal matrix; squares a small ‖RᵀR − I‖."""
     if eye is None:
@@ -88,7 +95,54 @@ POLAR_METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "svd": polar_svd,
     "eigh": polar_eigh,
     "newton_schulz": polar_newton_schulz,
+    "newton_schulz_fp32": polar_newton_schulz_fp32,
 }
+# Methods that never form the d_out × d_out M (see solve_subspace).
+SUBSPACE_METHODS = ("subspace",)
+
+
+@dataclass
+class SubspaceSolve:
+    Q: torch.Tensor           # (d_out × k) orthonormal basis of span[A_E, V_E]
+    Rk: torch.Tensor          # (k × k) orthogonal: R = I + Q·(Rk − I)·Qᵀ
+    objective: float
+    objective_identity: float
+    orth_error: float         # ‖RkᵀRk − I‖_F (= ‖RᵀR − I‖_F when Q is orthonormal)
+
+    def full(self) -> torch.Tensor:
+        eye = torch.eye(self.Q.shape[0], dtype=self.Q.dtype, device=self.Q.device)
+        return eye + self.Q @ (self.Rk - torch.eye(self.Rk.shape[0], dtype=self.Rk.dtype, device=self.Rk.device)) @ self.Q.T
+
+
+def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float,
+                   dtype: torch.dtype = torch.float64) -> SubspaceSolve:
+    """The optimum over rotations that act only on S = span[A_E, V_E] (identity on S⊥).
+
+    With R = I − Q·Qᵀ + Q·Rk·Qᵀ,  tr(Rᵀ·M) = const + tr(Rkᵀ·Qᵀ·M·Q),  so Rk is the polar factor of
+    the k × k matrix  Qᵀ·M·Q = λ·(Qᵀ·P·Q) + (Qᵀ·V)(Qᵀ·A)ᵀ  (k ≤ 2n).  Cost O(d_out²·k) for P·Q
+    instead of O(d_out³); the apply is the factored W ← W + Q·((Rk − I)·(Qᵀ·W)).  It is exact for
+    the edit term (A, V lie in S) and an approximation of the full optimum for the retention term,
+    whose exact rotation also turns directions outside S.
+    """
+    P, A, V = P.to(dtype), A.to(dtype), V.to(dtype)
+    for name, t in (("P", P), ("A_E", A), ("V_E", V)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"non-finite values in {name}; refusing to rotate")
+    U, S, _ = torch.linalg.svd(torch.cat([A, V], 1), full_matrices=False)
+    keep = S > S[0] * A.shape[0] * torch.finfo(dtype).eps if S.numel() and S[0] > 0 else S > 0
+    Q = U[:, keep]
+    PQ = P @ Q
+    QtA, QtV = Q.T @ A, Q.T @ V
+    Mk = lam * (Q.T @ PQ) + QtV @ QtA.T
+    Rk = newton_schulz_step(polar_svd(Mk))
+    eye_k = torch.eye(Rk.shape[0], dtype=dtype, device=Rk.device)
+    QtPQ = Q.T @ PQ
+
+    def obj(Rk_):
+        retention = 2.0 * (torch.trace(P) - (torch.trace(P) + torch.trace((Rk_ - eye_k) @ QtPQ)))
+        return float(lam * retention + (Rk_ @ QtA - QtV).pow(2).sum())
+    return SubspaceSolve(Q=Q, Rk=Rk, objective=obj(Rk), objective_identity=obj(eye_k),
+                         orth_error=orthogonality_error(Rk))
 
 
 def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float,

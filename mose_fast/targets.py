@@ -135,6 +135,7 @@ class _PrefixCache:
                  sel_rows: list[int], sel_cols: list[int], tok):
         self.model = model
         self.block = arch.block(model, layer)
+        self.lm_head = arch.get(model, arch.lm_head)
         device = next(model.parameters()).device
         n = len(ids)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -181,9 +182,14 @@ class _PrefixCache:
     def _forward(self) -> torch.Tensor:
         # The cache is appended to by each forward: give every step its own copy of the prefix.
         cache = copy.deepcopy(self.cache) if self.cache is not None else None
-        out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
-                         past_key_values=cache, use_cache=cache is not None)
-        return out.logits[self.rows, self.cols]
+        # Unembed only the positions the loss reads (a vocabulary-wide GEMM per position).
+        handle = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][self.rows, self.cols],))
+        try:
+            out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
+                             past_key_values=cache, use_cache=cache is not None)
+        finally:
+            handle.remove()
+        return out.logits
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
         def add(hidden):

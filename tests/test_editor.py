@@ -104,8 +104,9 @@ def test_bad_requests_raise_and_leave_model_untouched():
 
 
 @pytest.mark.model
-def test_undo_restores_weights_and_gram():
-    editor, model, tok = make_editor()
+@pytest.mark.parametrize("method", ["svd", "subspace"])
+def test_undo_restores_weights_and_gram(method):
+    editor, model, tok = make_editor(polar_method=method)
     editor._prepare()
     W0 = {l: editor.arch.weight_view(model, l).clone() for l in editor.cfg.layers}
     P0 = {l: p.clone() for l, p in editor.rule.gram.items()}
@@ -126,10 +127,11 @@ def test_undo_restores_weights_and_gram():
 
 
 @pytest.mark.model
-def test_retention_gram_tracks_rotated_weights():
+@pytest.mark.parametrize("method", ["svd", "subspace"])
+def test_retention_gram_tracks_rotated_weights(method):
     """P ← R·P·Rᵀ after each edit equals W·C0·Wᵀ recomputed from the edited weights."""
     model, tok = make_tiny_model("llama")
-    config = tiny_mose_config()
+    config = tiny_mose_config(polar_method=method)
     C0 = tiny_second_moments(model, tok, config.layers)
     editor = MOSEEditor(model, tok, config, second_moments=C0, progress=False)
     editor.edit_sequential([REQ, REQ2, REQ])

@@ -66,7 +66,9 @@ def test_polar_methods_orthogonal_and_optimal(method):
     assert res.orth_error <= 1e-10
     assert orthogonality_error(res.R) <= 1e-10
     assert res.objective == pytest.approx(ref.objective, rel=1e-8)
-    torch.testing.assert_close(res.R, ref.R, atol=1e-7, rtol=0)
+    # float32 iterations reach the polar factor to float32 accuracy; the float64 finish restores
+    # orthogonality, not the lost digits
+    torch.testing.assert_close(res.R, ref.R, atol=1e-5 if method.endswith("fp32") else 1e-7, rtol=0)
 
 
 def test_lambda_zero_fits_edit_exactly_when_norms_match():
@@ -113,3 +115,37 @@ def test_thousand_sequential_rotations_preserve_norm_and_spectrum():
     s1 = torch.linalg.svdvals(W.double())
     assert abs(float(torch.linalg.matrix_norm(W.double()) / n0) - 1) <= 1e-5
     assert float(((s1 - s0).abs() / s0).max()) <= 1e-5
+
+
+def test_subspace_solve_is_optimal_within_its_family_and_close_to_exact():
+    from mose_fast.procrustes import solve_subspace
+    pb = problem(seed=9, lam=5.0)
+    sub = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"])
+    R = sub.full()
+    assert orthogonality_error(R) <= 1e-10
+    # the reported objective is the paper's objective at the full R
+    assert sub.objective == pytest.approx(direct_objective(R, pb), rel=1e-10)
+    exact = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"])
+    assert exact.objective <= sub.objective + 1e-9 * abs(sub.objective)
+    assert sub.objective < sub.objective_identity
+    # optimal among rotations acting on span(Q): perturb Rk by random k × k rotations
+    g = torch.Generator().manual_seed(10)
+    eye = torch.eye(R.shape[0], dtype=torch.float64)
+    k = sub.Q.shape[1]
+    for _ in range(200):
+        Rk = random_orthogonal_near(sub.Rk, 0.05, g)
+        Rp = eye + sub.Q @ (Rk - torch.eye(k, dtype=torch.float64)) @ sub.Q.T
+        assert direct_objective(Rp, pb) >= sub.objective - 1e-9 * abs(sub.objective)
+
+
+def test_factored_apply_matches_full_rotation():
+    from mose_fast.kernels.orth_matmul import orth_matmul_factored_
+    from mose_fast.procrustes import solve_subspace
+    pb = problem(seed=11)
+    sub = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"])
+    for dtype, compute, tol in ((torch.float64, None, 1e-12), (torch.float32, torch.float64, 1e-6),
+                                (torch.float32, None, 1e-5)):
+        W = pb["W"].to(dtype).clone()
+        ref = sub.full() @ W.double()
+        orth_matmul_factored_(W, sub.Q, sub.Rk, compute_dtype=compute)
+        assert float((W.double() - ref).abs().max() / ref.abs().max()) <= tol
