@@ -28,7 +28,7 @@ setup(
         "triton": ["triton>=3.2"],
         "gpu": ["triton>=3.2", "cupy-cuda12x>=13", "ninja>=1.11"],
         "eval": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "scipy>=1.10"],
     },
     entry_points={"console_scripts": ["mose-fast=mose_fast.cli:main"]},
 )

@@ -36,7 +36,7 @@ def _config(args, model):
     overrides = {}
     if getattr(args, "config", None):
         overrides.update(json.loads(Path(args.config).read_text()))
-    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method"):
+    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "method"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -126,8 +126,6 @@ def cmd_eval(args) -> int:
     from .models import load_model
     from .requests import load_requests
     from .stats import default_data_dir
-    if args.method != "mose":
-        raise ValueError(f"method {args.method!r} is not available; available: ['mose']")
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     if args.dataset == "counterfact":
         path = data / "counterfact" / f"counterfact-{args.split}.json"

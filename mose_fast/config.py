@@ -19,6 +19,9 @@ from typing import Any
 class MOSEConfig:
     # --- where to edit -------------------------------------------------------------------
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
+    # --- the update rule: "mose" or an additive baseline (memit, rome, alphaedit, rect, prune) ----
+    method: str = "mose"
+    rule_hparams: dict = field(default_factory=dict)   # baselines' own (e.g. mom2_update_weight)
     # --- the rotation --------------------------------------------------------------------
     lam: float = 100.0                 # retention weight λ
     solve_dtype: str = "float64"       # dtype of M, the SVD and R (the reference is float64)

@@ -28,12 +28,9 @@ from .arch import ArchSpec, resolve_arch
 from .config import MOSEConfig
 from .keys import block_outputs_at_subject, compute_keys, generate_context_templates
 from .requests import EditRequest
-from .rules.mose import MOSERule, Rotation
+from .rules import make_rule
 from .stats import default_data_dir, key_second_moments, model_fingerprint
 from .targets import compute_targets
-
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
-
 
 @dataclass
 class LayerRecord:
@@ -86,11 +83,12 @@ class MOSEEditor:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         self.progress = progress
-        self.rule = MOSERule(self.cfg.lam, self.cfg.polar_method, DTYPES[self.cfg.solve_dtype])
+        self.rule = make_rule(self.cfg)
         self._second_moments = dict(second_moments) if second_moments is not None else None
         self._templates: list[list[str]] | None = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
-        self._undo: deque = deque(maxlen=self.cfg.undo_history)  # (record index, {layer: Rotation})
+        self._prepared: set[int] = set()
+        self._undo: deque = deque(maxlen=self.cfg.undo_history)  # (record index, {layer: undo data})
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
         self._n_edits = 0
@@ -117,7 +115,7 @@ class MOSEEditor:
         return self._master.get(layer, self.arch.weight_view(self.model, layer))
 
     def _prepare(self) -> None:
-        need = [l for l in self.cfg.layers if l not in self.rule.gram]
+        need = [l for l in self.cfg.layers if l not in self._prepared]
         if not need:
             return
         C0 = self.second_moments()
@@ -128,7 +126,9 @@ class MOSEEditor:
                 # a float32 master keeps the drift to one rounding from the exact product.
                 self._master[l] = W.float()
             self.rule.prepare(l, self.weight(l), C0[l])
-        # P carries all that later edits need of C0; the d_in × d_in matrices can go.
+            self._prepared.add(l)
+        # MOSE's Grams P carry all that later edits need of C0: the d_in × d_in matrices can go
+        # (additive rules keep what they need of C0 themselves).
         self._second_moments = None
 
     # --- editing -------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ class MOSEEditor:
         grad_flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval().requires_grad_(False)
         record = EditRecord(index=self._n_edits, case_ids=[r.case_id for r in requests])
-        rotations: dict[int, Rotation] = {}
+        rotations: dict[int, object] = {}   # per layer, what the rule needs to undo it
         try:
             t = time.perf_counter()
             targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
@@ -173,18 +173,16 @@ class MOSEEditor:
                 t_keys = time.perf_counter() - t
                 W = self.weight(layer)
                 norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
-                A = W.to(torch.float64) @ K.T.to(W.device)                          # d_out × n
-                V = A + resid.T.to(W.device)
-                solved, rotation, t_solve = self.rule.solve(layer, A, V)
-                t_apply = self.rule.apply(layer, W, rotation)
+                res = self.rule.update(layer, W, K.T.to(W.device), resid.T.to(W.device))
+                self.rule.after_edit(layer, K.T)
                 if layer in self._master:
                     self.arch.weight_view(self.model, layer).copy_(W)
-                rotations[layer] = rotation.to("cpu")
+                rotations[layer] = res.undo
                 record.layers.append(LayerRecord(
-                    layer=layer, objective=solved.objective, objective_identity=solved.objective_identity,
-                    orth_error=solved.orth_error, weight_norm_before=norm_before,
+                    layer=layer, objective=res.objective, objective_identity=res.objective_identity,
+                    orth_error=res.orth_error, weight_norm_before=norm_before,
                     weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
-                    seconds_keys=t_keys, seconds_solve=t_solve, seconds_apply=t_apply))
+                    seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply))
         except BaseException:
             self._restore(snapshot)
             raise
@@ -228,7 +226,7 @@ class MOSEEditor:
         return {
             "weights": {l: self.arch.weight_view(self.model, l).clone() for l in self.cfg.layers},
             "master": {l: w.clone() for l, w in self._master.items()},
-            "gram": {l: p.clone() for l, p in self.rule.gram.items()},
+            "rule": self.rule.snapshot(),
         }
 
     def _restore(self, snap: dict) -> None:
@@ -237,7 +235,7 @@ class MOSEEditor:
                 self.arch.weight_view(self.model, l).copy_(w)
             for l, w in snap["master"].items():
                 self._master[l].copy_(w)
-            self.rule.gram = snap["gram"]
+            self.rule.restore(snap["rule"])
 
     # --- inspection and saving -------------------------------------------------------------------
     @torch.no_grad()

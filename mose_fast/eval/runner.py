@@ -99,7 +99,7 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     identity = {"model": model_name, "config": cfg.to_dict(), "settings": settings.to_dict(),
-                "case_ids": [r.case_id for r in requests], "method": "mose"}
+                "case_ids": [r.case_id for r in requests], "method": cfg.method}
     run_file = out / "run.json"
     if run_file.is_file():
         stored = json.loads(run_file.read_text())
@@ -164,9 +164,10 @@ def _save_state(editor: MOSEEditor, path: Path, n_done: int) -> None:
     tensors = {}
     for l in editor.cfg.layers:
         tensors[f"W{l}"] = editor.arch.weight_view(editor.model, l).contiguous()
-        tensors[f"P{l}"] = editor.rule.gram[l].cpu().contiguous()
         if l in editor._master:
             tensors[f"M{l}"] = editor._master[l].contiguous()
+    for l, t in editor.rule.snapshot().items():     # MOSE: retention Grams; AlphaEdit: C_p
+        tensors[f"S{l}"] = t.cpu().contiguous()
     _atomic_save(tensors, path, {"n_done": str(n_done)})
 
 
@@ -177,10 +178,11 @@ def _restore_state(editor: MOSEEditor, path: Path) -> int:
     with safe_open(str(path), "pt") as f:
         n_done = int(f.metadata()["n_done"])
     tensors = load_file(str(path))
+    device = next(editor.model.parameters()).device
+    editor.rule.restore({int(k[1:]): v.to(device) for k, v in tensors.items() if k.startswith("S")})
     with torch.no_grad():
         for l in editor.cfg.layers:
             editor.arch.weight_view(editor.model, l).copy_(tensors[f"W{l}"])
-            editor.rule.gram[l] = tensors[f"P{l}"].to(editor.rule.gram[l].device)
             if f"M{l}" in tensors:
                 editor._master[l].copy_(tensors[f"M{l}"])
     editor._n_edits = n_done

@@ -16,6 +16,7 @@ import torch
 
 from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_
 from ..procrustes import SUBSPACE_METHODS, SolveResult, solve_rotation, solve_subspace
+from .base import UpdateResult
 
 
 @dataclass
@@ -91,6 +92,25 @@ class MOSERule:
             torch.cuda.synchronize(W.device)
         return time.perf_counter() - t
 
+    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> UpdateResult:
+        """The editor's entry: A_E = W·K_E, V_E = A_E + resid; solve, rotate W in place."""
+        A = W.to(self.solve_dtype) @ K.to(W.device, self.solve_dtype)          # d_out × n
+        V = A + resid.to(W.device, self.solve_dtype)
+        solved, rot, t_solve = self.solve(layer, A, V)
+        t_apply = self.apply(layer, W, rot)
+        return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
+                            orth_error=solved.orth_error, undo=rot.to("cpu"), seconds_solve=t_solve,
+                            seconds_apply=t_apply)
+
     def revert(self, layer: int, W: torch.Tensor, rot: Rotation) -> None:
         """Undo a rotation: W ← Rᵀ·W, P ← Rᵀ·P·R."""
         self.apply(layer, W, rot.transpose())
+
+    def after_edit(self, layer: int, K: torch.Tensor) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {l: p.clone() for l, p in self.gram.items()}
+
+    def restore(self, snap: dict) -> None:
+        self.gram = snap

@@ -1,0 +1,152 @@
+"""Each additive baseline on a small synthetic problem, against its defining property written
+independently here, plus each rule end to end through the editor on a tiny model."""
+import pytest
+import torch
+
+from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+from mose_fast import EditRequest, MOSEEditor
+from mose_fast.rules import AlphaEditRule, MEMITRule, PRUNERule, RECTRule, ROMERule
+from mose_fast.rules.alphaedit import null_space_projector
+
+D_OUT, D_IN, N0, N = 12, 20, 400, 3
+
+
+def problem(seed=0, low_rank_keys=False):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    if low_rank_keys:   # preserved keys live in a 14-dim subspace: C0 has a 6-dim null space
+        basis = torch.linalg.qr(torch.randn(D_IN, 14, generator=g, dtype=torch.float64))[0]
+        K0 = basis @ torch.randn(14, N0, generator=g, dtype=torch.float64)
+    else:
+        K0 = torch.randn(D_IN, N0, generator=g, dtype=torch.float64)
+    C0 = K0 @ K0.T / N0
+    K = torch.randn(D_IN, N, generator=g, dtype=torch.float64)
+    resid = torch.randn(D_OUT, N, generator=g, dtype=torch.float64)
+    return W, K0, C0, K, resid
+
+
+def run(rule, W, C0, K, resid, layer=0):
+    rule.prepare(layer, W, C0)
+    W1 = W.clone()
+    rule.update(layer, W1, K, resid)
+    return W1 - W
+
+
+def test_memit_satisfies_normal_equations():
+    W, _, C0, K, resid = problem(1)
+    lam = 7.0
+    D = run(MEMITRule(lam), W, C0, K, resid)
+    # argmin_Δ λ·tr(Δ·C0·Δᵀ) + ‖(W+Δ)·K − (W·K + resid)‖²  ⇔  Δ·(λ·C0 + K·Kᵀ) = resid·Kᵀ
+    torch.testing.assert_close(D @ (lam * C0 + K @ K.T), resid @ K.T, rtol=1e-10, atol=1e-10)
+
+
+def test_rome_is_exact_and_rank_one_along_c0_inverse_key():
+    W, _, C0, K, resid = problem(2)
+    k, r = K[:, :1], resid[:, :1]
+    D = run(ROMERule(), W, C0, k, r)
+    torch.testing.assert_close((W + D) @ k, W @ k + r, rtol=1e-10, atol=1e-10)
+    assert torch.linalg.matrix_rank(D) == 1
+    # Δ·x = 0 for every x with xᵀ·C0⁻¹·k = 0
+    u = torch.linalg.solve(C0, k[:, 0])
+    x = torch.randn(D_IN, dtype=torch.float64)
+    x -= (x @ u) / (u @ u) * u
+    assert float((D @ x).abs().max()) <= 1e-10
+
+
+def test_alphaedit_update_lives_in_null_space():
+    W, K0, C0, K, resid = problem(3, low_rank_keys=True)
+    rule = AlphaEditRule(threshold=1e-6, l2=1.0)
+    D = run(rule, W, C0, K, resid)
+    P = rule.P[0]
+    assert torch.linalg.matrix_rank(P) == D_IN - 14
+    torch.testing.assert_close(D, D @ P, atol=1e-10, rtol=0)          # rows in the projector's range
+    assert float((D @ K0).abs().max()) <= 1e-8 * float((W @ K0).abs().max())   # preserved keys untouched
+    assert float((D @ K).abs().max()) > 1e-3                             # yet it edits
+
+
+def test_alphaedit_threshold_is_relative_and_cumulative_keys_grow():
+    _, _, C0, K, _ = problem(4, low_rank_keys=True)
+    torch.testing.assert_close(null_space_projector(C0, 1e-6), null_space_projector(1000 * C0, 1e-6))
+    rule = AlphaEditRule(threshold=1e-6)
+    rule.prepare(0, torch.zeros(D_OUT, D_IN, dtype=torch.float64), C0)
+    rule.after_edit(0, K)
+    rule.after_edit(0, K)
+    torch.testing.assert_close(rule.C_p[0], 2 * K @ K.T)
+
+
+def test_alphaedit_matches_its_closed_form():
+    W, _, C0, K, resid = problem(5, low_rank_keys=True)
+    rule = AlphaEditRule(threshold=1e-6, l2=3.0)
+    rule.prepare(0, W, C0)
+    Cp = torch.randn(D_IN, 4, dtype=torch.float64)
+    rule.C_p[0] = Cp @ Cp.T
+    W1 = W.clone()
+    rule.update(0, W1, K, resid)
+    P = rule.P[0]
+    # (P·(K·Kᵀ + C_p) + L2·I)·Δᵀ = P·K·residᵀ
+    lhs = (P @ (K @ K.T + Cp @ Cp.T) + 3.0 * torch.eye(D_IN, dtype=torch.float64)) @ (W1 - W).T
+    torch.testing.assert_close(lhs, P @ K @ resid.T, rtol=1e-9, atol=1e-9)
+
+
+def test_rect_keeps_top_relative_changes():
+    W, _, C0, K, resid = problem(6)
+    full = run(MEMITRule(5.0), W, C0, K, resid)
+    D = run(RECTRule(5.0, keep_ratio=0.25), W, C0, K, resid)
+    kept = D != 0
+    assert kept.sum() == round(0.25 * D.numel())
+    torch.testing.assert_close(D[kept], full[kept])
+    rel = (full / W).abs()
+    assert float(rel[kept].min()) >= float(rel[~kept].max())
+
+
+def test_prune_caps_singular_values_of_accumulated_update():
+    W, _, C0, K, resid = problem(7)
+    rule = PRUNERule(1e-3)                       # tiny λ: big updates whose σ exceed σ_max(W0)
+    rule.prepare(0, W, C0)
+    s_max = float(torch.linalg.matrix_norm(W, ord=2))
+    Wc, memit_total = W.clone(), torch.zeros_like(W)
+    for step in range(3):
+        ref = torch.linalg.solve(1e-3 * C0 + K @ K.T, K)
+        memit_total = (Wc - W) + (100 * resid) @ ref.T
+        rule.update(0, Wc, K, 100 * resid)
+        U, S, Vh = torch.linalg.svd(memit_total, full_matrices=False)
+        expect = torch.where(S > s_max, s_max + torch.log(S / s_max), S)
+        assert S.max() > s_max                                    # the cap was exercised
+        torch.testing.assert_close(torch.linalg.svdvals(Wc - W), expect, rtol=1e-9, atol=1e-9)
+
+
+def test_prune_is_memit_when_below_the_cap():
+    W, _, C0, K, resid = problem(8)
+    torch.testing.assert_close(run(PRUNERule(50.0), W, C0, K, 0.01 * resid), run(MEMITRule(50.0), W, C0, K, 0.01 * resid))
+
+
+REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("method, layers, hp", [("memit", [1, 2], {"mom2_update_weight": 10.0}),
+                                               ("rome", [2], {}),
+                                               ("alphaedit", [1, 2], {"threshold": 0.05, "l2": 1.0}),
+                                               ("rect", [1, 2], {"mom2_update_weight": 10.0}),
+                                               ("prune", [1, 2], {"mom2_update_weight": 10.0})])
+def test_each_baseline_edits_through_the_editor_and_undoes(method, layers, hp):
+    from mose_fast.eval.metrics import answer_nll
+    model, tok = make_tiny_model("llama")
+    cfg = tiny_mose_config(method=method, layers=layers, rule_hparams=hp)
+    editor = MOSEEditor(model, tok, cfg, second_moments=tiny_second_moments(model, tok, layers), progress=False)
+    W0 = {l: editor.arch.weight_view(model, l).clone() for l in layers}
+    before = answer_nll(model, tok, [REQ.text], [REQ.target_new])[0]
+    rec = editor.edit(REQ)
+    assert answer_nll(model, tok, [REQ.text], [REQ.target_new])[0] < before
+    assert all(l.objective <= l.objective_identity for l in rec.layers)
+    editor.undo()
+    for l in layers:
+        torch.testing.assert_close(editor.arch.weight_view(model, l), W0[l], rtol=0, atol=1e-5)
+
+
+def test_rome_refuses_several_layers():
+    model, tok = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="single layer"):
+        MOSEEditor(model, tok, tiny_mose_config(method="rome", layers=[1, 2]), second_moments={})
+    with pytest.raises(ValueError, match="unknown method"):
+        MOSEEditor(model, tok, tiny_mose_config(method="magic"), second_moments={})
