@@ -148,9 +148,14 @@ def orth_matmul_triton_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: fl
 
 def orth_matmul_(W: torch.Tensor, R: torch.Tensor, backend: str | None = None,
                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Public entry: W ← R·W in place through the chosen backend ("torch" or "triton")."""
+    """Public entry: W ← R·W in place through the chosen backend ("torch", "triton" or "cuda")."""
     from mose_fast.backends import choose
     backend = backend or choose("orth_matmul", W)
+    if backend == "cuda":
+        from mose_fast.cuda_ext import orth_matmul_cuda_
+        if orth_matmul_cuda_(W, R, WORKSPACE_FRACTION) is not None:
+            return W
+        backend = "triton"   # the extension could not be built (logged): next best
     if backend == "triton":
         return orth_matmul_triton_(W, R)
     return orth_matmul_panels_(W, R, compute_dtype=compute_dtype)

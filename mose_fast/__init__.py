@@ -14,23 +14,25 @@ import sys as _sys
 from pathlib import Path as _Path
 
 
-def _register_source_kernels() -> None:
-    # The Triton kernels live in the top-level folder kernels/ and are *installed* as
-    # mose_fast.kernels (setup.py package_dir).  In a source checkout or an editable install the
-    # folder is beside this package, so register it under its installed name.
+def _register_source_folders() -> None:
+    # The Triton kernels (kernels/) and CUDA sources (csrc/) are top-level folders *installed* as
+    # mose_fast.kernels and mose_fast.csrc (setup.py package_dir).  In a source checkout or an
+    # editable install they sit beside this package, so register them under their installed names.
     here = _Path(__file__).resolve().parent
-    if (here / "kernels").is_dir() or "mose_fast.kernels" in _sys.modules:
-        return
-    src = here.parent / "kernels" / "__init__.py"
-    if src.is_file():
-        spec = _ilu.spec_from_file_location("mose_fast.kernels", src, submodule_search_locations=[str(src.parent)])
-        module = _ilu.module_from_spec(spec)
-        _sys.modules["mose_fast.kernels"] = module
-        spec.loader.exec_module(module)
-        globals()["kernels"] = module
+    for name in ("kernels", "csrc"):
+        full = f"mose_fast.{name}"
+        if (here / name).is_dir() or full in _sys.modules:
+            continue
+        src = here.parent / name / "__init__.py"
+        if src.is_file():
+            spec = _ilu.spec_from_file_location(full, src, submodule_search_locations=[str(src.parent)])
+            module = _ilu.module_from_spec(spec)
+            _sys.modules[full] = module
+            spec.loader.exec_module(module)
+            globals()[name] = module
 
 
-_register_source_kernels()
+_register_source_folders()
 
 from .arch import ARCHS, ArchSpec  # noqa: E402
 from .config import MOSEConfig  # noqa: E402

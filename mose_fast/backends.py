@@ -3,7 +3,7 @@
 | variable                  | values                          | default                                   |
 |---------------------------|---------------------------------|-------------------------------------------|
 | MOSE_BACKEND              | torch, auto                     | auto: fastest present backend per op      |
-| MOSE_BACKEND_ORTH_MATMUL  | torch, triton                   | triton on CUDA when triton is importable  |
+| MOSE_BACKEND_ORTH_MATMUL  | torch, triton, cuda             | triton on CUDA when triton is importable  |
 | MOSE_BACKEND_CROSSCOV     | torch, triton                   | triton on CUDA when triton is importable  |
 | MOSE_BACKEND_POLAR        | torch, cupy                     | torch                                     |
 
@@ -23,7 +23,7 @@ import torch
 log = logging.getLogger(__name__)
 
 OPS = ("orth_matmul", "crosscov", "polar")
-BACKENDS = {"orth_matmul": ("torch", "triton"), "crosscov": ("torch", "triton"), "polar": ("torch", "cupy")}
+BACKENDS = {"orth_matmul": ("torch", "triton", "cuda"), "crosscov": ("torch", "triton"), "polar": ("torch", "cupy")}
 
 
 def interpreter_mode() -> bool:
@@ -48,6 +48,8 @@ def _present(backend: str, tensor: torch.Tensor | None) -> bool:
         return triton_available() and (on_cuda or interpreter_mode())
     if backend == "cupy":
         return on_cuda and cupy_available()
+    if backend == "cuda":   # csrc, built lazily; a failed build falls back inside the op
+        return on_cuda
     return False
 
 
