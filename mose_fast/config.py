@@ -44,7 +44,9 @@ class MOSEConfig:
     stats_cache_dir: str | None = None  # None → $MOSE_CACHE_DIR or ~/.cache/mose_fast
     # --- bookkeeping -----------------------------------------------------------------------
     seed: int = 0
-    undo_history: int = 64             # rotations kept in memory for undo()
+    # Edits kept for undo(): per edited layer a dense float64 R (d_out² · 8 bytes; 2.6 MB for
+    # SmolLM2, 210 MB for a 13B down_proj) or, for polar_method="subspace", just (Q, Rk).
+    undo_history: int = 16
     master_weights: bool = True        # float32 master copy for bf16/fp16 weights (bounds drift)
 
     def validate(self) -> None:

@@ -80,6 +80,12 @@ def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
     runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
     with pytest.raises(ValueError, match="different run"):
         runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    cfg.lam = 2.0
+    with pytest.raises(ValueError, match="config differs"):
+        runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    cfg.lam, cfg.undo_history = 1.0, 3     # bookkeeping only: the finished run is accepted again
+    rep = runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    assert rep["n_edits"] == 2
 
 
 @pytest.mark.model

@@ -37,6 +37,10 @@ from .general import perplexity, task_accuracy
 from .metrics import score_cases, summarize
 
 
+# MOSEConfig fields that do not change the edits: a run may resume with other values.
+BOOKKEEPING = ("undo_history", "stats_cache_dir")
+
+
 @dataclass
 class EvalSettings:
     eval_every: int = 100
@@ -104,7 +108,11 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     if run_file.is_file():
         stored = json.loads(run_file.read_text())
         for k in ("model", "config", "settings", "case_ids", "method"):
-            if stored.get(k) != json.loads(json.dumps(identity[k])):
+            mine, theirs = json.loads(json.dumps(identity[k])), stored.get(k)
+            if k == "config":   # fields that do not change what the edits compute
+                mine, theirs = (None if d is None else {f: v for f, v in d.items() if f not in BOOKKEEPING}
+                                for d in (mine, theirs))
+            if mine != theirs:
                 raise ValueError(f"{out} holds a different run ({k} differs); use another --out folder")
     else:
         run_file.write_text(json.dumps({**identity, "commit": git_commit(), "started": time.strftime("%F %T")}))
