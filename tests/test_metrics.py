@@ -97,3 +97,20 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path):
     res = general.perplexity(ConstantModel(len(tok), set()), tok, p, max_tokens=100, seq_len=32)
     assert res["perplexity"] == pytest.approx(len(tok), rel=1e-5)
     assert res["tokens"] > 50
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_answer_nll_matches_full_logits_reference(family):
+    """The unembed-only-where-read path equals the plain full-logits computation."""
+    from conftest import make_tiny_model
+    model, tok = make_tiny_model(family)
+    prompts = ["The capital of France is", "Apple was founded by", "Rome"]
+    answers = ["Paris", "Steve Jobs", "is in Italy"]
+    got = answer_nll(model, tok, prompts, answers, batch_size=2)
+    for p, a, g in zip(prompts, answers, got):
+        ids, ans = tok(p)["input_ids"], target_ids(tok, a)
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids + ans])).logits[0].double(), -1)
+        ref = -sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(ans)) / len(ans)
+        assert g == pytest.approx(ref, rel=1e-5)

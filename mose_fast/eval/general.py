@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..tokens import pad_batch, prompt_ids, target_ids
-from .metrics import answer_nll
+from .metrics import answer_nll, logits_at
 
 # task → (prompt builder, label strings in label-id order)
 TASKS = {
@@ -54,9 +54,9 @@ def label_scores(model, tok, prompts: list[str], labels: list[str], batch_size: 
         rows = []
         for b in range(0, len(prompts), batch_size):
             seqs = [prompt_ids(tok, p) for p in prompts[b:b + batch_size]]
-            logits = model(**pad_batch(tok, seqs, device)).logits
             last = torch.tensor([len(s) - 1 for s in seqs], device=device)
-            lp = torch.log_softmax(logits[torch.arange(len(seqs), device=device), last].float(), dim=-1)
+            logits = logits_at(model, pad_batch(tok, seqs, device), torch.arange(len(seqs), device=device), last)
+            lp = torch.log_softmax(logits.float(), dim=-1)
             rows.append(lp[:, first])
         return torch.cat(rows).cpu()
     nll = answer_nll(model, tok, [p for p in prompts for _ in labels], [l.strip() for _ in prompts for l in labels],

@@ -16,6 +16,19 @@ from ..requests import EditRequest
 from ..tokens import pad_batch, prompt_ids, target_ids
 
 
+def logits_at(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Logits at (rows[i], cols[i]) only: the unembedding (a vocabulary-wide GEMM per position)
+    runs on those positions instead of every position of the batch."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return model(**batch).logits[rows, cols]
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols],))
+    try:
+        return model(**batch).logits
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
     """Mean-token NLL of each answer (with a leading space) after its prompt, batched."""
@@ -24,17 +37,19 @@ def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: i
     device = next(model.parameters()).device
     out: list[float] = []
     for b in range(0, len(prompts), batch_size):
-        seqs, spans = [], []
-        for prompt, answer in zip(prompts[b:b + batch_size], answers[b:b + batch_size]):
+        seqs, rows, cols, labels, sizes = [], [], [], [], []
+        for i, (prompt, answer) in enumerate(zip(prompts[b:b + batch_size], answers[b:b + batch_size])):
             p, a = prompt_ids(tok, prompt), target_ids(tok, answer)
             seqs.append(p + a)
-            spans.append((len(p), a))
-        logits = model(**pad_batch(tok, seqs, device)).logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        for i, (start, ans) in enumerate(spans):
-            pos = torch.arange(start - 1, start - 1 + len(ans), device=device)
-            lp = log_probs[i, pos, torch.tensor(ans, device=device)]
-            out.append(float(-lp.mean()))
+            rows += [i] * len(a)
+            cols += range(len(p) - 1, len(p) - 1 + len(a))     # logits at j predict token j + 1
+            labels += a
+            sizes.append(len(a))
+        logits = logits_at(model, pad_batch(tok, seqs, device), torch.tensor(rows, device=device),
+                           torch.tensor(cols, device=device)).float()
+        lp = torch.log_softmax(logits, dim=-1)[torch.arange(len(labels), device=device),
+                                                torch.tensor(labels, device=device)]
+        out += [float(-chunk.mean()) for chunk in lp.split(sizes)]
     return out
 
 
