@@ -114,3 +114,22 @@ def test_answer_nll_matches_full_logits_reference(family):
             lp = torch.log_softmax(model(input_ids=torch.tensor([ids + ans])).logits[0].double(), -1)
         ref = -sum(float(lp[len(ids) - 1 + j, t]) for j, t in enumerate(ans)) / len(ans)
         assert g == pytest.approx(ref, rel=1e-5)
+
+
+def test_token_accuracy_protocol_on_constant_models():
+    from mose_fast.eval.metrics import token_scores
+    tok = tiny_tokenizer()
+    # one-token answers so that a constant model's argmax is exactly known
+    one = [a for a in ["Paris", "Rome", "France", "Italy", "the", "is"] if len(target_ids(tok, a)) == 1]
+    assert len(one) >= 2, one
+    new, true = one[0], one[1]
+    reqs = [EditRequest("The capital of {} is", "X", new, target_true=true, paraphrase_prompts=["X's capital is"],
+                        neighborhood_prompts=["The capital of Y is"], neighborhood_answers=[true])]
+    fav_new = ConstantModel(len(tok), set(target_ids(tok, new)))
+    fav_true = ConstantModel(len(tok), set(target_ids(tok, true)))
+    pre = token_scores(fav_true, tok, reqs)
+    assert (pre["rewrite_acc"], pre["rephrase_acc"]) == (0.0, 0.0)
+    same = token_scores(fav_true, tok, reqs, locality_reference=pre["locality_predictions"])
+    assert same["locality"] == 1.0
+    post = token_scores(fav_new, tok, reqs, locality_reference=pre["locality_predictions"])
+    assert (post["rewrite_acc"], post["rephrase_acc"], post["locality"]) == (1.0, 1.0, 0.0)

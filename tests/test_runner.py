@@ -71,6 +71,10 @@ def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, m
         assert torch.equal(model.model.layers[l].mlp.down_proj.weight, ref_w[l])
     assert rep["evaluations"][-1]["edit"] == ref["evaluations"][-1]["edit"]
     assert (tmp_path / "run" / "summary.md").read_text().count("\n| ") >= 4
+    # token protocol: locality against the pre-edit predictions saved with the run
+    assert rep["evaluations"][-1]["edit_token"] == ref["evaluations"][-1]["edit_token"]
+    assert 0.0 <= rep["evaluations"][-1]["edit_token"]["locality"] <= 1.0
+    assert (tmp_path / "run" / "locality_ref.json").is_file()
 
 
 @pytest.mark.model

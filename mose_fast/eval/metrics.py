@@ -128,3 +128,60 @@ def greedy_answer(model, tok, prompt: str, max_new_tokens: int = 6) -> str:
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          do_sample=False, pad_token_id=tok.pad_token_id)
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+# --- token-accuracy protocol (EasyEdit; MEMIT's zsRE metric) ------------------------------------
+
+@torch.no_grad()
+def teacher_forced_argmax(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[list[int]]:
+    """For each (prompt, answer): the model's argmax token at every answer position, with the
+    answer's own tokens fed in (teacher forcing)."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    for b in range(0, len(prompts), batch_size):
+        seqs, rows, cols, sizes = [], [], [], []
+        for i, (prompt, answer) in enumerate(zip(prompts[b:b + batch_size], answers[b:b + batch_size])):
+            p, a = prompt_ids(tok, prompt), target_ids(tok, answer)
+            seqs.append(p + a)
+            rows += [i] * len(a)
+            cols += range(len(p) - 1, len(p) - 1 + len(a))
+            sizes.append(len(a))
+        pred = logits_at(model, pad_batch(tok, seqs, device), torch.tensor(rows, device=device),
+                         torch.tensor(cols, device=device)).argmax(-1).tolist()
+        start = 0
+        for n in sizes:
+            out.append(pred[start:start + n])
+            start += n
+    return out
+
+
+def locality_items(requests: list[EditRequest]) -> tuple[list[str], list[str]]:
+    prompts, answers = [], []
+    for r in requests:
+        answers_true = r.neighborhood_answers or [r.target_true or r.target_new] * len(r.neighborhood_prompts)
+        prompts += list(r.neighborhood_prompts)
+        answers += list(answers_true)
+    return prompts, answers
+
+
+def token_scores(model, tok, requests: list[EditRequest], locality_reference: list[list[int]] | None = None) -> dict:
+    """Token-accuracy protocol: rewrite / rephrase accuracy of target_new's tokens under teacher
+    forcing; locality = share of locality-answer positions whose argmax equals the reference
+    (pre-edit) argmax.  Returns the means and this model's locality predictions."""
+    def accuracy(prompts, answers):
+        preds = teacher_forced_argmax(model, tok, prompts, answers)
+        accs = [statistics.mean(float(p == t) for p, t in zip(pr, target_ids(tok, a)))
+                for pr, a in zip(preds, answers)]
+        return statistics.mean(accs) if accs else float("nan")
+    rewrite = accuracy([r.text for r in requests], [r.target_new for r in requests])
+    para_p = [p for r in requests for p in r.paraphrase_prompts]
+    para_a = [r.target_new for r in requests for _ in r.paraphrase_prompts]
+    rephrase = accuracy(para_p, para_a) if para_p else float("nan")
+    loc_p, loc_a = locality_items(requests)
+    loc_pred = teacher_forced_argmax(model, tok, loc_p, loc_a) if loc_p else []
+    locality = float("nan")
+    if locality_reference is not None and loc_pred:
+        ref = locality_reference[:len(loc_pred)]
+        locality = statistics.mean(statistics.mean(float(a == b) for a, b in zip(p, q)) for p, q in zip(loc_pred, ref))
+    return {"rewrite_acc": rewrite, "rephrase_acc": rephrase, "locality": locality, "n": len(requests),
+            "locality_predictions": loc_pred}

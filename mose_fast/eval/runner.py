@@ -34,7 +34,7 @@ from ..editor import MOSEEditor
 from ..requests import EditRequest
 from ..stats import default_data_dir
 from .general import perplexity, task_accuracy
-from .metrics import score_cases, summarize
+from .metrics import score_cases, summarize, token_scores
 
 
 # MOSEConfig fields that do not change the edits: a run may resume with other values.
@@ -72,7 +72,7 @@ def machine() -> str:
 # --- evaluation at one point of the run ---------------------------------------------------------
 
 def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSettings, W0: dict[int, torch.Tensor],
-             n_done: int) -> dict:
+             n_done: int, locality_reference: list[list[int]] | None = None) -> dict:
     model, tok = editor.model, editor.tok
     data = Path(settings.data_dir) if settings.data_dir else default_data_dir()
     t = time.perf_counter()
@@ -81,6 +81,9 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
     scores = score_cases(model, tok, cases)
     out["edit"] = summarize(scores)
     out["edit"]["cases"] = "edited so far" if n_done else "all cases of the run, before editing"
+    tokens = token_scores(model, tok, cases, locality_reference)
+    out["locality_predictions"] = tokens.pop("locality_predictions")
+    out["edit_token"] = tokens
     out["general"] = {task: task_accuracy(model, tok, data, task, settings.glue_n)["accuracy"]
                       for task in settings.glue_tasks}
     if settings.ppl_tokens:
@@ -130,7 +133,12 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     evals = _read_lines(out / "evals.jsonl", lambda e: e["n_edits"] <= n_done)
     if not evals:
         evals.append(evaluate(editor, requests, settings, W0, 0))
+        # pre-edit argmax tokens on the locality prompts: the token protocol's locality reference
+        (out / "locality_ref.json").write_text(json.dumps(evals[-1]["locality_predictions"]))
         _append(out / "evals.jsonl", evals[-1])
+    locality_ref = json.loads((out / "locality_ref.json").read_text())
+    for e in evals:
+        e.pop("locality_predictions", None)
 
     bs = settings.batch_size
     bar = tqdm(total=len(requests), initial=n_done, desc="sequential edits", unit="edit", disable=not progress)
@@ -146,7 +154,8 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
         if last or n_done % settings.checkpoint_every < bs:
             _save_state(editor, out / "state.safetensors", n_done)
         if last or n_done % settings.eval_every < bs:
-            evals.append(evaluate(editor, requests, settings, W0, n_done))
+            evals.append(evaluate(editor, requests, settings, W0, n_done, locality_ref))
+            evals[-1].pop("locality_predictions", None)
             _append(out / "evals.jsonl", evals[-1])
             if not last:   # an evaluation must not be redone on resume: checkpoint with it
                 _save_state(editor, out / "state.safetensors", n_done)
@@ -250,22 +259,26 @@ def markdown_summary(rep: dict) -> str:
              f"{rep['n_edits']} sequential edits (batch {st['batch_size']}), layers {cfg['layers']}, λ = {cfg['lam']}; "
              f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
              f"Protocol: {rep['protocol']}.", "",
-             "| edits | efficacy | paraphrase | neighbourhood | Score | " +
+             "| edits | efficacy | paraphrase | neighbourhood | Score | rewrite acc | rephrase acc | locality | " +
              " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio |",
-             "|---" * (6 + len(ev[0]["general"]) + 1) + "|"]
+             "|---" * (9 + len(ev[0]["general"]) + 1) + "|"]
     for e in ev:
         m = e["edit"]
         gen = " | ".join(f"{e['general'][k]:.3f} ({e['retention'][k]:.3f})" for k in e["general"])
         fro = max(abs(r["fro"] - 1) for r in e["stability_ratio"].values())
         kap = max(r["kappa"] for r in e["stability_ratio"].values())
+        t = e.get("edit_token", {})
+        tok_cols = " | ".join(f"{t.get(k, float('nan')):.3f}" for k in ("rewrite_acc", "rephrase_acc", "locality"))
         lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
-                     f"{m['score']:.3f} | {gen} | {fro:.1e} | {kap:.6f} |")
+                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} |")
     sp = rep["seconds_per_edit"]
     if sp:
         lines += ["", "Seconds per edit (mean): " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()) +
                   f"; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.1e}."]
     lines += ["", "Row 0 scores all cases of the run before any edit; row k the k cases edited so far, "
-              "after k edits. Retention = value / value before editing (perplexity: ratio, lower is better)."]
+              "after k edits. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
+              "(teacher-forced target-token accuracy; locality = agreement with the pre-edit argmax tokens). "
+              "Retention = value / value before editing (perplexity: ratio, lower is better)."]
     return "\n".join(lines) + "\n"
 
 
