@@ -91,6 +91,21 @@ def newton_schulz_step(R: torch.Tensor, eye: torch.Tensor | None = None) -> torc
     return R @ (1.5 * eye - 0.5 * (R.T @ R))
 
 
+def polar_cupy(M: torch.Tensor, driver: str = "gesvd") -> torch.Tensor:
+    """cuSOLVER through CuPy, zero-copy via DLPack: ``gesvd`` (QR-based) or ``gesvdj`` (Jacobi).
+    CUDA tensors only; CuPy is the [gpu] extra."""
+    if not M.is_cuda:
+        raise ValueError("the cupy polar methods need a CUDA tensor")
+    import cupy
+    m = cupy.from_dlpack(M.contiguous())
+    if driver == "gesvdj":
+        from cupyx.cusolver import gesvdj
+        u, _, vh = gesvdj(m, full_matrices=True, overwrite_a=False)
+    else:
+        u, _, vh = cupy.linalg.svd(m, full_matrices=True)     # cusolverDn<t>gesvd
+    return torch.from_dlpack(u @ vh)
+
+
 POLAR_METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "svd": polar_svd,
     "eigh": polar_eigh,
@@ -155,6 +170,11 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     """
     if method not in POLAR_METHODS:
         raise ValueError(f"unknown polar method {method!r}; choose from {sorted(POLAR_METHODS)}")
+    polar = POLAR_METHODS[method]
+    if method == "svd" and P.is_cuda:
+        from .backends import choose
+        if choose("polar", P) == "cupy":      # MOSE_BACKEND_POLAR=cupy: cuSOLVER gesvd via CuPy
+            polar = polar_cupy
     if P.shape[0] != P.shape[1] or A.shape != V.shape or A.shape[0] != P.shape[0]:
         raise ValueError(f"shape mismatch: P {tuple(P.shape)}, A {tuple(A.shape)}, V {tuple(V.shape)}")
     P, A, V = P.to(dtype), A.to(dtype), V.to(dtype)
@@ -162,7 +182,7 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
         if not torch.isfinite(t).all():
             raise ValueError(f"non-finite values in {name}; refusing to rotate")
     M = cross_covariance(P, V, A, lam)
-    R = POLAR_METHODS[method](M)
+    R = polar(M)
     R = newton_schulz_step(R)   # re-orthonormalise in `dtype` before R touches any weight
     eye = torch.eye(P.shape[0], dtype=dtype, device=P.device)
     return SolveResult(R=R, objective=objective(R, P, A, V, lam), objective_identity=objective(eye, P, A, V, lam),
