@@ -161,7 +161,8 @@ class MOSEEditor:
         rotations: dict[int, object] = {}   # per layer, what the rule needs to undo it
         try:
             t = time.perf_counter()
-            targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
+            targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg,
+                                      self.progress)
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
             z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d

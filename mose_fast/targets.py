@@ -115,8 +115,10 @@ def compute_target(model, tok, arch: ArchSpec, layer: int, request: EditRequest,
 
 
 def compute_targets(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
-                    context_templates: list[list[str]], cfg: MOSEConfig) -> list[TargetResult]:
-    return [compute_target(model, tok, arch, layer, r, context_templates, cfg) for r in requests]
+                    context_templates: list[list[str]], cfg: MOSEConfig, progress: bool = False) -> list[TargetResult]:
+    from tqdm.auto import tqdm
+    bar = tqdm(requests, desc="targets", unit="request", disable=not progress or len(requests) < 2, leave=False)
+    return [compute_target(model, tok, arch, layer, r, context_templates, cfg) for r in bar]
 
 
 class _PrefixCache:
