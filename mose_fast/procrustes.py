@@ -181,7 +181,14 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     for name, t in (("P", P), ("A_E", A), ("V_E", V)):
         if not torch.isfinite(t).all():
             raise ValueError(f"non-finite values in {name}; refusing to rotate")
-    M = cross_covariance(P, V, A, lam)
+    M = None
+    if dtype == torch.float32 and P.is_cuda:
+        from .backends import choose
+        if choose("crosscov", P) == "triton":   # fused λ·P + V·Aᵀ in one pass over P
+            from mose_fast.kernels.crosscov import crosscov
+            M = crosscov(V, A, P, alpha=1.0, beta=lam)
+    if M is None:
+        M = cross_covariance(P, V, A, lam)
     R = polar(M)
     R = newton_schulz_step(R)   # re-orthonormalise in `dtype` before R touches any weight
     eye = torch.eye(P.shape[0], dtype=dtype, device=P.device)
