@@ -147,6 +147,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .eval.runner import report_from_folder
+    report_from_folder(args.out)
+    print((Path(args.out) / "summary.md").read_text())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="mose-fast", description="Multiplicative orthogonal sequential editing")
@@ -182,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="short run: scores before and after only, with per-stage timing")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("report", help="rebuild report.json, summary.md and plots.png of a run folder")
+    p.add_argument("--out", required=True, help="the run folder")
+    p.set_defaults(fn=cmd_report)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -103,3 +103,27 @@ def test_stability_logged_against_w0(tmp_path, data_dir, monkeypatch):
         assert ev[2]["stability"][l]["dist_w0"] > 0.0
         assert ev[2]["stability_ratio"][l]["fro"] == pytest.approx(1.0, abs=1e-6)
         assert ev[2]["stability_ratio"][l]["kappa"] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.model
+def test_report_from_a_partial_run_folder(tmp_path, data_dir, monkeypatch):
+    settings = runner.EvalSettings(eval_every=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    calls = {"n": 0}
+    real_edit = MOSEEditor.edit
+
+    def dying_edit(self, reqs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_edit(self, reqs)
+    monkeypatch.setattr(MOSEEditor, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    rep = runner.report_from_folder(tmp_path / "run")
+    assert rep["n_edits"] == 2 and [e["n_edits"] for e in rep["evaluations"]] == [0, 1, 2]
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "partial: 2 of 5 planned edits" in summary
+    assert (tmp_path / "run" / "plots.png").stat().st_size > 1000
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        runner.report_from_folder(tmp_path)

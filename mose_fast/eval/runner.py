@@ -162,12 +162,35 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
         bar.update(len(batch))
     bar.close()
     report = build_report(identity, journal, evals, time.perf_counter() - t_run)
+    write_report(report, out)
+    return report
+
+
+def write_report(report: dict, out: Path) -> None:
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     (out / "summary.md").write_text(markdown_summary(report))
     try:
         plot_report(report, out / "plots.png")
     except ImportError:   # matplotlib is the [eval] extra
         pass
+
+
+def report_from_folder(out_dir: str | Path) -> dict:
+    """Rebuild report.json / summary.md / plots.png from a run folder's journal and evaluations,
+    finished or not (a partial run says how far it got)."""
+    out = Path(out_dir)
+    if not (out / "run.json").is_file():
+        raise FileNotFoundError(f"{out} is not a run folder (no run.json)")
+    identity = json.loads((out / "run.json").read_text())
+    journal = _read_lines(out / "journal.jsonl", lambda e: True, rewrite=False)
+    evals = _read_lines(out / "evals.jsonl", lambda e: True, rewrite=False)
+    for e in evals:
+        e.pop("locality_predictions", None)
+    if not evals:
+        raise ValueError(f"{out} has no evaluation yet")
+    report = build_report({k: identity[k] for k in ("model", "config", "settings", "case_ids", "method")},
+                          journal, evals, float("nan"))
+    write_report(report, out)
     return report
 
 
@@ -206,9 +229,10 @@ def _restore_state(editor: MOSEEditor, path: Path) -> int:
     return n_done
 
 
-def _read_lines(path: Path, keep) -> list[dict]:
-    """Entries of a JSON-lines file that ``keep`` accepts; the file is rewritten with just those
-    (drops lines written after the last saved state, and a torn last line)."""
+def _read_lines(path: Path, keep, rewrite: bool = True) -> list[dict]:
+    """Entries of a JSON-lines file that ``keep`` accepts; with ``rewrite`` the file is rewritten
+    with just those (drops lines written after the last saved state, and a torn last line).
+    Readers of a run that may still be going (``report``) pass rewrite=False."""
     if not path.is_file():
         return []
     entries = []
@@ -219,7 +243,8 @@ def _read_lines(path: Path, keep) -> list[dict]:
             continue
         if keep(e):
             entries.append(e)
-    path.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
+    if rewrite:
+        path.write_text("".join(json.dumps(e, default=str) + "\n" for e in entries))
     return entries
 
 
@@ -255,7 +280,9 @@ def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: f
 def markdown_summary(rep: dict) -> str:
     cfg, st = rep["config"], rep["settings"]
     ev = rep["evaluations"]
-    lines = [f"# MOSE sequential editing: {rep['model']}", "",
+    planned = len(rep["case_ids"])
+    status = "" if rep["n_edits"] >= planned else f" — **partial: {rep['n_edits']} of {planned} planned edits**"
+    lines = [f"# {rep['method'].upper()} sequential editing: {rep['model']}{status}", "",
              f"{rep['n_edits']} sequential edits (batch {st['batch_size']}), layers {cfg['layers']}, λ = {cfg['lam']}; "
              f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
              f"Protocol: {rep['protocol']}.", "",
@@ -303,7 +330,7 @@ def plot_report(rep: dict, path: Path) -> None:
     ax[2].set(title="‖W‖_F / ‖W0‖_F", xlabel="edits")
     ax[3].set(title="κ₂(W) / κ₂(W0)", xlabel="edits")
     ax[2].legend()
-    fig.suptitle(f"MOSE on {rep['model']}: {rep['n_edits']} sequential edits")
+    fig.suptitle(f"{rep['method'].upper()} on {rep['model']}: {rep['n_edits']} sequential edits")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
