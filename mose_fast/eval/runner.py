@@ -271,6 +271,8 @@ def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: f
                     "general: zero-shot label likelihood; perplexity on WikiText-2 test",
         "n_edits": sum(len(j["case_ids"]) for j in journal),
         "seconds_per_edit": {s: statistics.mean(j["seconds"][s] for j in journal) for s in stages} if journal else {},
+        "seconds_per_edit_median": {s: statistics.median(j["seconds"][s] for j in journal) for s in stages}
+        if journal else {},
         "max_orth_error": max((l["orth_error"] for j in journal for l in j["layers"]), default=float("nan")),
         "wall_seconds_this_session": wall,
         "evaluations": evals,
@@ -298,9 +300,10 @@ def markdown_summary(rep: dict) -> str:
         tok_cols = " | ".join(f"{t.get(k, float('nan')):.3f}" for k in ("rewrite_acc", "rephrase_acc", "locality"))
         lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
                      f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} |")
-    sp = rep["seconds_per_edit"]
+    sp, med = rep["seconds_per_edit"], rep.get("seconds_per_edit_median", {})
     if sp:
-        lines += ["", "Seconds per edit (mean): " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()) +
+        lines += ["", "Seconds per edit, median (mean): " +
+                  ", ".join(f"{k} {med.get(k, float('nan')):.2f} ({v:.2f})" for k, v in sp.items()) +
                   f"; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.1e}."]
     lines += ["", "Row 0 scores all cases of the run before any edit; row k the k cases edited so far, "
               "after k edits. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
