@@ -8,6 +8,9 @@ edited layer) at the subject's last token of every rewrite prompt and optimised 
 
 with δ projected back into the ball ‖δ‖ ≤ clamp_norm_factor · ‖h₀‖ after each step.  The target
 is ``z = h₀ + δ`` where ``h₀`` is the unedited residual on the bare prompt.
+
+Each step runs only the prompts' suffixes against a key/value cache of their prefixes
+(:class:`_PrefixCache`), checked once per edit against a full forward.
 """
 from __future__ import annotations
 
