@@ -85,5 +85,5 @@ def run_until(model: nn.Module, stop_module: nn.Module, **inputs) -> None:
     with stop_after(stop_module):
         try:
             model(**inputs)
-        except StopForward:
-            pass
+        except StopForward:   # the intended end of a truncated forward
+            return

@@ -3,6 +3,7 @@ residual to add at the layer's output (d_out × n); the rule changes W in place 
 undo needs.  Only ``update`` differs between MOSE and the additive baselines."""
 from __future__ import annotations
 
+import abc
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ class UpdateResult:
     seconds_apply: float
 
 
-class AdditiveRule:
+class AdditiveRule(abc.ABC):
     """Base of the additive editors: W ← W + Δ, undone by W ← W − Δ (Δ kept in factored form
     where the rule allows).  Subclasses implement ``delta``."""
     name = "additive"
@@ -35,8 +36,9 @@ class AdditiveRule:
             self.C0[layer] = C0.to(device=W.device, dtype=torch.float64)
             self.W0[layer] = W.detach().to(torch.float64).clone()
 
+    @abc.abstractmethod
     def delta(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError   # abstract: every concrete rule defines it
+        """The additive update Δ (d_out × d_in, float64) for keys K and residual resid."""
 
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> UpdateResult:
         t = time.perf_counter()
@@ -59,12 +61,13 @@ class AdditiveRule:
         with torch.no_grad():
             W.copy_((W.to(torch.float64) - undo.to(W.device, torch.float64)).to(W.dtype))
 
-    # rules with state beyond W (AlphaEdit's cumulative keys) override these two
+    # Rules with state beyond W (AlphaEdit's cumulative keys) override these three; the
+    # defaults say "no such state".
     def after_edit(self, layer: int, K: torch.Tensor) -> None:
-        pass
+        """Record an applied edit's keys (nothing to record by default)."""
 
     def snapshot(self) -> dict:
         return {}
 
     def restore(self, snap: dict) -> None:
-        pass
+        """Put back state from snapshot() (none by default)."""

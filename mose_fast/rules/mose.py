@@ -107,7 +107,7 @@ class MOSERule:
         self.apply(layer, W, rot.transpose())
 
     def after_edit(self, layer: int, K: torch.Tensor) -> None:
-        pass
+        """MOSE keeps no record of past keys: the Gram P already carries all retention state."""
 
     def snapshot(self) -> dict:
         return {l: p.clone() for l, p in self.gram.items()}
