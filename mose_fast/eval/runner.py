@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+import logging
 
 from ..config import MOSEConfig
 from ..editor import MOSEEditor
@@ -35,6 +36,8 @@ from ..requests import EditRequest
 from ..stats import default_data_dir
 from .general import perplexity, task_accuracy
 from .metrics import score_cases, summarize, token_scores
+
+log = logging.getLogger(__name__)
 
 
 # MOSEConfig fields that do not change the edits: a run may resume with other values.
@@ -171,8 +174,8 @@ def write_report(report: dict, out: Path) -> None:
     (out / "summary.md").write_text(markdown_summary(report))
     try:
         plot_report(report, out / "plots.png")
-    except ImportError:   # matplotlib is the [eval] extra
-        pass
+    except ImportError:   # matplotlib is the [eval] extra: say so rather than skip silently
+        log.warning("matplotlib not installed (pip install 'mose-fast[eval]'): %s/plots.png not written", out)
 
 
 def report_from_folder(out_dir: str | Path) -> dict:
