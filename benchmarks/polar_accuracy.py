@@ -13,7 +13,8 @@ import torch
 
 from mose_fast import MOSEConfig, MOSEEditor, load_model, load_requests
 from mose_fast.keys import block_outputs_at_subject, compute_keys
-from mose_fast.procrustes import POLAR_METHODS, newton_schulz_step, objective, orthogonality_error, solve_subspace
+from mose_fast.procrustes import (POLAR_METHODS, SUBSPACE_METHODS, newton_schulz_step, objective, orthogonality_error,
+                                  solve_subspace)
 from mose_fast.stats import default_data_dir
 from mose_fast.targets import compute_targets
 
@@ -49,17 +50,29 @@ def main():
           f"at the exact R = {f_ref:.6e}\n")
     print("| method | ‖RᵀR − I‖_F | ‖R − R_exact‖_F | (f − f_exact)/(f_I − f_exact) | seconds |")
     print("|---|---|---|---|---|")
-    for name in ["svd", "eigh", "newton_schulz", "newton_schulz_fp32", "subspace"]:
-        t = time.perf_counter()
-        if name == "subspace":
-            R = solve_subspace(P, A, V, args.lam).full()
-        else:
-            R = newton_schulz_step(POLAR_METHODS[name](M))    # as solve_rotation finishes every method
-        dt = time.perf_counter() - t
+
+    def row(name, R, dt):
         f = objective(R, P, A, V, args.lam)
         print(f"| {name} | {orthogonality_error(R):.2e} | {float(torch.linalg.matrix_norm(R - R_ref)):.2e} | "
               f"{(f - f_ref) / (f_id - f_ref):.2e} | {dt:.3f} |")
-
+    for name in ["svd", "eigh", "newton_schulz", "newton_schulz_fp32", "polar_express", "polar_express_fp32",
+                 *SUBSPACE_METHODS]:
+        t = time.perf_counter()
+        if name in SUBSPACE_METHODS:
+            R = solve_subspace(P, A, V, args.lam, **SUBSPACE_METHODS[name]).full()
+        else:
+            R = newton_schulz_step(POLAR_METHODS[name](M))    # as solve_rotation finishes every method
+        dt = time.perf_counter() - t
+        row(name, R, dt)
+    # how the subspace optimum approaches the exact one as the subspace grows
+    print("\n| Krylov depth q | random rank r | k = dim S | (f − f_exact)/(f_I − f_exact) | seconds |")
+    print("|---|---|---|---|---|")
+    for q, r in [(0, 0), (1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (32, 0), (64, 0), (0, 128), (2, 128), (8, 128),
+                 (16, 128)]:
+        t = time.perf_counter()
+        sub = solve_subspace(P, A, V, args.lam, krylov_depth=q, random_rank=r)
+        dt = time.perf_counter() - t
+        print(f"| {q} | {r} | {sub.Q.shape[1]} | {(sub.objective - f_ref) / (f_id - f_ref):.2e} | {dt:.3f} |")
 
 if __name__ == "__main__":
     main()

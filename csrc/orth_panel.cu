@@ -1,14 +1,11 @@
-// In-place orthogonal multiply W <- R * W without a second copy of W (CUDA C++).
+// Shared-memory tiled panel GEMM for the in-place orthogonal multiply (CUDA C++).
 //
-// R * W needs a whole column of W before any entry of that column may be overwritten, so W is
-// processed in column panels: panel j is multiplied into one of two workspace buffers on the
-// compute stream, then copied back over W on the copy stream, while panel j+1 is already being
-// computed into the other buffer (its columns are disjoint from those being written back).
-// Events order the reuse of a buffer after its copy has finished.
-//
-// The panel GEMM is a shared-memory tiled kernel with fp32 accumulation; operands are float,
-// half or bfloat16.  This file needs only the CUDA runtime headers, so CI compiles it with
-// `nvcc -arch=sm_90 -c` even on machines without a GPU (tests/test_csrc_build.py).
+// out = R * W[:, col0 : col0 + ncols] for one column panel, fp32 accumulation, operands float,
+// half or bfloat16, W with any strides (a transposed view included).  csrc/binding.cpp runs the
+// panel loop (two workspace buffers, two streams) and uses cuBLAS by default; this kernel is its
+// gemm="tiled" alternative: an independent implementation to check cuBLAS against on the GPU, and
+// a path with no cuBLAS dependency.  This file needs only the CUDA runtime headers, so CI compiles
+// it with `nvcc -arch=sm_90 -c` even on machines without a GPU (tests/test_csrc_build.py).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -51,63 +48,31 @@ __global__ void panel_gemm(const T* __restrict__ R, const T* __restrict__ W, T* 
 }
 
 template <typename T>
-__global__ void copy_back(const T* __restrict__ ws, T* __restrict__ W, int d, int ncols, long long ldo, long long ldw,
-                          long long cw, long long col0) {
-  const int row = blockIdx.y * blockDim.y + threadIdx.y;
-  const int col = blockIdx.x * blockDim.x + threadIdx.x;
-  if (row < d && col < ncols) W[row * ldw + (col0 + col) * cw] = ws[row * ldo + col];
-}
-
-template <typename T>
-int orth_matmul_inplace(const T* R, T* W, int d, int d_in, long long ldr, long long ldw, long long cw, T* workspace,
-                        int panel, cudaStream_t compute, cudaStream_t copy) {
-  if (d <= 0 || d_in <= 0 || panel <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  T* buf[2] = {workspace, workspace + static_cast<long long>(d) * panel};
-  cudaEvent_t computed[2], copied[2];
-  for (int b = 0; b < 2; ++b) {
-    cudaEventCreateWithFlags(&computed[b], cudaEventDisableTiming);
-    cudaEventCreateWithFlags(&copied[b], cudaEventDisableTiming);
-  }
+int launch(const T* R, const T* W, T* out, int d, int ncols, long long ldr, long long ldw, long long cw, long long col0,
+           long long ldo, cudaStream_t stream) {
+  if (d <= 0 || ncols <= 0) return static_cast<int>(cudaErrorInvalidValue);
   const dim3 block(TILE, TILE);
-  int j = 0;
-  for (long long col0 = 0; col0 < d_in; col0 += panel, ++j) {
-    const int b = j & 1;
-    const int ncols = static_cast<int>(d_in - col0 < panel ? d_in - col0 : panel);
-    if (j >= 2) cudaStreamWaitEvent(compute, copied[b], 0);  // buffer b free again
-    const dim3 grid((ncols + TILE - 1) / TILE, (d + TILE - 1) / TILE);
-    panel_gemm<T><<<grid, block, 0, compute>>>(R, W, buf[b], d, ncols, ldr, ldw, cw, col0, panel);
-    cudaEventRecord(computed[b], compute);
-    cudaStreamWaitEvent(copy, computed[b], 0);
-    copy_back<T><<<grid, block, 0, copy>>>(buf[b], W, d, ncols, panel, ldw, cw, col0);
-    cudaEventRecord(copied[b], copy);
-  }
-  // the caller's compute stream sees W complete
-  for (int b = 0; b < 2; ++b) cudaStreamWaitEvent(compute, copied[b], 0);
-  const cudaError_t err = cudaGetLastError();
-  for (int b = 0; b < 2; ++b) {
-    cudaEventDestroy(computed[b]);
-    cudaEventDestroy(copied[b]);
-  }
-  return static_cast<int>(err);
+  const dim3 grid((ncols + TILE - 1) / TILE, (d + TILE - 1) / TILE);
+  panel_gemm<T><<<grid, block, 0, stream>>>(R, W, out, d, ncols, ldr, ldw, cw, col0, ldo);
+  return static_cast<int>(cudaGetLastError());
 }
 
 }  // namespace
 
-// C entry points (dtype code: 0 float32, 1 float16, 2 bfloat16).  Workspace: 2 * d * panel
-// elements.  Returns a cudaError_t code.
-extern "C" int mose_orth_matmul_inplace(int dtype, const void* R, void* W, int d, int d_in, long long ldr,
-                                        long long ldw, long long cw, void* workspace, int panel, cudaStream_t compute,
-                                        cudaStream_t copy) {
+// C entry point (dtype code: 0 float32, 1 float16, 2 bfloat16).  Returns a cudaError_t code.
+extern "C" int mose_panel_gemm_tiled(int dtype, const void* R, const void* W, void* out, int d, int ncols,
+                                     long long ldr, long long ldw, long long cw, long long col0, long long ldo,
+                                     cudaStream_t stream) {
   switch (dtype) {
     case 0:
-      return orth_matmul_inplace(static_cast<const float*>(R), static_cast<float*>(W), d, d_in, ldr, ldw, cw,
-                                 static_cast<float*>(workspace), panel, compute, copy);
+      return launch(static_cast<const float*>(R), static_cast<const float*>(W), static_cast<float*>(out), d, ncols, ldr,
+                    ldw, cw, col0, ldo, stream);
     case 1:
-      return orth_matmul_inplace(static_cast<const __half*>(R), static_cast<__half*>(W), d, d_in, ldr, ldw, cw,
-                                 static_cast<__half*>(workspace), panel, compute, copy);
+      return launch(static_cast<const __half*>(R), static_cast<const __half*>(W), static_cast<__half*>(out), d, ncols,
+                    ldr, ldw, cw, col0, ldo, stream);
     case 2:
-      return orth_matmul_inplace(static_cast<const __nv_bfloat16*>(R), static_cast<__nv_bfloat16*>(W), d, d_in, ldr,
-                                 ldw, cw, static_cast<__nv_bfloat16*>(workspace), panel, compute, copy);
+      return launch(static_cast<const __nv_bfloat16*>(R), static_cast<const __nv_bfloat16*>(W),
+                    static_cast<__nv_bfloat16*>(out), d, ncols, ldr, ldw, cw, col0, ldo, stream);
     default:
       return static_cast<int>(cudaErrorInvalidValue);
   }

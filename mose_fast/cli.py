@@ -49,7 +49,8 @@ def _add_common(p):
     p.add_argument("--lam", type=float, help="retention weight λ")
     p.add_argument("--stats-tokens", dest="stats_tokens", type=int, help="corpus tokens for C0")
     p.add_argument("--stats-corpus", dest="stats_corpus", help="text file for C0 (default: WikiText-2 valid)")
-    p.add_argument("--polar-method", dest="polar_method", help="svd | eigh | newton_schulz")
+    p.add_argument("--polar-method", dest="polar_method",
+                   help="svd (default) | eigh | newton_schulz[_fp32] | polar_express[_fp32] | cupy_gesvd[j] | subspace | krylov | randomized")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="JSON file of MOSEConfig fields")
 

@@ -25,7 +25,7 @@ class MOSEConfig:
     # --- the rotation --------------------------------------------------------------------
     lam: float = 100.0                 # retention weight λ
     solve_dtype: str = "float64"       # dtype of M, the SVD and R (the reference is float64)
-    polar_method: str = "svd"          # "subspace" or one of mose_fast.procrustes.POLAR_METHODS
+    polar_method: str = "svd"          # a key of procrustes.POLAR_METHODS or procrustes.SUBSPACE_METHODS
     # --- targets (MEMIT compute_z) ---------------------------------------------------------
     v_lr: float = 0.5
     v_num_grad_steps: int = 25
@@ -45,7 +45,7 @@ class MOSEConfig:
     # --- bookkeeping -----------------------------------------------------------------------
     seed: int = 0
     # Edits kept for undo(): per edited layer a dense float64 R (d_out² · 8 bytes; 2.6 MB for
-    # SmolLM2, 210 MB for a 13B down_proj) or, for polar_method="subspace", just (Q, Rk).
+    # SmolLM2, 210 MB for a 13B down_proj) or, for the subspace methods, just (Q, Rk).
     undo_history: int = 16
     master_weights: bool = True        # float32 master copy for bf16/fp16 weights (bounds drift)
 

@@ -33,12 +33,14 @@ def load():
         return None
 
 
-def orth_matmul_cuda_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: float) -> torch.Tensor | None:
-    """W ← R·W in place through csrc (two panel buffers within ``workspace_fraction`` of W);
+def orth_matmul_cuda_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: float,
+                      gemm: str = "cublas") -> torch.Tensor | None:
+    """W ← R·W in place through csrc: cuBLAS (``gemm="cublas"``) or the tiled kernel
+    (``gemm="tiled"``) on column panels, two buffers within ``workspace_fraction`` of W's bytes;
     None if the extension is unavailable."""
     ext = load()
     if ext is None:
         return None
     from mose_fast.kernels.orth_matmul import panel_width
     panel = max(1, panel_width(W.shape[1], workspace_fraction, W.element_size()) // 2)
-    return ext.orth_matmul_inplace(W, R.to(W.dtype).contiguous(), panel)
+    return ext.orth_matmul_inplace(W, R.to(W.dtype).contiguous(), panel, gemm)

@@ -104,7 +104,7 @@ def test_bad_requests_raise_and_leave_model_untouched():
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("method", ["svd", "subspace"])
+@pytest.mark.parametrize("method", ["svd", "subspace", "krylov", "polar_express"])
 def test_undo_restores_weights_and_gram(method):
     editor, model, tok = make_editor(polar_method=method)
     editor._prepare()
@@ -127,7 +127,7 @@ def test_undo_restores_weights_and_gram(method):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("method", ["svd", "subspace"])
+@pytest.mark.parametrize("method", ["svd", "subspace", "krylov", "polar_express"])
 def test_retention_gram_tracks_rotated_weights(method):
     """P ← R·P·Rᵀ after each edit equals W·C0·Wᵀ recomputed from the edited weights."""
     model, tok = make_tiny_model("llama")

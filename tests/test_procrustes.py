@@ -60,6 +60,8 @@ def test_matches_scipy_orthogonal_procrustes():
 
 @pytest.mark.parametrize("method", sorted(POLAR_METHODS))
 def test_polar_methods_orthogonal_and_optimal(method):
+    if method.startswith("cupy"):
+        pytest.skip("cuSOLVER methods need a CUDA tensor (tests/kernels/test_kernels_gpu.py)")
     pb = problem(seed=4, lam=50.0)   # λ·P dominant: M well conditioned, every method applies
     ref = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"], method="svd")
     res = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"], method=method)
@@ -149,3 +151,103 @@ def test_factored_apply_matches_full_rotation():
         ref = sub.full() @ W.double()
         orth_matmul_factored_(W, sub.Q, sub.Rk, compute_dtype=compute)
         assert float((W.double() - ref).abs().max() / ref.abs().max()) <= tol
+
+
+def test_cupy_methods_refuse_cpu_tensors():
+    with pytest.raises(ValueError, match="CUDA tensor"):
+        POLAR_METHODS["cupy_gesvdj"](torch.eye(4, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("lo", [1e-6, 1e-3, 0.1, 0.5, 0.95])
+def test_optimal_cubic_is_the_minimax_cubic(lo):
+    """Equioscillation at lo, x* and 1 with alternating signs, and no nearby cubic has a smaller
+    maximum error on [lo, 1] (checked on a dense grid against 2000 random perturbations)."""
+    from mose_fast.procrustes import optimal_cubic
+    a, b, e = optimal_cubic(lo)
+    p = lambda x, a=a, b=b: a * x - b * x ** 3
+    xs = np.sqrt(a / (3 * b))
+    np.testing.assert_allclose([1 - p(lo), p(xs) - 1, 1 - p(1.0)], [e, e, e], rtol=1e-12, atol=1e-14)
+    grid = np.concatenate([np.linspace(lo, 1.0, 20001), [xs]])
+    best = np.abs(1 - p(grid)).max()
+    assert best == pytest.approx(e, rel=1e-9)
+    rng = np.random.default_rng(0)
+    for da, db in rng.normal(scale=1e-3 * (a + b), size=(2000, 2)):
+        assert np.abs(1 - p(grid, a + da, b + db)).max() >= best * (1 - 1e-12)
+
+
+def test_optimal_cubic_at_one_is_newton_schulz():
+    from mose_fast.procrustes import optimal_cubic
+    assert optimal_cubic(1.0) == pytest.approx((1.5, 0.5, 0.0), abs=1e-15)
+
+
+@pytest.mark.parametrize("decades", [2, 5, 8])
+def test_polar_express_converges_on_ill_conditioned_matrices(decades):
+    """Float64 Polar Express against the SVD polar factor, singular values spread over 10^decades;
+    its minimax steps take no more Gram products than plain Newton–Schulz."""
+    from mose_fast.procrustes import polar_express, polar_newton_schulz, polar_svd
+    g = torch.Generator().manual_seed(decades)
+    d = 64
+    U, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    M = U @ torch.diag(torch.logspace(0, -decades, d, dtype=torch.float64)) @ V.T
+    ref = polar_svd(M)
+    X = polar_express(M, steps=200)
+    assert orthogonality_error(X) <= 1e-12
+    # the polar factor's sensitivity grows like 1/σ_min: allow the SVD's own conditioning
+    assert float(torch.linalg.matrix_norm(X - ref)) <= 1e-13 * 10 ** decades * d
+    counts = {}
+    for name, fn in (("pe", polar_express), ("ns", polar_newton_schulz)):
+        calls = [0]
+        real = torch.Tensor.__matmul__
+
+        class Counting(torch.overrides.TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is torch.Tensor.__matmul__:
+                    calls[0] += 1
+                return func(*args, **(kwargs or {}))
+        with Counting():
+            fn(M, steps=400)
+        counts[name] = calls[0]
+    assert counts["pe"] <= counts["ns"]
+
+
+def test_krylov_subspace_solve_improves_monotonically_and_reaches_the_exact_solve():
+    from mose_fast.procrustes import solve_subspace
+    pb = problem(seed=12, lam=5.0)
+    exact = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"])
+    objectives = []
+    for depth in range(0, 12):
+        sub = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], krylov_depth=depth)
+        R = sub.full()
+        assert orthogonality_error(R) <= 1e-10
+        assert sub.objective == pytest.approx(direct_objective(R, pb), rel=1e-10)
+        objectives.append(sub.objective)
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(objectives, objectives[1:]))
+    assert objectives[1] < objectives[0]
+    # blocks of 6 columns: by depth 3 the basis spans all 24 dimensions
+    sub = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], krylov_depth=11)
+    assert sub.Q.shape[1] == 24
+    torch.testing.assert_close(sub.full(), exact.R, atol=1e-10, rtol=0)
+    assert sub.objective == pytest.approx(exact.objective, rel=1e-12)
+
+
+def test_randomized_range_finder_subspace():
+    """Adding P's top eigenvectors (randomized range finder) can only help; the sketch is
+    reproducible and leaves the caller's random stream alone; rank d gives the exact solve."""
+    from mose_fast.procrustes import solve_subspace
+    pb = problem(seed=13, lam=5.0)
+    base = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    r1 = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], random_rank=8, seed=1)
+    assert torch.equal(torch.rand(1), before)
+    r2 = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], random_rank=8, seed=1)
+    torch.testing.assert_close(r1.full(), r2.full(), atol=0, rtol=0)
+    assert r1.objective <= base.objective + 1e-9 * abs(base.objective)
+    assert r1.objective == pytest.approx(direct_objective(r1.full(), pb), rel=1e-10)
+    full = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], random_rank=24)
+    exact = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"])
+    assert full.objective == pytest.approx(exact.objective, rel=1e-10)
+    with pytest.raises(ValueError, match="krylov_depth"):
+        solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], krylov_depth=-1)

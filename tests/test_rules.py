@@ -150,3 +150,104 @@ def test_rome_refuses_several_layers():
         MOSEEditor(model, tok, tiny_mose_config(method="rome", layers=[1, 2]), second_moments={})
     with pytest.raises(ValueError, match="unknown method"):
         MOSEEditor(model, tok, tiny_mose_config(method="magic"), second_moments={})
+
+
+# --- MOSE options (issue 4): retention of the unedited model, edit memory, norm-matched targets ---
+
+def _scipy_rotation(X, Y):
+    """argmin over orthogonal R of ‖R·X − Y‖_F, by SciPy on the stacked columns."""
+    import scipy.linalg
+    Rt, _ = scipy.linalg.orthogonal_procrustes(X.T.numpy(), Y.T.numpy())
+    return torch.from_numpy(Rt.T)
+
+
+@pytest.mark.parametrize("retain, mu", [("original", 0.0), ("current", 2.0), ("original", 2.0)])
+def test_mose_options_solve_the_stacked_procrustes_problem(retain, mu):
+    """Two sequential edits; the second one's rotation equals SciPy's on the stacked problem
+    [√(λ/N)·W·K0 | √μ·W·K1 | A2] → [√(λ/N)·Y0 | √μ·W·K1 | V2] with Y0 = W0·K0 ("original") or
+    W·K0 ("current"), and the reported objective is that problem's value at R."""
+    from mose_fast.rules import MOSERule
+    W0, K0, C0, K, resid = problem(20)
+    lam = 3.0
+    rule = MOSERule(lam, retain=retain, edit_memory=mu)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    rule.update(0, W, K[:, :1], resid[:, :1])
+    W1 = W.clone()
+    res = rule.update(0, W, K[:, 1:3], resid[:, 1:3])
+    R = W @ torch.linalg.pinv(W1)                      # the rotation just applied (W1 has full row rank)
+    w = (lam / N0) ** 0.5
+    A2 = W1 @ K[:, 1:3]
+    V2 = A2 + resid[:, 1:3]
+    Y0 = (W0 if retain == "original" else W1) @ K0
+    X = torch.cat([w * W1 @ K0, mu ** 0.5 * W1 @ K[:, :1], A2], 1)
+    Y = torch.cat([w * Y0, mu ** 0.5 * W1 @ K[:, :1], V2], 1)
+    torch.testing.assert_close(R, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
+    assert res.objective == pytest.approx(float((R @ X - Y).pow(2).sum()), rel=1e-9)
+    assert res.objective_identity == pytest.approx(float((X - Y).pow(2).sum()), rel=1e-9)
+    assert res.objective < res.objective_identity
+
+
+def test_mose_retain_original_pulls_back_towards_the_unedited_model():
+    """With nothing to edit (resid = 0), "current" leaves W alone, while "original" rotates a
+    drifted W back towards W0 on the corpus keys (not all the way: the edit term asks to keep
+    the drifted output on the edit key)."""
+    from mose_fast.rules import MOSERule
+    W0, K0, C0, K, resid = problem(21)
+    drift = torch.linalg.matrix_exp(0.2 * (lambda S: S - S.T)(torch.randn(D_OUT, D_OUT, dtype=torch.float64,
+                                                                        generator=torch.Generator().manual_seed(1))))
+    for retain in ("current", "original"):
+        rule = MOSERule(10.0, retain=retain)
+        W = W0.clone()
+        rule.prepare(0, W, C0)
+        W.copy_(drift @ W0)                         # drift applied behind the rule's back ...
+        rule.gram[0] = rule.gram[0] @ drift.T if retain == "original" else drift @ rule.gram[0] @ drift.T
+        before = float((W @ K0 - W0 @ K0).norm())
+        rule.update(0, W, K[:, :1], torch.zeros(D_OUT, 1, dtype=torch.float64))
+        after = float((W @ K0 - W0 @ K0).norm())
+        if retain == "current":
+            assert after == pytest.approx(before, rel=1e-9)
+        else:
+            assert after < 0.2 * before
+
+
+def test_mose_match_norms_meets_the_target_direction_exactly():
+    from mose_fast.rules import MOSERule
+    W, _, C0, K, resid = problem(22)
+    rule = MOSERule(0.0, match_norms=True)
+    rule.prepare(0, W, C0)
+    W1 = W.clone()
+    rule.update(0, W1, K[:, :1], 5.0 * resid[:, :1])
+    a, v = W @ K[:, :1], W @ K[:, :1] + 5.0 * resid[:, :1]
+    got = W1 @ K[:, :1]
+    assert float(got.norm()) == pytest.approx(float(a.norm()), rel=1e-12)          # a rotation's output
+    torch.testing.assert_close(got / got.norm(), v / v.norm(), atol=1e-12, rtol=0)  # aimed exactly
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+def test_mose_memory_undo_and_snapshot(polar_method):
+    from mose_fast.rules import MOSERule
+    W0, K0, C0, K, resid = problem(23)
+    rule = MOSERule(3.0, polar_method=polar_method, retain="original", edit_memory=1.0)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    rule.update(0, W, K[:, :1], resid[:, :1])
+    state = rule.snapshot()
+    W1 = W.clone()
+    assert set(state) == {0, "E0"} and float(state["E0"].norm()) > 0
+    res = rule.update(0, W, K[:, 1:2], resid[:, 1:2])
+    rule.revert(0, W, res.undo)
+    torch.testing.assert_close(W, W1, atol=1e-12, rtol=0)
+    for key, ref in state.items():
+        got = rule.memory[0] if key == "E0" else rule.gram[0]
+        torch.testing.assert_close(got, ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
+    rule.restore(state)
+    assert rule.memory[0] is state["E0"] and rule.gram[0] is state[0]
+
+
+def test_mose_bad_options_raise():
+    from mose_fast.rules import MOSERule
+    with pytest.raises(ValueError, match="retain"):
+        MOSERule(1.0, retain="both")
+    with pytest.raises(ValueError, match="edit_memory"):
+        MOSERule(1.0, edit_memory=-1.0)

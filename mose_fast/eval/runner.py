@@ -209,7 +209,7 @@ def _save_state(editor: MOSEEditor, path: Path, n_done: int) -> None:
         tensors[f"W{l}"] = editor.arch.weight_view(editor.model, l).contiguous()
         if l in editor._master:
             tensors[f"M{l}"] = editor._master[l].contiguous()
-    for l, t in editor.rule.snapshot().items():     # MOSE: retention Grams; AlphaEdit: C_p
+    for l, t in editor.rule.snapshot().items():     # MOSE: retention Grams (+ memory); AlphaEdit: C_p
         tensors[f"S{l}"] = t.cpu().contiguous()
     _atomic_save(tensors, path, {"n_done": str(n_done)})
 
@@ -222,7 +222,9 @@ def _restore_state(editor: MOSEEditor, path: Path) -> int:
         n_done = int(f.metadata()["n_done"])
     tensors = load_file(str(path))
     device = next(editor.model.parameters()).device
-    editor.rule.restore({int(k[1:]): v.to(device) for k, v in tensors.items() if k.startswith("S")})
+    # rule state keys: a layer number, or a tagged name such as "E8" (MOSE's edit memory)
+    editor.rule.restore({(int(k[1:]) if k[1:].isdigit() else k[1:]): v.to(device)
+                         for k, v in tensors.items() if k.startswith("S")})
     with torch.no_grad():
         for l in editor.cfg.layers:
             editor.arch.weight_view(editor.model, l).copy_(tensors[f"W{l}"])

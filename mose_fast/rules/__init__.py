@@ -19,7 +19,11 @@ def make_rule(cfg):
     if cfg.method not in RULES:
         raise ValueError(f"unknown method {cfg.method!r}; available: {sorted(RULES)}")
     if cfg.method == "mose":
-        return MOSERule(cfg.lam, cfg.polar_method, torch.float64 if cfg.solve_dtype == "float64" else torch.float32)
+        try:
+            return MOSERule(cfg.lam, cfg.polar_method, torch.float64 if cfg.solve_dtype == "float64" else torch.float32,
+                            **cfg.rule_hparams)
+        except TypeError as e:
+            raise ValueError(f"bad rule_hparams for mose (retain, edit_memory, match_norms): {e}") from None
     if cfg.method == "rome" and len(cfg.layers) != 1:
         raise ValueError(f"ROME edits a single layer; got layers {cfg.layers}")
     try:

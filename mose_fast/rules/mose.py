@@ -24,6 +24,7 @@ class Rotation:
     R: torch.Tensor | None = None     # dense d_out × d_out
     Q: torch.Tensor | None = None     # factored: d_out × k orthonormal
     Rk: torch.Tensor | None = None    # factored: k × k orthogonal
+    memory_added: torch.Tensor | None = None   # d_out × n outputs this edit added to the edit memory
 
     def transpose(self) -> "Rotation":
         if self.R is not None:
@@ -32,7 +33,14 @@ class Rotation:
 
     def to(self, device) -> "Rotation":
         f = (lambda t: None if t is None else t.to(device))
-        return Rotation(R=f(self.R), Q=f(self.Q), Rk=f(self.Rk))
+        return Rotation(R=f(self.R), Q=f(self.Q), Rk=f(self.Rk), memory_added=f(self.memory_added))
+
+    def rotate_right(self, G: torch.Tensor) -> torch.Tensor:
+        """G·Rᵀ (the cross Gram W0·C0·Wᵀ after W ← R·W); O(d²·k) in factored form."""
+        if self.R is not None:
+            return G @ self.R.T
+        D = self.Rk - torch.eye(self.Rk.shape[0], dtype=self.Rk.dtype, device=self.Rk.device)
+        return G + ((G @ self.Q) @ D.T) @ self.Q.T
 
     def apply_(self, W: torch.Tensor, compute_dtype: torch.dtype | None) -> None:
         if self.R is not None:
@@ -52,13 +60,38 @@ class Rotation:
 
 
 class MOSERule:
+    """The MOSE rule, with three options studied in issue 4 (all off by default = the paper):
+
+    * ``retain``: "current" keeps W·K0 of the model as it is now (the paper's λ‖R·W·K0 − W·K0‖²;
+      retention Gram P = W·C0·Wᵀ, updated P ← R·P·Rᵀ); "original" keeps the unedited model's
+      outputs, λ‖R·W·K0 − W0·K0‖², so drift on general text does not compound over edits
+      (cross Gram G = W0·C0·Wᵀ, updated G ← G·Rᵀ; M = λ·G + V·Aᵀ is still a Procrustes problem).
+    * ``edit_memory`` μ: also keep the current outputs on the keys of every earlier edit,
+      μ‖R·W·K_p − W·K_p‖² (the rotation analogue of AlphaEdit's K_p·K_pᵀ term), through
+      E = W·K_p·K_pᵀ·Wᵀ, updated E ← R·E·Rᵀ + (R·A)(R·A)ᵀ after each edit.
+    * ``match_norms``: rescale each target column to ‖A_E‖, since a rotation preserves ‖W·k‖ and
+      cannot meet a target of another norm; only its direction is fitted.
+
+    The solve is M = λ·G + μ·E + V·Aᵀ in every case (one polar factor)."""
     name = "mose"
 
-    def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64):
+    def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
+                 retain: str = "current", edit_memory: float = 0.0, match_norms: bool = False):
+        if retain not in ("current", "original"):
+            raise ValueError(f"MOSE retain={retain!r}: choose 'current' (the paper) or 'original'")
+        if not edit_memory >= 0.0:
+            raise ValueError(f"MOSE edit_memory must be ≥ 0, got {edit_memory}")
+        if not lam >= 0.0:
+            raise ValueError(f"MOSE λ must be ≥ 0, got {lam}")
         self.lam = lam
         self.polar_method = polar_method
         self.solve_dtype = solve_dtype
-        self.gram: dict[int, torch.Tensor] = {}
+        self.retain = retain
+        self.edit_memory = float(edit_memory)
+        self.match_norms = bool(match_norms)
+        self.gram: dict[int, torch.Tensor] = {}      # P = W·C0·Wᵀ ("current") or G = W0·C0·Wᵀ ("original")
+        self.gram_trace: dict[int, float] = {}       # tr(W0·C0·W0ᵀ), invariant under rotations
+        self.memory: dict[int, torch.Tensor] = {}    # E = W·K_p·K_pᵀ·Wᵀ (edit_memory > 0)
 
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
         """Build P = W·C0·Wᵀ for a layer (once)."""
@@ -66,28 +99,49 @@ class MOSERule:
             Wd = W.to(self.solve_dtype)
             P = Wd @ C0.to(device=W.device, dtype=self.solve_dtype) @ Wd.T
             self.gram[layer] = 0.5 * (P + P.T)
+            self.gram_trace[layer] = float(torch.trace(self.gram[layer]))
+            if self.edit_memory:
+                self.memory[layer] = torch.zeros_like(self.gram[layer])
+
+    def _retention(self, layer: int) -> tuple[torch.Tensor, float, float | None]:
+        """(retention matrix, its weight, objective constant) for the solver."""
+        if self.retain == "current" and not self.edit_memory:
+            return self.gram[layer], self.lam, None          # the paper's problem, unchanged
+        P = self.lam * self.gram[layer]
+        trace = self.lam * self.gram_trace[layer]
+        if self.edit_memory:
+            P = P + self.edit_memory * self.memory[layer]
+            trace += self.edit_memory * float(torch.trace(self.memory[layer]))
+        return P, 1.0, trace
 
     def solve(self, layer: int, A: torch.Tensor, V: torch.Tensor) -> tuple[SolveResult, Rotation, float]:
         t = time.perf_counter()
+        P, lam, trace = self._retention(layer)
         if self.polar_method in SUBSPACE_METHODS:
-            sub = solve_subspace(self.gram[layer], A, V, self.lam, self.solve_dtype)
+            sub = solve_subspace(P, A, V, lam, self.solve_dtype, retention_trace=trace,
+                                 **SUBSPACE_METHODS[self.polar_method])
             res = SolveResult(R=None, objective=sub.objective, objective_identity=sub.objective_identity,
                               orth_error=sub.orth_error)
             rot = Rotation(Q=sub.Q, Rk=sub.Rk)
         else:
-            res = solve_rotation(self.gram[layer], A, V, self.lam, self.polar_method, self.solve_dtype)
+            res = solve_rotation(P, A, V, lam, self.polar_method, self.solve_dtype, retention_trace=trace)
             rot = Rotation(R=res.R)
         return res, rot, time.perf_counter() - t
 
     def apply(self, layer: int, W: torch.Tensor, rot: Rotation) -> float:
-        """W ← R·W in place (through the backend); P ← R·P·Rᵀ.  Returns seconds."""
+        """W ← R·W in place (through the backend); the retention state follows.  Returns seconds."""
         t = time.perf_counter()
         # A float64 product costs little at CPU sizes and removes one rounding per edit; on the
         # GPU the float32 kernel is used with R already orthonormal in float64.
         compute = torch.float64 if W.device.type == "cpu" else torch.float32
         rot = rot.to(W.device)
         rot.apply_(W, compute if W.dtype != torch.float64 else None)
-        self.gram[layer] = rot.rotate_gram(self.gram[layer])
+        if self.retain == "current":
+            self.gram[layer] = rot.rotate_gram(self.gram[layer])
+        else:
+            self.gram[layer] = rot.rotate_right(self.gram[layer])
+        if layer in self.memory:
+            self.memory[layer] = rot.rotate_gram(self.memory[layer])
         if W.is_cuda:
             torch.cuda.synchronize(W.device)
         return time.perf_counter() - t
@@ -96,21 +150,38 @@ class MOSERule:
         """The editor's entry: A_E = W·K_E, V_E = A_E + resid; solve, rotate W in place."""
         A = W.to(self.solve_dtype) @ K.to(W.device, self.solve_dtype)          # d_out × n
         V = A + resid.to(W.device, self.solve_dtype)
+        if self.match_norms:
+            norms = V.norm(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
+            V = V * (A.norm(dim=0) / norms)
         solved, rot, t_solve = self.solve(layer, A, V)
         t_apply = self.apply(layer, W, rot)
+        if layer in self.memory:
+            # the edited outputs R·A on this edit's keys join the memory E (after E ← R·E·Rᵀ)
+            RA = (rot.R.to(A) @ A) if rot.R is not None else A + rot.Q.to(A) @ ((rot.Rk.to(A) - torch.eye(
+                rot.Rk.shape[0], dtype=A.dtype, device=A.device)) @ (rot.Q.to(A).T @ A))
+            self.memory[layer] = self.memory[layer] + RA @ RA.T
+            rot.memory_added = RA
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
                             orth_error=solved.orth_error, undo=rot.to("cpu"), seconds_solve=t_solve,
                             seconds_apply=t_apply)
 
     def revert(self, layer: int, W: torch.Tensor, rot: Rotation) -> None:
-        """Undo a rotation: W ← Rᵀ·W, P ← Rᵀ·P·R."""
+        """Undo a rotation: W ← Rᵀ·W and the retention state with it (memory: remove the edit's
+        outputs first, then rotate back)."""
+        if rot.memory_added is not None and layer in self.memory:
+            m = rot.memory_added.to(self.memory[layer])
+            self.memory[layer] = self.memory[layer] - m @ m.T
         self.apply(layer, W, rot.transpose())
 
     def after_edit(self, layer: int, K: torch.Tensor) -> None:
-        """MOSE keeps no record of past keys: the Gram P already carries all retention state."""
+        """Nothing to record: P (and E, with edit memory) already carry all retention state."""
 
     def snapshot(self) -> dict:
-        return {l: p.clone() for l, p in self.gram.items()}
+        """{layer: P or G} plus {"E<layer>": E} with edit memory (flat, so run folders store it
+        as tensors S<key>; the no-memory layout is the one earlier run folders hold)."""
+        return {**{l: p.clone() for l, p in self.gram.items()},
+                **{f"E{l}": e.clone() for l, e in self.memory.items()}}
 
     def restore(self, snap: dict) -> None:
-        self.gram = snap
+        self.gram = {k: v for k, v in snap.items() if isinstance(k, int)}
+        self.memory = {int(k[1:]): v for k, v in snap.items() if isinstance(k, str) and k.startswith("E")}
