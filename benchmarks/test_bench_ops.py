@@ -5,13 +5,15 @@
 On CUDA the shapes are those of 7B-13B down_proj (d_out 4096/5120/8192, d_in 11008/13824/14336)
 and each figure is compared with its torch/cuBLAS counterpart; on the CPU the shapes are
 SmolLM2-sized so a run stays within minutes."""
+import importlib.util
+
 import pytest
 import torch
 
 from conftest import time_cuda
 from mose_fast.kernels.crosscov import crosscov
 from mose_fast.kernels.orth_matmul import orth_matmul_
-from mose_fast.procrustes import POLAR_METHODS, solve_subspace
+from mose_fast.procrustes import POLAR_METHODS, SUBSPACE_METHODS, solve_subspace
 
 pytestmark = pytest.mark.bench
 
@@ -34,18 +36,21 @@ def polar_sizes(device):
     return GPU_POLAR if device.type == "cuda" else CPU_POLAR
 
 
-@pytest.mark.parametrize("method", ["svd", "eigh", "newton_schulz_fp32", "subspace"])
+@pytest.mark.parametrize("method", ["svd", "eigh", "newton_schulz_fp32", "polar_express_fp32", "cupy_gesvd",
+                                    "cupy_gesvdj", "subspace", "krylov", "randomized"])
 @pytest.mark.parametrize("size_index", [0, 1, 2])
 def test_polar(benchmark, device, record, method, size_index):
     sizes = polar_sizes(device)
     if size_index >= len(sizes):
         pytest.skip("size only on CUDA")
     d = sizes[size_index]
+    if method.startswith("cupy") and (device.type != "cuda" or importlib.util.find_spec("cupy") is None):
+        pytest.skip("cuSOLVER through CuPy needs CUDA and cupy")
     dtype = torch.float32 if device.type == "cuda" and method != "svd" else torch.float64
     P, A, V = spd_problem(d, device=device, dtype=dtype)
     M = 100.0 * P + V @ A.T
-    if method == "subspace":
-        fn = lambda: solve_subspace(P, A, V, 100.0, dtype)
+    if method in SUBSPACE_METHODS:
+        fn = lambda: solve_subspace(P, A, V, 100.0, dtype, **SUBSPACE_METHODS[method])
     else:
         fn = lambda: POLAR_METHODS[method](M)
     if device.type == "cuda":

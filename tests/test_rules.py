@@ -251,3 +251,11 @@ def test_mose_bad_options_raise():
         MOSERule(1.0, retain="both")
     with pytest.raises(ValueError, match="edit_memory"):
         MOSERule(1.0, edit_memory=-1.0)
+
+
+def test_make_rule_passes_mose_options_and_rejects_unknown_ones():
+    from mose_fast.rules import make_rule
+    rule = make_rule(tiny_mose_config(rule_hparams={"retain": "original", "edit_memory": 0.5}))
+    assert (rule.retain, rule.edit_memory, rule.match_norms) == ("original", 0.5, False)
+    with pytest.raises(ValueError, match="bad rule_hparams for mose"):
+        make_rule(tiny_mose_config(rule_hparams={"retian": "original"}))

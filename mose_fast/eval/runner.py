@@ -132,6 +132,10 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     W0 = {l: t for l, t in ((int(k[1:]), v) for k, v in load_file(str(w0_file)).items())}
 
     n_done = _restore_state(editor, out / "state.safetensors")
+    if n_done:   # provenance: which code ran which edits
+        stored = json.loads(run_file.read_text())
+        stored.setdefault("resumes", []).append({"n_done": n_done, "commit": git_commit(), "at": time.strftime("%F %T")})
+        run_file.write_text(json.dumps(stored))
     journal = _read_lines(out / "journal.jsonl", lambda e: e["index"] < n_done)
     evals = _read_lines(out / "evals.jsonl", lambda e: e["n_edits"] <= n_done)
     if not evals:
@@ -164,9 +168,15 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
                 _save_state(editor, out / "state.safetensors", n_done)
         bar.update(len(batch))
     bar.close()
-    report = build_report(identity, journal, evals, time.perf_counter() - t_run)
+    report = build_report(identity, journal, evals, time.perf_counter() - t_run, _provenance(run_file))
     write_report(report, out)
     return report
+
+
+def _provenance(run_file: Path) -> dict:
+    stored = json.loads(run_file.read_text())
+    return {"started_commit": stored.get("commit"), "started": stored.get("started"),
+            "resumes": stored.get("resumes", [])}
 
 
 def write_report(report: dict, out: Path) -> None:
@@ -192,7 +202,7 @@ def report_from_folder(out_dir: str | Path) -> dict:
     if not evals:
         raise ValueError(f"{out} has no evaluation yet")
     report = build_report({k: identity[k] for k in ("model", "config", "settings", "case_ids", "method")},
-                          journal, evals, float("nan"))
+                          journal, evals, float("nan"), _provenance(out / "run.json"))
     write_report(report, out)
     return report
 
@@ -262,7 +272,8 @@ def _append(path: Path, entry: dict) -> None:
 
 # --- reporting ----------------------------------------------------------------------------------
 
-def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: float) -> dict:
+def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: float,
+                 provenance: dict | None = None) -> dict:
     base = evals[0]
     stages = ("targets", "keys", "solve", "apply", "total")
     for e in evals:
@@ -272,6 +283,7 @@ def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: f
                                 for l, s in e["stability"].items()}
     return {
         **identity, "commit": git_commit(), "date": time.strftime("%F %T"), "machine": machine(),
+        **(provenance or {}),
         "protocol": "probability comparison (MEMIT eval_utils_counterfact): mean-token NLL of ' '+answer; "
                     "general: zero-shot label likelihood; perplexity on WikiText-2 test",
         "n_edits": sum(len(j["case_ids"]) for j in journal),
@@ -284,6 +296,15 @@ def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: f
     }
 
 
+def _code_line(rep: dict) -> str:
+    """Which commit ran which edits (run.json records the start and every resume)."""
+    if not rep.get("started_commit"):
+        return ""
+    parts = [f"Edits run by commit {rep['started_commit']} (started {rep.get('started')})"]
+    parts += [f"from edit {r['n_done']} by commit {r['commit']} (resumed {r['at']})" for r in rep.get("resumes", [])]
+    return "; ".join(parts) + "."
+
+
 def markdown_summary(rep: dict) -> str:
     cfg, st = rep["config"], rep["settings"]
     ev = rep["evaluations"]
@@ -291,7 +312,8 @@ def markdown_summary(rep: dict) -> str:
     status = "" if rep["n_edits"] >= planned else f" — **partial: {rep['n_edits']} of {planned} planned edits**"
     lines = [f"# {rep['method'].upper()} sequential editing: {rep['model']}{status}", "",
              f"{rep['n_edits']} sequential edits (batch {st['batch_size']}), layers {cfg['layers']}, λ = {cfg['lam']}; "
-             f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
+             f"report written at commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
+             _code_line(rep),
              f"Protocol: {rep['protocol']}.", "",
              "| edits | efficacy | paraphrase | neighbourhood | Score | rewrite acc | rephrase acc | locality | " +
              " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio |",
