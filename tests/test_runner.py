@@ -75,6 +75,10 @@ def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, m
     assert rep["evaluations"][-1]["edit_token"] == ref["evaluations"][-1]["edit_token"]
     assert 0.0 <= rep["evaluations"][-1]["edit_token"]["locality"] <= 1.0
     assert (tmp_path / "run" / "locality_ref.json").is_file()
+    # provenance: the resume is recorded with the number of edits it found done
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert [r["n_done"] for r in run["resumes"]] == [3]
+    assert rep["resumes"][0]["n_done"] == 3 and "from edit 3 by commit" in (tmp_path / "run" / "summary.md").read_text()
 
 
 @pytest.mark.model
