@@ -127,9 +127,10 @@ def polar_express(M: torch.Tensor, lo: float = 1e-6, steps: int = 60, tol: float
             X = X @ ((a * scale) * eye - (b * scale) * (X.T @ X))
             lo = (1.0 - e) / ((1.0 + e) * 1.01)
             continue
-        X = newton_schulz_step(X, eye)
-        if torch.linalg.matrix_norm(X.T @ X - eye) < tol:
+        G = X.T @ X          # one Gram per step serves both the convergence test and the step
+        if torch.linalg.matrix_norm(G - eye) < tol:
             break
+        X = X @ (1.5 * eye - 0.5 * G)
     return X
 
 
@@ -277,8 +278,9 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     """The MOSE rotation for one layer.
 
     P: (d_out × d_out) retention Gram W·C0·Wᵀ (or any retention cross Gram, see ``objective``);
-    A, V: (d_out × n) current outputs W·K_E and target values.  Computed in ``dtype`` (float64 by default) and re-orthonormalised there,
-    so R is orthogonal to ~1e-15 whatever the method's own accuracy.
+    A, V: (d_out × n) current outputs W·K_E and target values.  Computed in ``dtype`` (float64 by
+    default) and re-orthonormalised there, so R is orthogonal to ~1e-15 whatever the method's own
+    accuracy.
     """
     if method not in POLAR_METHODS:
         raise ValueError(f"unknown polar method {method!r}; choose from {sorted(POLAR_METHODS)}")

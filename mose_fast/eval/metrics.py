@@ -29,6 +29,22 @@ def logits_at(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor) -> tor
         handle.remove()
 
 
+def _answer_logits(model, tok, prompts: list[str], answers: list[str], device) -> tuple[torch.Tensor, list[int], list[int]]:
+    """One padded batch of prompt + " "+answer sequences: the logits that predict each answer
+    token (rows stacked answer after answer), the answer tokens, and each answer's length."""
+    seqs, rows, cols, labels, sizes = [], [], [], [], []
+    for i, (prompt, answer) in enumerate(zip(prompts, answers)):
+        p, a = prompt_ids(tok, prompt), target_ids(tok, answer)
+        seqs.append(p + a)
+        rows += [i] * len(a)
+        cols += range(len(p) - 1, len(p) - 1 + len(a))     # logits at j predict token j + 1
+        labels += a
+        sizes.append(len(a))
+    logits = logits_at(model, pad_batch(tok, seqs, device), torch.tensor(rows, device=device),
+                       torch.tensor(cols, device=device))
+    return logits, labels, sizes
+
+
 @torch.no_grad()
 def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
     """Mean-token NLL of each answer (with a leading space) after its prompt, batched."""
@@ -37,18 +53,9 @@ def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: i
     device = next(model.parameters()).device
     out: list[float] = []
     for b in range(0, len(prompts), batch_size):
-        seqs, rows, cols, labels, sizes = [], [], [], [], []
-        for i, (prompt, answer) in enumerate(zip(prompts[b:b + batch_size], answers[b:b + batch_size])):
-            p, a = prompt_ids(tok, prompt), target_ids(tok, answer)
-            seqs.append(p + a)
-            rows += [i] * len(a)
-            cols += range(len(p) - 1, len(p) - 1 + len(a))     # logits at j predict token j + 1
-            labels += a
-            sizes.append(len(a))
-        logits = logits_at(model, pad_batch(tok, seqs, device), torch.tensor(rows, device=device),
-                           torch.tensor(cols, device=device)).float()
-        lp = torch.log_softmax(logits, dim=-1)[torch.arange(len(labels), device=device),
-                                                torch.tensor(labels, device=device)]
+        logits, labels, sizes = _answer_logits(model, tok, prompts[b:b + batch_size], answers[b:b + batch_size], device)
+        lp = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(labels), device=device),
+                                                       torch.tensor(labels, device=device)]
         out += [float(-chunk.mean()) for chunk in lp.split(sizes)]
     return out
 
@@ -139,19 +146,8 @@ def teacher_forced_argmax(model, tok, prompts: list[str], answers: list[str], ba
     device = next(model.parameters()).device
     out: list[list[int]] = []
     for b in range(0, len(prompts), batch_size):
-        seqs, rows, cols, sizes = [], [], [], []
-        for i, (prompt, answer) in enumerate(zip(prompts[b:b + batch_size], answers[b:b + batch_size])):
-            p, a = prompt_ids(tok, prompt), target_ids(tok, answer)
-            seqs.append(p + a)
-            rows += [i] * len(a)
-            cols += range(len(p) - 1, len(p) - 1 + len(a))
-            sizes.append(len(a))
-        pred = logits_at(model, pad_batch(tok, seqs, device), torch.tensor(rows, device=device),
-                         torch.tensor(cols, device=device)).argmax(-1).tolist()
-        start = 0
-        for n in sizes:
-            out.append(pred[start:start + n])
-            start += n
+        logits, _, sizes = _answer_logits(model, tok, prompts[b:b + batch_size], answers[b:b + batch_size], device)
+        out += [chunk.tolist() for chunk in logits.argmax(-1).split(sizes)]
     return out
 
 

@@ -35,12 +35,17 @@ class Rotation:
         f = (lambda t: None if t is None else t.to(device))
         return Rotation(R=f(self.R), Q=f(self.Q), Rk=f(self.Rk), memory_added=f(self.memory_added))
 
-    def rotate_right(self, G: torch.Tensor) -> torch.Tensor:
-        """G·Rᵀ (the cross Gram W0·C0·Wᵀ after W ← R·W); O(d²·k) in factored form."""
+    def left(self, X: torch.Tensor) -> torch.Tensor:
+        """R·X, out of place; O(d·k·m) in factored form (X: d × m).  The other products derive
+        from it: G·Rᵀ = (R·Gᵀ)ᵀ, R·P·Rᵀ = (R·(R·P)ᵀ)ᵀ."""
         if self.R is not None:
-            return G @ self.R.T
-        D = self.Rk - torch.eye(self.Rk.shape[0], dtype=self.Rk.dtype, device=self.Rk.device)
-        return G + ((G @ self.Q) @ D.T) @ self.Q.T
+            return self.R.to(X) @ X
+        Q, Rk = self.Q.to(X), self.Rk.to(X)
+        return X + Q @ ((Rk - torch.eye(Rk.shape[0], dtype=X.dtype, device=X.device)) @ (Q.T @ X))
+
+    def rotate_right(self, G: torch.Tensor) -> torch.Tensor:
+        """G·Rᵀ (the cross Gram W0·C0·Wᵀ after W ← R·W)."""
+        return self.left(G.T).T
 
     def apply_(self, W: torch.Tensor, compute_dtype: torch.dtype | None) -> None:
         if self.R is not None:
@@ -50,12 +55,7 @@ class Rotation:
 
     def rotate_gram(self, P: torch.Tensor) -> torch.Tensor:
         """R·P·Rᵀ, symmetrised; O(d²·k) in factored form."""
-        if self.R is not None:
-            P = self.R @ P @ self.R.T
-        else:
-            D = self.Rk - torch.eye(self.Rk.shape[0], dtype=self.Rk.dtype, device=self.Rk.device)
-            RP = P + self.Q @ (D @ (self.Q.T @ P))
-            P = RP + ((RP @ self.Q) @ D.T) @ self.Q.T
+        P = self.left(self.left(P).T).T
         return 0.5 * (P + P.T)
 
 
@@ -157,8 +157,7 @@ class MOSERule:
         t_apply = self.apply(layer, W, rot)
         if layer in self.memory:
             # the edited outputs R·A on this edit's keys join the memory E (after E ← R·E·Rᵀ)
-            RA = (rot.R.to(A) @ A) if rot.R is not None else A + rot.Q.to(A) @ ((rot.Rk.to(A) - torch.eye(
-                rot.Rk.shape[0], dtype=A.dtype, device=A.device)) @ (rot.Q.to(A).T @ A))
+            RA = rot.left(A)
             self.memory[layer] = self.memory[layer] + RA @ RA.T
             rot.memory_added = RA
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
