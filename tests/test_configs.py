@@ -8,7 +8,7 @@ import pytest
 
 from mose_fast.cli import _config
 from mose_fast.config import MOSEConfig
-from mose_fast.rules import RULES, AdditiveRule, make_rule
+from mose_fast.rules import RULES, AdditiveRule, MOSEInputRule, make_rule
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.json"))
 
@@ -27,7 +27,8 @@ def test_config_builds_its_rule(path):
     assert raw.get("method") in RULES, f"{path.name} must name its method"
     cfg = MOSEConfig.from_dict(raw)
     rule = make_rule(cfg)
-    assert type(rule) is RULES[cfg.method]
+    input_side = cfg.rule_hparams.get("side") == "input"
+    assert type(rule) is (MOSEInputRule if input_side else RULES[cfg.method])
     for k, v in raw.get("rule_hparams", {}).items():    # the file's values reach the rule
         actual = rule.hparams[k] if isinstance(rule, AdditiveRule) else getattr(rule, k)
         assert actual == v, (path.name, k)

@@ -128,7 +128,9 @@ REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieu
                                                ("rome", [2], {}),
                                                ("alphaedit", [1, 2], {"threshold": 0.05, "l2": 1.0}),
                                                ("rect", [1, 2], {"mom2_update_weight": 10.0}),
-                                               ("prune", [1, 2], {"mom2_update_weight": 10.0})])
+                                               ("prune", [1, 2], {"mom2_update_weight": 10.0}),
+                                               ("mose", [1, 2], {"side": "input", "retain": "original",
+                                                                 "edit_memory": 1.0})])
 def test_each_baseline_edits_through_the_editor_and_undoes(method, layers, hp):
     from mose_fast.eval.metrics import answer_nll
     model, tok = make_tiny_model("llama")

@@ -6,6 +6,7 @@ from .alphaedit import AlphaEditRule
 from .base import AdditiveRule, UpdateResult
 from .memit import MEMITRule
 from .mose import MOSERule, Rotation
+from .mose_input import MOSEInputRule
 from .prune import PRUNERule
 from .rect import RECTRule
 from .rome import ROMERule
@@ -19,11 +20,17 @@ def make_rule(cfg):
     if cfg.method not in RULES:
         raise ValueError(f"unknown method {cfg.method!r}; available: {sorted(RULES)}")
     if cfg.method == "mose":
+        # side "output" (the paper): W ← R·W, R ∈ O(d_out); side "input": W ← W·Q, Q ∈ O(d_in)
+        side = cfg.rule_hparams.get("side", "output")
+        if side not in ("output", "input"):
+            raise ValueError(f"mose rule_hparams side={side!r}: choose 'output' (W ← R·W) or 'input' (W ← W·Q)")
+        rule = MOSEInputRule if side == "input" else MOSERule
         try:
-            return MOSERule(cfg.lam, cfg.polar_method, torch.float64 if cfg.solve_dtype == "float64" else torch.float32,
-                            **cfg.rule_hparams)
+            return rule(cfg.lam, cfg.polar_method, torch.float64 if cfg.solve_dtype == "float64" else torch.float32,
+                        **cfg.rule_hparams)
         except TypeError as e:
-            raise ValueError(f"bad rule_hparams for mose (retain, edit_memory, match_norms): {e}") from None
+            known = "retain, edit_memory, side" if side == "input" else "retain, edit_memory, match_norms, side"
+            raise ValueError(f"bad rule_hparams for mose side={side} ({known}): {e}") from None
     if cfg.method == "rome" and len(cfg.layers) != 1:
         raise ValueError(f"ROME edits a single layer; got layers {cfg.layers}")
     try:

@@ -59,6 +59,36 @@ class Rotation:
         return 0.5 * (P + P.T)
 
 
+def check_options(lam: float, retain: str, edit_memory: float) -> None:
+    """The options both sides share (``MOSERule``, ``MOSEInputRule``)."""
+    if retain not in ("current", "original"):
+        raise ValueError(f"MOSE retain={retain!r}: choose 'current' (the paper) or 'original'")
+    if not edit_memory >= 0.0:
+        raise ValueError(f"MOSE edit_memory must be ≥ 0, got {edit_memory}")
+    if not lam >= 0.0:
+        raise ValueError(f"MOSE λ must be ≥ 0, got {lam}")
+
+
+def solve_polar(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float, polar_method: str,
+                dtype: torch.dtype, retention_trace: float | None) -> tuple[SolveResult, Rotation]:
+    """argmax tr(Rᵀ·(λ·P + V·Aᵀ)) over rotations: dense from the exact/iterative polar methods,
+    factored from the subspace ones."""
+    if polar_method in SUBSPACE_METHODS:
+        sub = solve_subspace(P, A, V, lam, dtype, retention_trace=retention_trace,
+                             **SUBSPACE_METHODS[polar_method])
+        return (SolveResult(R=None, objective=sub.objective, objective_identity=sub.objective_identity,
+                            orth_error=sub.orth_error), Rotation(Q=sub.Q, Rk=sub.Rk))
+    res = solve_rotation(P, A, V, lam, polar_method, dtype, retention_trace=retention_trace)
+    return res, Rotation(R=res.R)
+
+
+def forget_edit(memory: dict[int, torch.Tensor], layer: int, rot: Rotation) -> None:
+    """Take an undone edit's vectors back out of the edit memory (before rotating back)."""
+    if rot.memory_added is not None and layer in memory:
+        m = rot.memory_added.to(memory[layer])
+        memory[layer] = memory[layer] - m @ m.T
+
+
 class MOSERule:
     """The MOSE rule, with three options studied in issue 4 (all off by default = the paper):
 
@@ -76,13 +106,12 @@ class MOSERule:
     name = "mose"
 
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
-                 retain: str = "current", edit_memory: float = 0.0, match_norms: bool = False):
-        if retain not in ("current", "original"):
-            raise ValueError(f"MOSE retain={retain!r}: choose 'current' (the paper) or 'original'")
-        if not edit_memory >= 0.0:
-            raise ValueError(f"MOSE edit_memory must be ≥ 0, got {edit_memory}")
-        if not lam >= 0.0:
-            raise ValueError(f"MOSE λ must be ≥ 0, got {lam}")
+                 retain: str = "current", edit_memory: float = 0.0, match_norms: bool = False,
+                 side: str = "output"):
+        if side != "output":
+            raise ValueError(f"MOSERule rotates the output side; got side={side!r} (see MOSEInputRule)")
+        check_options(lam, retain, edit_memory)
+        self.side = side
         self.lam = lam
         self.polar_method = polar_method
         self.solve_dtype = solve_dtype
@@ -117,15 +146,7 @@ class MOSERule:
     def solve(self, layer: int, A: torch.Tensor, V: torch.Tensor) -> tuple[SolveResult, Rotation, float]:
         t = time.perf_counter()
         P, lam, trace = self._retention(layer)
-        if self.polar_method in SUBSPACE_METHODS:
-            sub = solve_subspace(P, A, V, lam, self.solve_dtype, retention_trace=trace,
-                                 **SUBSPACE_METHODS[self.polar_method])
-            res = SolveResult(R=None, objective=sub.objective, objective_identity=sub.objective_identity,
-                              orth_error=sub.orth_error)
-            rot = Rotation(Q=sub.Q, Rk=sub.Rk)
-        else:
-            res = solve_rotation(P, A, V, lam, self.polar_method, self.solve_dtype, retention_trace=trace)
-            rot = Rotation(R=res.R)
+        res, rot = solve_polar(P, A, V, lam, self.polar_method, self.solve_dtype, trace)
         return res, rot, time.perf_counter() - t
 
     def apply(self, layer: int, W: torch.Tensor, rot: Rotation) -> float:
@@ -167,9 +188,7 @@ class MOSERule:
     def revert(self, layer: int, W: torch.Tensor, rot: Rotation) -> None:
         """Undo a rotation: W ← Rᵀ·W and the retention state with it (memory: remove the edit's
         outputs first, then rotate back)."""
-        if rot.memory_added is not None and layer in self.memory:
-            m = rot.memory_added.to(self.memory[layer])
-            self.memory[layer] = self.memory[layer] - m @ m.T
+        forget_edit(self.memory, layer, rot)
         self.apply(layer, W, rot.transpose())
 
     def after_edit(self, layer: int, K: torch.Tensor) -> None:

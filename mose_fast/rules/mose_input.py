@@ -1,0 +1,156 @@
+"""MOSE with the rotation on the input side: W ← W·Q, Q ∈ O(d_in).
+
+Why (issue 4, ``scripts/edit_frontier.py``): a left rotation R acts in the d_out-dim output
+space, which the outputs of ordinary text fill; it cannot move W·k_E without moving every corpus
+output that shares its direction, and it cannot change ‖W·k_E‖ at all.  A right rotation
+preserves exactly the same things (‖W‖_F and every singular value: W·Q has W's SVD with V
+rotated) but acts on the d_in-dim key space, where an edit key is rare in the corpus statistics —
+the freedom the additive editors (MEMIT, AlphaEdit) use through C0⁻¹·k.
+
+The edit, per layer, in two closed-form steps:
+
+1. **Target keys.**  Find k* with W·k* = v_E that a rotation can reach, ‖k*‖ = ‖k_E‖:
+   the corpus-cheapest shift  d = C0⁻¹·Wᵀ·(W·C0⁻¹·Wᵀ)⁻¹·resid  (min dᵀ·C0·d subject to W·d = resid),
+   then a move along null(W) — which does not change W·k* — that brings the norm back to ‖k_E‖
+   (the smaller root of a quadratic; if no move along null(W) reaches it, the one that comes
+   closest, and the rest of the residual is left to the later layers as with any unmet edit).
+2. **Rotation.**  The orthogonal Procrustes problem in key space,
+       min_Q  λ‖Q·K0 − Y0‖²  +  μ‖Q·K_p − K_p‖²  +  ‖Q·K_E − K*‖²,
+   with Y0 = K0 ("current": keep this model's outputs) or Q_totᵀ·K0 ("original": keep the unedited
+   model's, Q_tot the product of the earlier rotations), K_p the keys of earlier edits.  Solved as
+   R = polar(λ·G + μ·E + K*·K_Eᵀ),  G = Y0·K0ᵀ/N (C0, or Q_totᵀ·C0),  E = Σ K_p·K_pᵀ  — the same
+   problem as the output-side solve, so ``solve_rotation`` / ``solve_subspace`` serve unchanged.
+
+State per layer is d_in × d_in (C0, its Cholesky factor, G, E): 4·d_in² float64, about 75 MB at
+d_in = 1536.  The subspace methods ("krylov", "randomized") never form an SVD of d_in × d_in and
+apply Q as the rank-k update W ← W + (W·U)·(Rk − I)·Uᵀ; "svd" is the exact reference.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .base import UpdateResult
+from .mose import Rotation, check_options, forget_edit, solve_polar
+
+# C0 of a SwiGLU/GELU key space has eigenvalues down to ~0; a ridge of 1e-8 of its mean
+# eigenvalue keeps the Cholesky factor finite without moving the preimage of any direction the
+# corpus actually uses.
+PREIMAGE_RIDGE = 1e-8
+
+
+def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, C0_chol: torch.Tensor,
+                          WWt: torch.Tensor) -> torch.Tensor:
+    """K* (d_in × n): W·K* = W·K + resid where reachable, ‖K*[:, j]‖ = ‖K[:, j]‖ (see module doc).
+
+    W: d_out × d_in, K: d_in × n, resid: d_out × n, C0_chol: Cholesky factor of C0 (+ ridge),
+    WWt = W·Wᵀ (invariant under right rotations, so computed once per layer)."""
+    Y = torch.cholesky_solve(W.T, C0_chol)                     # C0⁻¹·Wᵀ
+    shifted = K + Y @ torch.linalg.solve(W @ Y, resid)         # K + corpus-cheapest preimage of resid
+    # the part of each column in null(W): removing a fraction t of it changes the norm, not W·k
+    in_null = shifted - W.T @ torch.linalg.solve(WWt, W @ shifted)
+    a = in_null.pow(2).sum(0)                                  # ‖n‖²
+    c = shifted.pow(2).sum(0) - K.pow(2).sum(0)                # ‖k + d‖² − ‖k‖²
+    # ‖shifted − t·n‖² = ‖k‖²  ⇔  a·t² − 2a·t + c = 0  ⇔  t = 1 − √(1 − c/a); c > a: t = 1 comes closest
+    ratio = torch.where(a > 0, c / a.clamp_min(torch.finfo(a.dtype).tiny), torch.zeros_like(a))
+    t = 1.0 - torch.sqrt((1.0 - ratio).clamp_min(0.0))
+    return shifted - in_null * t
+
+
+class MOSEInputRule:
+    """MOSE with W ← W·Q (``rule_hparams: {"side": "input", ...}``); options as ``MOSERule``:
+    ``retain`` "current" | "original", ``edit_memory`` μ ≥ 0."""
+    name = "mose"
+
+    def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
+                 retain: str = "current", edit_memory: float = 0.0, side: str = "input"):
+        if side != "input":
+            raise ValueError(f"MOSEInputRule rotates the input side; got side={side!r}")
+        check_options(lam, retain, edit_memory)
+        self.side = side
+        self.lam, self.polar_method, self.solve_dtype = lam, polar_method, solve_dtype
+        self.retain, self.edit_memory = retain, float(edit_memory)
+        self.C0: dict[int, torch.Tensor] = {}        # constant
+        self.C0_chol: dict[int, torch.Tensor] = {}   # constant: Cholesky factor of C0 + ridge
+        self.WWt: dict[int, torch.Tensor] = {}       # constant under W ← W·Q
+        self.cross: dict[int, torch.Tensor] = {}     # G = Q_totᵀ·C0 (retain "original" only)
+        self.memory: dict[int, torch.Tensor] = {}    # E = Σ K_p·K_pᵀ (edit_memory > 0)
+
+    def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
+        if layer in self.C0:
+            return
+        C0 = C0.to(device=W.device, dtype=self.solve_dtype)
+        C0 = 0.5 * (C0 + C0.T)
+        Wd = W.to(self.solve_dtype)
+        ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
+        self.C0[layer] = C0
+        self.C0_chol[layer] = torch.linalg.cholesky(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype, device=C0.device))
+        self.WWt[layer] = Wd @ Wd.T
+        # state restored from a run folder (resume) is kept; fresh state otherwise
+        if self.retain == "original" and layer not in self.cross:
+            self.cross[layer] = C0.clone()
+        if self.edit_memory and layer not in self.memory:
+            self.memory[layer] = torch.zeros_like(C0)
+
+    def _retention(self, layer: int) -> tuple[torch.Tensor, float]:
+        """(λ·G + μ·E, objective constant)."""
+        G = self.cross[layer] if self.retain == "original" else self.C0[layer]
+        P = self.lam * G
+        trace = self.lam * float(torch.trace(self.C0[layer]))
+        if self.edit_memory:
+            P = P + self.edit_memory * self.memory[layer]
+            trace += self.edit_memory * float(torch.trace(self.memory[layer]))
+        return P, trace
+
+    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> UpdateResult:
+        t = time.perf_counter()
+        Wd = W.to(self.solve_dtype)
+        K = K.to(W.device, self.solve_dtype)
+        resid = resid.to(W.device, self.solve_dtype)
+        for name, x in (("keys", K), ("residual", resid)):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
+        K_target = reachable_key_targets(Wd, K, resid, self.C0_chol[layer], self.WWt[layer])
+        P, trace = self._retention(layer)
+        solved, rot = solve_polar(P, K, K_target, 1.0, self.polar_method, self.solve_dtype, trace)
+        t_solve = time.perf_counter() - t
+        t_apply = self.apply(layer, W, rot)
+        if self.edit_memory:
+            self.memory[layer] = self.memory[layer] + K @ K.T
+            rot.memory_added = K
+        return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
+                            orth_error=solved.orth_error, undo=rot.to("cpu"), seconds_solve=t_solve,
+                            seconds_apply=t_apply)
+
+    def apply(self, layer: int, W: torch.Tensor, rot: Rotation) -> float:
+        """W ← W·Q in place (computed in float64: one rounding per edit) and G ← Qᵀ·G."""
+        t = time.perf_counter()
+        rot = rot.to(W.device)
+        with torch.no_grad():
+            Wd = W.to(torch.float64)
+            if rot.R is not None:
+                W.copy_((Wd @ rot.R.to(Wd)).to(W.dtype))
+            else:   # W·(I + U·(Rk − I)·Uᵀ) = W + (W·U)·(Rk − I)·Uᵀ
+                U, Rk = rot.Q.to(Wd), rot.Rk.to(Wd)
+                eye = torch.eye(Rk.shape[0], dtype=Wd.dtype, device=Wd.device)
+                W.copy_(torch.addmm(Wd, (Wd @ U) @ (Rk - eye), U.T).to(W.dtype))
+        if self.retain == "original":
+            self.cross[layer] = rot.transpose().left(self.cross[layer])     # Qᵀ·G
+        return time.perf_counter() - t
+
+    def revert(self, layer: int, W: torch.Tensor, rot: Rotation) -> None:
+        """W ← W·Qᵀ, G ← Q·G, and this edit's keys leave the memory."""
+        forget_edit(self.memory, layer, rot)
+        self.apply(layer, W, rot.transpose())
+
+    def after_edit(self, layer: int, K: torch.Tensor) -> None:
+        """Nothing to record: the memory was updated in ``update``."""
+
+    def snapshot(self) -> dict:
+        return {**{f"G{l}": g.clone() for l, g in self.cross.items()},
+                **{f"E{l}": e.clone() for l, e in self.memory.items()}}
+
+    def restore(self, snap: dict) -> None:
+        self.cross = {int(k[1:]): v for k, v in snap.items() if isinstance(k, str) and k.startswith("G")}
+        self.memory = {int(k[1:]): v for k, v in snap.items() if isinstance(k, str) and k.startswith("E")}

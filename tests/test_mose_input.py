@@ -1,0 +1,144 @@
+"""MOSE with the rotation on the input side (W ← W·Q, issue 4): the reachable key targets against
+an independent KKT solve, the rotation against SciPy's Procrustes on the stacked problem, the
+spectrum, undo and the run-folder state."""
+import numpy as np
+import pytest
+import torch
+
+from test_rules import D_IN, D_OUT, N0, _scipy_rotation, problem
+from mose_fast.rules import MOSEInputRule, MOSERule, make_rule
+from mose_fast.rules.mose_input import PREIMAGE_RIDGE, reachable_key_targets
+from conftest import tiny_mose_config
+
+
+def _chol(C0):
+    ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
+    return torch.linalg.cholesky(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype))
+
+
+def _kkt_shift(W, C0, r):
+    """argmin dᵀ·C0·d subject to W·d = r, from the KKT system [[C0, Wᵀ], [W, 0]]·[d; ν] = [0; r]."""
+    n_in, n_out = W.shape[1], W.shape[0]
+    kkt = torch.zeros(n_in + n_out, n_in + n_out, dtype=W.dtype)
+    kkt[:n_in, :n_in], kkt[:n_in, n_in:], kkt[n_in:, :n_in] = C0, W.T, W
+    rhs = torch.cat([torch.zeros(n_in, r.shape[1], dtype=W.dtype), r])
+    return torch.linalg.solve(kkt, rhs)[:n_in]
+
+
+def _null_projector(W):
+    _, S, Vh = torch.linalg.svd(W)              # rows of Vh beyond rank(W) span null(W)
+    N = Vh[int((S > 1e-12 * S[0]).sum()):].T
+    return N @ N.T
+
+
+def test_reachable_key_targets_meet_the_output_at_the_keys_norm():
+    W, _, C0, K, resid = problem(30)
+    resid = 0.3 * resid
+    got = reachable_key_targets(W, K, resid, _chol(C0), W @ W.T)
+    torch.testing.assert_close(W @ got, W @ K + resid, atol=1e-10, rtol=0)            # hits v_E
+    torch.testing.assert_close(got.norm(dim=0), K.norm(dim=0), atol=0, rtol=1e-12)   # a rotation can reach it
+    # and it is the corpus-cheapest shift, moved along null(W) by the smaller root t
+    shifted = K + _kkt_shift(W, C0, resid)
+    Pn = _null_projector(W)
+    for j in range(K.shape[1]):
+        n = Pn @ shifted[:, j]
+        # ‖shifted − t·n‖² = ‖k‖²:  ‖n‖²·t² − 2·(n·shifted)·t + ‖shifted‖² − ‖k‖² = 0
+        roots = np.roots([float(n @ n), -2 * float(n @ shifted[:, j]),
+                          float(shifted[:, j] @ shifted[:, j] - K[:, j] @ K[:, j])])
+        assert np.isreal(roots).all()
+        t = min(roots.real, key=abs)
+        torch.testing.assert_close(got[:, j], shifted[:, j] - t * n, atol=1e-9, rtol=0)
+
+
+def test_unreachable_norm_falls_back_to_the_minimum_norm_preimage():
+    """A residual so large that no key of norm ‖k‖ maps to v_E: the closest-norm preimage is
+    W⁺·v_E (nothing left along null(W)), and W·K* = v_E still holds."""
+    W, _, C0, K, resid = problem(31)
+    resid = 50.0 * resid
+    got = reachable_key_targets(W, K, resid, _chol(C0), W @ W.T)
+    want = torch.linalg.pinv(W) @ (W @ K + resid)
+    assert (want.norm(dim=0) > K.norm(dim=0)).all()           # unreachable indeed
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+@pytest.mark.parametrize("retain, mu", [("current", 0.0), ("original", 0.0), ("original", 2.0)])
+def test_input_rotation_solves_the_stacked_procrustes_problem(retain, mu, polar_method):
+    """Two sequential edits; the second rotation Q equals SciPy's on the stacked key-space problem
+    [√(λ/N)·K0 | √μ·K1 | K2] → [√(λ/N)·Y0 | √μ·K1 | K2*] (Y0 = K0, or Q1ᵀ·K0 to retain the unedited
+    model), W becomes W1·Q, and the singular values of W never move."""
+    W0, K0, C0, K, resid = problem(32)
+    resid = 0.3 * resid
+    lam = 3.0
+    rule = MOSEInputRule(lam, polar_method=polar_method, retain=retain, edit_memory=mu)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    first = rule.update(0, W, K[:, :1], resid[:, :1])
+    W1 = W.clone()
+    res = rule.update(0, W, K[:, 1:3], resid[:, 1:3])
+    Q1 = _dense(first.undo)
+    Q = _dense(res.undo)
+    torch.testing.assert_close(W, W1 @ Q, atol=1e-12, rtol=0)
+    K2 = K[:, 1:3]
+    K2_target = reachable_key_targets(W1, K2, resid[:, 1:3], _chol(C0), W0 @ W0.T)
+    w = (lam / N0) ** 0.5
+    Y0 = Q1.T @ K0 if retain == "original" else K0
+    X = torch.cat([w * K0, mu ** 0.5 * K[:, :1], K2], 1)
+    Y = torch.cat([w * Y0, mu ** 0.5 * K[:, :1], K2_target], 1)
+    torch.testing.assert_close(Q, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
+    assert res.objective == pytest.approx(float((Q @ X - Y).pow(2).sum()), rel=1e-9)
+    assert res.objective < res.objective_identity == pytest.approx(float((X - Y).pow(2).sum()), rel=1e-9)
+    torch.testing.assert_close(torch.linalg.svdvals(W), torch.linalg.svdvals(W0), atol=0, rtol=1e-12)
+
+
+def _dense(rot):
+    if rot.R is not None:
+        return rot.R
+    eye = torch.eye(rot.Q.shape[0], dtype=rot.Q.dtype)
+    return eye + rot.Q @ (rot.Rk - torch.eye(rot.Rk.shape[0], dtype=rot.Rk.dtype)) @ rot.Q.T
+
+
+def test_input_rotation_edits_where_the_output_rotation_cannot():
+    """A target of another norm: the output-side rotation keeps ‖W·k‖ and misses it; the
+    input-side one meets it exactly (λ = 0: nothing else to keep)."""
+    W, _, C0, K, resid = problem(33)
+    k, r = K[:, :1], 0.3 * resid[:, :1]
+    out, inp = W.clone(), W.clone()
+    for rule, M in ((MOSERule(0.0), out), (MOSEInputRule(0.0), inp)):
+        rule.prepare(0, M, C0)
+        rule.update(0, M, k, r)
+    v = W @ k + r
+    assert float((out @ k).norm()) == pytest.approx(float((W @ k).norm()), rel=1e-12)
+    assert float((out @ k - v).norm()) > 0.01 * float(r.norm())
+    torch.testing.assert_close(inp @ k, v, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+def test_input_rotation_undo_and_snapshot(polar_method):
+    W0, _, C0, K, resid = problem(34)
+    rule = MOSEInputRule(3.0, polar_method=polar_method, retain="original", edit_memory=1.0)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    rule.update(0, W, K[:, :1], 0.3 * resid[:, :1])
+    state = rule.snapshot()
+    assert set(state) == {"G0", "E0"} and float(state["E0"].norm()) > 0
+    W1 = W.clone()
+    res = rule.update(0, W, K[:, 1:2], 0.3 * resid[:, 1:2])
+    rule.revert(0, W, res.undo)
+    torch.testing.assert_close(W, W1, atol=1e-12, rtol=0)
+    torch.testing.assert_close(rule.cross[0], state["G0"], atol=1e-12, rtol=0)
+    torch.testing.assert_close(rule.memory[0], state["E0"], atol=1e-12, rtol=0)
+    # a run folder restores G and E before the first prepare(); prepare keeps them
+    fresh = MOSEInputRule(3.0, polar_method=polar_method, retain="original", edit_memory=1.0)
+    fresh.restore(state)
+    fresh.prepare(0, W1, C0)
+    assert fresh.cross[0] is state["G0"] and fresh.memory[0] is state["E0"]
+
+
+def test_make_rule_picks_the_side():
+    assert isinstance(make_rule(tiny_mose_config(rule_hparams={"side": "input"})), MOSEInputRule)
+    assert isinstance(make_rule(tiny_mose_config(rule_hparams={"side": "output"})), MOSERule)
+    with pytest.raises(ValueError, match="side='both'"):
+        make_rule(tiny_mose_config(rule_hparams={"side": "both"}))
+    with pytest.raises(ValueError, match="bad rule_hparams for mose side=input"):
+        make_rule(tiny_mose_config(rule_hparams={"side": "input", "match_norms": True}))
