@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""One edit, three rules, the whole λ range: how much of the residual each rule meets and how much
+"""One edit, several rules, the whole λ range: how much of the residual each rule meets and how much
 it moves the layer's outputs on ordinary text, on the same real keys and residuals.
 
     python scripts/edit_frontier.py [--cases 10] [--layers 4,8] [--out runs/side-by-side/edit_frontier.md]
@@ -13,7 +13,9 @@ For each λ, each rule updates a copy of W0:
     drift  = tr(ΔW·C0·ΔWᵀ) / tr(W0·C0·W0ᵀ)     (mean-square change of the layer's corpus outputs)
 
 Rules: MOSE as in the paper (W ← R·W), MOSE on the input side (W ← W·Q, ``side: input``), MEMIT
-(W ← W + Δ, λ = mom2_update_weight).
+(W ← W + Δ, λ = mom2_update_weight), and a probe that is not a library rule: the input-side
+rotation confined to the eigenvectors of C0 below τ·λ_max (AlphaEdit's subspace, τ = 0.01 and
+0.03), to see whether keeping the corpus's dominant key directions fixed lowers the drift.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from mose_fast.rules.mose_input import reachable_key_targets
 from mose_fast import MOSEConfig, MOSEEditor, load_model
 from mose_fast.requests import load_requests
 from mose_fast.rules import MEMITRule, MOSEInputRule, MOSERule
@@ -67,6 +70,40 @@ def measure(W0, C0, K, resid, rule) -> tuple[float, float]:
     return unmet, drift
 
 
+class _LowEnergyInputRotation:
+    """The probe: W ← W·Q with Q = I + U·(Q_m − I)·Uᵀ, U the eigenvectors of C0 with eigenvalue
+    below τ·λ_max; the key targets and the Procrustes solve of MOSEInputRule, in U's coordinates
+    (there C0 is diagonal and W becomes W·U)."""
+
+    def __init__(self, lam: float, tau: float, eig_C0: tuple[torch.Tensor, torch.Tensor]):
+        self.lam, self.tau, self.eig_C0 = lam, tau, eig_C0
+
+    def prepare(self, layer, W, C0):
+        evals, evecs = self.eig_C0
+        keep = evals < self.tau * evals.max()
+        self.U, self.C_sub = evecs[:, keep], torch.diag(evals[keep])
+
+    def update(self, layer, W, K, resid):
+        U = self.U
+        B = W @ U
+        K_sub = U.T @ K
+        target = reachable_key_targets(B, K_sub, resid, torch.linalg.cholesky(self.C_sub), B @ B.T)
+        Us, _, Vh = torch.linalg.svd(self.lam * self.C_sub + target @ K_sub.T)
+        Q_sub = Us @ Vh
+        W += B @ (Q_sub - torch.eye(Q_sub.shape[0], dtype=W.dtype)) @ U.T
+
+
+def rules_for(C0: torch.Tensor) -> dict:
+    eig_C0 = torch.linalg.eigh(C0)
+    return {
+        "MOSE, output side (paper)": lambda lam: MOSERule(lam),
+        "MOSE, input side": lambda lam: MOSEInputRule(lam, polar_method="krylov"),
+        "MEMIT (additive)": lambda lam: MEMITRule(lam),
+        "input side in C0's τ=0.01 subspace": lambda lam: _LowEnergyInputRotation(lam, 0.01, eig_C0),
+        "input side in C0's τ=0.03 subspace": lambda lam: _LowEnergyInputRotation(lam, 0.03, eig_C0),
+    }
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cases", type=int, default=10)
@@ -74,16 +111,12 @@ def main():
     ap.add_argument("--out", default=str(ROOT / "runs" / "side-by-side" / "edit_frontier.md"))
     args = ap.parse_args()
     seen, C0s, W0s = capture(args.cases)
-    rules = {
-        "MOSE, output side (paper)": lambda lam: MOSERule(lam),
-        "MOSE, input side": lambda lam: MOSEInputRule(lam, polar_method="krylov"),
-        "MEMIT (additive)": lambda lam: MEMITRule(lam),
-    }
-    lines = [f"# One edit, three rules: unmet residual vs corpus drift ({args.cases} CounterFact cases, SmolLM2)",
+    lines = [f"# One edit: unmet residual vs corpus drift of MOSE (both sides), MEMIT and a subspace probe ({args.cases} CounterFact cases, SmolLM2)",
              "", "Command: `python scripts/edit_frontier.py --cases %d --layers %s`" % (args.cases, args.layers),
              "", "Mean over cases; unmet = ‖W'k − v‖²/‖resid‖², drift = tr(ΔW·C0·ΔWᵀ)/tr(W0·C0·W0ᵀ).", ""]
     for layer in [int(x) for x in args.layers.split(",")]:
         W0, C0 = W0s[layer], C0s[layer]
+        rules = rules_for(C0)
         items = [(K, r) for l, K, r in seen if l == layer]
         norm_floor = sum(float(((W0 @ K + r).norm() - (W0 @ K).norm()) ** 2 / r.pow(2).sum()) for K, r in items) / len(items)
         lines += [f"## layer {layer} (residual share 1/{len(W0s) - sorted(W0s).index(layer)})", "",
