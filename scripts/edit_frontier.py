@@ -60,6 +60,17 @@ def capture(n_cases: int):
     return editor.rule.seen, editor.rule.C0, editor.rule.W0
 
 
+def key_anisotropy(C0: torch.Tensor, keys: list[torch.Tensor]) -> list[float]:
+    """(kᵀ·C0·k)(kᵀ·C0⁻¹·k)/‖k‖⁴ per key.  Why it matters: any rotation with Q·k = k* also moves the
+    corpus keys' component along k̂ as it moves k, paying about ‖resid‖²·(k̂ᵀ·C0·k̂)/‖k‖² of drift,
+    while the cheapest additive update that meets the residual pays ‖resid‖²/(kᵀ·C0⁻¹·k)
+    (MEMIT's direction C0⁻¹·k).  Their ratio is this number, ≥ 1 by Cauchy–Schwarz, = 1 only for
+    an eigenvector of C0."""
+    ridge = 1e-8 * float(torch.trace(C0)) / C0.shape[0]
+    C0_inv = torch.linalg.inv(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype))
+    return [float((k.T @ C0 @ k) * (k.T @ C0_inv @ k) / (k.T @ k) ** 2) for K in keys for k in K.T[:, :, None]]
+
+
 def measure(W0, C0, K, resid, rule) -> tuple[float, float]:
     W = W0.clone()
     rule.prepare(0, W, C0)
@@ -129,8 +140,12 @@ def main():
                 cells += [f"{sum(v[0] for v in vals) / len(vals):.4f}", f"{sum(v[1] for v in vals) / len(vals):.2e}"]
             lines.append(f"| {lam:g} | " + " | ".join(cells) + " |")
             print(lines[-1], flush=True)
+        aniso = key_anisotropy(C0, [K for K, _ in items])
         lines += ["", f"The output-side rotation cannot change ‖W·k‖: its unmet floor (‖v‖ − ‖W·k‖)²/‖resid‖² "
-                      f"is {norm_floor:.4f} here.", ""]
+                      f"is {norm_floor:.4f} here.",
+                  "", f"Key anisotropy (kᵀ·C0·k)(kᵀ·C0⁻¹·k)/‖k‖⁴ (≥ 1; the ratio of a rotation's to an additive "
+                      f"update's drift per unit residual, cross terms aside): mean {sum(aniso) / len(aniso):.1f}, "
+                      f"range {min(aniso):.1f}–{max(aniso):.1f}.", ""]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines))
     print(f"wrote {args.out}")
