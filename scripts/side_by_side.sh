@@ -15,7 +15,7 @@ set -euo pipefail
 N=${1:?usage: scripts/side_by_side.sh N [RULE ...]}
 shift
 COMPARE=$([ $# -eq 0 ] && echo yes || echo no)
-RULES=${*:-mose-memory100 memit alphaedit rect prune rome}
+RULES=${*:-mose-memory100 mose-input memit alphaedit rect prune rome}
 THREADS=${THREADS:-$(nproc)}
 cd "$(dirname "$0")/.."
 FIRST=runs/smollm2-mose-memory100-cf-seq    # its pre-edit evaluation is reused by the others

@@ -14,7 +14,7 @@ from pathlib import Path
 from .runner import _read_lines, load_report
 
 # the rule_hparams a row label spells out (when the config sets them)
-_LABEL_KEYS = ("retain", "edit_memory", "match_norms", "mom2_update_weight", "keep_ratio", "threshold", "l2")
+_LABEL_KEYS = ("side", "retain", "edit_memory", "match_norms", "mom2_update_weight", "keep_ratio", "threshold", "l2")
 
 
 def run_label(rep: dict) -> str:
