@@ -104,6 +104,7 @@ def comparison_markdown(cmp: dict) -> str:
 
 
 def plot_comparison(cmp: dict, path: Path) -> None:
+    import itertools
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -116,12 +117,14 @@ def plot_comparison(cmp: dict, path: Path) -> None:
     cols = 3
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    # the default cycle has 10 colours: beyond that, runs would share one
+    colours = plt.cm.tab20.colors if len(cmp["series"]) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, panels):
-        for s in cmp["series"]:
+        for s, colour in zip(cmp["series"], itertools.cycle(colours)):
             pts = [(n, r["general"][key][1] if key in tasks else r[key]) for n, r in zip(s["n"], s["rows"])]
             if key in ("fro", "kappa"):
                 pts = [(n, abs(y - 1)) for n, y in pts if n > 0]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s["label"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s["label"], color=colour)
         ax.set(title=title, xlabel="edits")
         if key in ("fro", "kappa"):
             ax.set_yscale("log")
