@@ -82,6 +82,32 @@ def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, m
 
 
 @pytest.mark.model
+def test_run_killed_during_an_evaluation_evaluates_that_point_on_resume(tmp_path, data_dir, monkeypatch):
+    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    ref = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "ref", settings, "tiny", progress=False)
+
+    model, tok, cfg = setup(monkeypatch)
+    real_evaluate = runner.evaluate
+
+    def dying_evaluate(editor, requests, settings, W0, n_done, *a):
+        if n_done == 2:               # killed while evaluating after the 2nd edit (state saved at 2)
+            raise KeyboardInterrupt
+        return real_evaluate(editor, requests, settings, W0, n_done, *a)
+    monkeypatch.setattr(runner, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    monkeypatch.setattr(runner, "evaluate", real_evaluate)
+
+    model, tok, cfg = setup(monkeypatch)
+    rep = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    assert [e["n_edits"] for e in rep["evaluations"]] == [0, 2, 3]
+    assert rep["evaluations"][1]["edit"] == ref["evaluations"][1]["edit"]
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in journal] == [0, 1, 2]
+
+
+@pytest.mark.model
 def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
     settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
     model, tok, cfg = setup(monkeypatch)

@@ -167,6 +167,19 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
         e.pop("locality_predictions", None)
 
     bs = settings.batch_size
+
+    def due(n: int) -> bool:   # an evaluation point: every eval_every edits, and the end of the run
+        return n == len(requests) or n % settings.eval_every < bs
+
+    def evaluate_now() -> None:
+        evals.append(evaluate(editor, requests, settings, W0, n_done, locality_ref))
+        evals[-1].pop("locality_predictions", None)
+        _append(out / "evals.jsonl", evals[-1])
+
+    # The state is checkpointed before an evaluation: a run killed during one resumes at an
+    # evaluation point with that evaluation missing.  Do it now, before editing on.
+    if n_done and due(n_done) and evals[-1]["n_edits"] != n_done:
+        evaluate_now()
     bar = tqdm(total=len(requests), initial=n_done, desc="sequential edits", unit="edit", disable=not progress)
     t_run = time.perf_counter()
     while n_done < len(requests):
@@ -179,10 +192,8 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
         last = n_done == len(requests)
         if last or n_done % settings.checkpoint_every < bs:
             _save_state(editor, out / "state.safetensors", n_done)
-        if last or n_done % settings.eval_every < bs:
-            evals.append(evaluate(editor, requests, settings, W0, n_done, locality_ref))
-            evals[-1].pop("locality_predictions", None)
-            _append(out / "evals.jsonl", evals[-1])
+        if due(n_done):
+            evaluate_now()
             if not last:   # an evaluation must not be redone on resume: checkpoint with it
                 _save_state(editor, out / "state.safetensors", n_done)
         bar.update(len(batch))
