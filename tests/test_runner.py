@@ -108,6 +108,25 @@ def test_run_killed_during_an_evaluation_evaluates_that_point_on_resume(tmp_path
 
 
 @pytest.mark.model
+def test_journal_records_whether_each_edit_landed_right_after_it(tmp_path, data_dir, monkeypatch):
+    from mose_fast.eval.metrics import score_cases
+    settings = runner.EvalSettings(eval_every=3, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    rep = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+
+    model, tok, cfg = setup(monkeypatch)     # the same edits by hand, scored right after each
+    editor = MOSEEditor(model, tok, cfg, progress=False)
+    expected = []
+    for r in REQS[:3]:
+        editor.edit([r])
+        expected.append([score_cases(model, tok, [r])[0].efficacy])
+    assert [e["landed"] for e in journal] == expected
+    assert rep["evaluations"][1]["landed"] == pytest.approx(sum(x[0] for x in expected) / 3)
+    assert rep["evaluations"][0]["landed"] != rep["evaluations"][0]["landed"]   # row 0: no edits, nan
+
+
+@pytest.mark.model
 def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
     settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
     model, tok, cfg = setup(monkeypatch)

@@ -39,6 +39,7 @@ def _row(rep: dict, n: int, seconds: list[float]) -> dict:
     return {"efficacy": e["edit"]["efficacy"], "paraphrase": e["edit"]["paraphrase"],
             "neighborhood": e["edit"]["neighborhood"], "score": e["edit"]["score"],
             "rewrite_acc": e.get("edit_token", {}).get("rewrite_acc", float("nan")),
+            "landed": e.get("landed", float("nan")),
             "general": {k: (gen[k], ret[k]) for k in gen},
             "fro": max(fro, key=lambda x: abs(x - 1)), "kappa": max(kap, key=lambda x: abs(x - 1)),
             "seconds_median": journal_med}
@@ -85,20 +86,21 @@ def comparison_markdown(cmp: dict) -> str:
     for n, rows in cmp["table"].items():
         tasks = list(rows[0]["general"])
         lines += [f"## after {n} sequential edits", "",
-                  "| rule | efficacy | paraphrase | neighb. | Score | rewrite acc | " +
+                  "| rule | efficacy | paraphrase | neighb. | Score | rewrite acc | landed | " +
                   " | ".join(f"{t} (ratio)" for t in tasks) + " | ‖W‖_F ratio | κ₂ ratio | s/edit (median) |",
-                  "|---" * (9 + len(tasks)) + "|"]
+                  "|---" * (10 + len(tasks)) + "|"]
         best = max(r["score"] for r in rows)
         for r in rows:
             score = _fmt(r["score"], ".3f")
             gen = " | ".join(f"{_fmt(r['general'][t][0], '.3f')} ({_fmt(r['general'][t][1], '.3f')})" for t in tasks)
             lines.append(f"| {r['label']} | {_fmt(r['efficacy'], '.3f')} | {_fmt(r['paraphrase'], '.3f')} | "
                          f"{_fmt(r['neighborhood'], '.3f')} | {'**' + score + '**' if r['score'] == best else score} | "
-                         f"{_fmt(r['rewrite_acc'], '.3f')} | {gen} | {_fmt(r['fro'], '.6f')} | {_fmt(r['kappa'], '.4f')} | "
+                         f"{_fmt(r['rewrite_acc'], '.3f')} | {_fmt(r['landed'], '.2f')} | {gen} | {_fmt(r['fro'], '.6f')} | {_fmt(r['kappa'], '.4f')} | "
                          f"{_fmt(r['seconds_median'], '.2f')} |")
         lines.append("")
     lines += ["Efficacy, paraphrase, neighbourhood, Score: probability comparison over the cases edited so far; "
-              "rewrite acc: teacher-forced target-token accuracy. Ratios are against each run's unedited model "
+              "rewrite acc: teacher-forced target-token accuracy; landed: share of the edits since the previous "
+              "evaluation that succeeded right after being made (nan: not recorded by that run). Ratios are against each run's unedited model "
               "(perplexity ratio: lower is better); ‖W‖_F and κ₂ ratio: the edited layer furthest from 1.", ""]
     return "\n".join(lines)
 

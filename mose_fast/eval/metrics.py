@@ -60,6 +60,17 @@ def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: i
     return out
 
 
+def landed(model, tok, requests: list[EditRequest]) -> list[float] | None:
+    """Efficacy of each request on its own prompt, P(new) > P(true), measured right after its
+    edit: whether the edit landed, apart from whether later edits keep it.  None without
+    ``target_true`` (zsRE-style requests)."""
+    if any(r.target_true is None for r in requests):
+        return None
+    nll = answer_nll(model, tok, [r.text for r in requests for _ in (0, 1)],
+                     [a for r in requests for a in (r.target_new, r.target_true)])
+    return [float(new < true) for new, true in zip(nll[0::2], nll[1::2])]
+
+
 @dataclass
 class CaseScores:
     case_id: object

@@ -35,7 +35,7 @@ from ..editor import MOSEEditor, spectrum
 from ..requests import EditRequest
 from ..stats import default_data_dir
 from .general import perplexity, task_accuracy
-from .metrics import score_cases, summarize, token_scores
+from .metrics import landed, score_cases, summarize, token_scores
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,8 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     while n_done < len(requests):
         batch = requests[n_done:n_done + bs]
         rec = editor.edit(batch)
-        entry = {"index": n_done, "case_ids": [r.case_id for r in batch], **rec.to_dict()}
+        entry = {"index": n_done, "case_ids": [r.case_id for r in batch], **rec.to_dict(),
+                 "landed": landed(editor.model, editor.tok, batch)}
         _append(out / "journal.jsonl", entry)
         journal.append(entry)
         n_done += len(batch)
@@ -343,8 +344,14 @@ def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: f
                  provenance: dict | None = None) -> dict:
     base = evals[0]
     stages = ("targets", "keys", "solve", "apply", "total")
+    prev = 0
     for e in evals:
         e["retention"] = {k: e["general"][k] / base["general"][k] for k in e["general"]}
+        # share of the edits since the previous evaluation that succeeded right after being made
+        # (journals written before this was recorded have no "landed": nan)
+        window = [x for j in journal if prev <= j["index"] < e["n_edits"] for x in (j.get("landed") or [])]
+        e["landed"] = statistics.mean(window) if window else float("nan")
+        prev = e["n_edits"]
         e["stability_ratio"] = {l: {"fro": s["fro"] / base["stability"][l]["fro"],
                                     "kappa": s["kappa"] / base["stability"][l]["kappa"]}
                                 for l, s in e["stability"].items()}
@@ -390,8 +397,8 @@ def markdown_summary(rep: dict) -> str:
              _code_line(rep),
              f"Protocol: {rep['protocol']}.", "",
              "| edits | efficacy | paraphrase | neighbourhood | Score | rewrite acc | rephrase acc | locality | " +
-             " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio |",
-             "|---" * (9 + len(ev[0]["general"]) + 1) + "|"]
+             " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio | landed |",
+             "|---" * (10 + len(ev[0]["general"]) + 1) + "|"]
     for e in ev:
         m = e["edit"]
         gen = " | ".join(f"{e['general'][k]:.3f} ({e['retention'][k]:.3f})" for k in e["general"])
@@ -400,7 +407,7 @@ def markdown_summary(rep: dict) -> str:
         t = e.get("edit_token", {})
         tok_cols = " | ".join(f"{t.get(k, float('nan')):.3f}" for k in ("rewrite_acc", "rephrase_acc", "locality"))
         lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
-                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} |")
+                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} | {e.get('landed', float('nan')):.2f} |")
     sp, med = rep["seconds_per_edit"], rep.get("seconds_per_edit_median", {})
     if sp:
         lines += ["", "Seconds per edit, median (mean): " +
@@ -410,6 +417,7 @@ def markdown_summary(rep: dict) -> str:
               "row k the k cases edited so far, "
               "after k edits. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
               "(teacher-forced target-token accuracy; locality = agreement with the pre-edit argmax tokens). "
+              "Landed: share of the edits since the previous row that succeeded (efficacy) right after being made. "
               "Retention = value / value before editing (perplexity: ratio, lower is better)."]
     return "\n".join(lines) + "\n"
 

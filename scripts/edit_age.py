@@ -1,0 +1,102 @@
+"""Do a run's edits fade, or do late edits stop landing?  Efficacy and paraphrase success of every
+case edited so far, grouped by when it was edited, from run folders' saved states.
+
+A run's evaluation gives one efficacy over all cases edited so far; this splits it by edit age
+(cases 0-99, 100-199, ...).  Low in the old groups and high in the newest = old edits are undone
+by later ones (more edit memory helps); low in the newest group too = new edits no longer land
+(the retention terms outweigh the edit).
+
+    python scripts/edit_age.py runs/smollm2-mose-memory100-cf-seq runs/smollm2-alphaedit-cf-seq
+"""
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from mose_fast.arch import resolve_arch
+from mose_fast.eval.metrics import answer_nll
+from mose_fast.models import load_model
+from mose_fast.requests import load_requests
+from mose_fast.stats import default_data_dir
+
+
+def success_by_age(model, tok, requests, group: int) -> list[dict]:
+    """Per group of ``group`` consecutive cases: efficacy (P(new) > P(true) on the prompt) and
+    paraphrase success (the same on each paraphrase)."""
+    prompts, answers, index = [], [], []
+    for i, r in enumerate(requests):
+        for kind, ps in (("rw", [r.text]), ("pa", r.paraphrase_prompts)):
+            for j, p in enumerate(ps):
+                for which, a in (("new", r.target_new), ("true", r.target_true)):
+                    prompts.append(p)
+                    answers.append(a)
+                    index.append((i, kind, j, which))
+    nll = dict(zip(index, answer_nll(model, tok, prompts, answers)))
+    rows = []
+    for start in range(0, len(requests), group):
+        ids = range(start, min(start + group, len(requests)))
+        eff = [float(nll[(i, "rw", 0, "new")] < nll[(i, "rw", 0, "true")]) for i in ids]
+        par = [float(nll[(i, "pa", j, "new")] < nll[(i, "pa", j, "true")])
+               for i in ids for j in range(len(requests[i].paraphrase_prompts))]
+        rows.append({"cases": f"{ids.start}-{ids.stop - 1}", "efficacy": statistics.mean(eff),
+                     "paraphrase": statistics.mean(par) if par else float("nan")})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("folders", nargs="+")
+    ap.add_argument("--group", type=int, default=100)
+    ap.add_argument("--data-dir", help="folder with counterfact/ (default: ../shared/data)")
+    args = ap.parse_args()
+    data = Path(args.data_dir) if args.data_dir else default_data_dir()
+    model = tok = None
+    for folder in map(Path, args.folders):
+        run = json.loads((folder / "run.json").read_text())
+        if model is None:
+            model, tok = load_model(run["model"])
+            arch = resolve_arch(model)
+        with safe_open(str(folder / "state.safetensors"), "pt") as h:
+            n_done = int(h.metadata()["n_done"])
+        state, w0 = load_file(str(folder / "state.safetensors")), load_file(str(folder / "w0.safetensors"))
+        requests = load_requests(data / "counterfact" / "counterfact-edit.json", limit=n_done)
+        if [r.case_id for r in requests] != run["case_ids"][:n_done]:
+            raise ValueError(f"{folder}: the run edited other cases than the first {n_done} of counterfact-edit.json")
+        with torch.no_grad():
+            for name, W in state.items():   # edited matrices (W<l>); the rest is rule state
+                if name.startswith("W"):
+                    arch.weight_view(model, int(name[1:])).copy_(W)
+            rows = success_by_age(model, tok, requests, args.group)
+            for name, W in w0.items():      # back to the unedited model for the next folder
+                arch.weight_view(model, int(name[1:])).copy_(W)
+        print(f"\n{folder.name} after {n_done} edits\n")
+        print("| cases (edit order) | efficacy | paraphrase |\n|---|---|---|")
+        for r in rows:
+            print(f"| {r['cases']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} |")
+        memory_weight(run["config"], state)
+
+
+def memory_weight(config: dict, state: dict) -> None:
+    """MOSE with edit memory: how the memory μ·E weighs against the corpus retention λ·G in the
+    polar problem M = λ·G + μ·E + V·Aᵀ (a new edit's V·Aᵀ has weight 1), and how many directions
+    of the rotated space the memory already holds (eigenvalues of E above 1 % of its largest)."""
+    hp = config.get("rule_hparams") or {}
+    mu, lam = float(hp.get("edit_memory", 0.0)), float(config.get("lam", 100.0))
+    layers = sorted(int(k[2:]) for k in state if k.startswith("SE"))
+    if not mu or not layers:
+        return
+    print(f"\nμ = {mu:g}, λ = {lam:g}\n\n| layer | μ·tr(E) / λ·tr(G) | directions held by E (of d) |\n|---|---|---|")
+    for l in layers:
+        E = state[f"SE{l}"].double()
+        G = state[f"S{l}"] if f"S{l}" in state else state[f"SG{l}"]   # output side / input side
+        ev = torch.linalg.eigvalsh(E)
+        ratio = mu * float(torch.trace(E)) / (lam * float(torch.trace(G.double())))
+        print(f"| {l} | {ratio:.0f} | {int((ev > 0.01 * ev.max()).sum())} of {E.shape[0]} |")
+
+
+if __name__ == "__main__":
+    main()
