@@ -7,6 +7,10 @@ by later ones (more edit memory helps); low in the newest group too = new edits 
 (the retention terms outweigh the edit).
 
     python scripts/edit_age.py runs/smollm2-mose-memory100-cf-seq runs/smollm2-alphaedit-cf-seq
+
+``--probe N`` then makes the run's next N edits from its saved state (in memory; the folder is not
+written) and reports how many landed right after being made — what runs record since the journal
+has a "landed" field, for runs made before it.
 """
 import argparse
 import json
@@ -14,11 +18,12 @@ import statistics
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mose_fast.arch import resolve_arch
-from mose_fast.eval.metrics import answer_nll
+from mose_fast.config import MOSEConfig
+from mose_fast.editor import MOSEEditor
+from mose_fast.eval.metrics import answer_nll, landed
+from mose_fast.eval.runner import _restore_state
 from mose_fast.models import load_model
 from mose_fast.requests import load_requests
 from mose_fast.stats import default_data_dir
@@ -51,33 +56,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--group", type=int, default=100)
+    ap.add_argument("--probe", type=int, default=0, help="make the next N edits and report how many landed")
     ap.add_argument("--data-dir", help="folder with counterfact/ (default: ../shared/data)")
     args = ap.parse_args()
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
-    model = tok = None
     for folder in map(Path, args.folders):
         run = json.loads((folder / "run.json").read_text())
-        if model is None:
-            model, tok = load_model(run["model"])
-            arch = resolve_arch(model)
-        with safe_open(str(folder / "state.safetensors"), "pt") as h:
-            n_done = int(h.metadata()["n_done"])
-        state, w0 = load_file(str(folder / "state.safetensors")), load_file(str(folder / "w0.safetensors"))
-        requests = load_requests(data / "counterfact" / "counterfact-edit.json", limit=n_done)
-        if [r.case_id for r in requests] != run["case_ids"][:n_done]:
+        model, tok = load_model(run["model"])      # fresh: the editor below starts from the unedited model
+        # as the runner does: context templates from the unedited model, then the saved state
+        editor = MOSEEditor(model, tok, MOSEConfig.from_dict(run["config"]), progress=False)
+        editor._prepare()
+        editor.context_templates()
+        n_done = _restore_state(editor, folder / "state.safetensors")
+        requests = load_requests(data / "counterfact" / "counterfact-edit.json", limit=n_done + args.probe)
+        if [r.case_id for r in requests[:n_done]] != run["case_ids"][:n_done]:
             raise ValueError(f"{folder}: the run edited other cases than the first {n_done} of counterfact-edit.json")
-        with torch.no_grad():
-            for name, W in state.items():   # edited matrices (W<l>); the rest is rule state
-                if name.startswith("W"):
-                    arch.weight_view(model, int(name[1:])).copy_(W)
-            rows = success_by_age(model, tok, requests, args.group)
-            for name, W in w0.items():      # back to the unedited model for the next folder
-                arch.weight_view(model, int(name[1:])).copy_(W)
+        rows = success_by_age(model, tok, requests[:n_done], args.group)
         print(f"\n{folder.name} after {n_done} edits\n")
         print("| cases (edit order) | efficacy | paraphrase |\n|---|---|---|")
         for r in rows:
             print(f"| {r['cases']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} |")
-        memory_weight(run["config"], state)
+        memory_weight(run["config"], load_file(str(folder / "state.safetensors")))
+        if args.probe:
+            hits = []
+            for r in requests[n_done:]:
+                editor.edit([r])
+                hits += landed(model, tok, [r])
+            print(f"\nnext {args.probe} edits (cases {n_done}-{n_done + args.probe - 1}), landed right after "
+                  f"being made: {sum(hits):.0f} of {len(hits)}")
 
 
 def memory_weight(config: dict, state: dict) -> None:
