@@ -27,6 +27,11 @@ def data_dir(tmp_path):
     return d
 
 
+def tiny_settings(data_dir, eval_every: int) -> runner.EvalSettings:
+    """Evaluation settings small enough for the tiny model and the fixture's data."""
+    return runner.EvalSettings(eval_every=eval_every, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+
+
 def setup(monkeypatch):
     model, tok = make_tiny_model("llama")
     cfg = tiny_mose_config()
@@ -41,7 +46,7 @@ def setup(monkeypatch):
 
 @pytest.mark.model
 def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=2)
     model, tok, cfg = setup(monkeypatch)
     ref = runner.run_eval(model, tok, REQS, cfg, tmp_path / "ref", settings, "tiny", progress=False)
     ref_w = {l: model.model.layers[l].mlp.down_proj.weight.clone() for l in cfg.layers}
@@ -83,7 +88,7 @@ def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, m
 
 @pytest.mark.model
 def test_run_killed_during_an_evaluation_evaluates_that_point_on_resume(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=2)
     model, tok, cfg = setup(monkeypatch)
     ref = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "ref", settings, "tiny", progress=False)
 
@@ -110,7 +115,7 @@ def test_run_killed_during_an_evaluation_evaluates_that_point_on_resume(tmp_path
 @pytest.mark.model
 def test_journal_records_whether_each_edit_landed_right_after_it(tmp_path, data_dir, monkeypatch):
     from mose_fast.eval.metrics import score_cases
-    settings = runner.EvalSettings(eval_every=3, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=3)
     model, tok, cfg = setup(monkeypatch)
     rep = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
     journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
@@ -128,7 +133,7 @@ def test_journal_records_whether_each_edit_landed_right_after_it(tmp_path, data_
 
 @pytest.mark.model
 def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=2)
     model, tok, cfg = setup(monkeypatch)
     runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
     with pytest.raises(ValueError, match="case_ids differs.*--extend"):
@@ -145,7 +150,7 @@ def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
 
 @pytest.mark.model
 def test_stability_logged_against_w0(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=1)
     model, tok, cfg = setup(monkeypatch)
     rep = runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
     ev = rep["evaluations"]
@@ -158,7 +163,7 @@ def test_stability_logged_against_w0(tmp_path, data_dir, monkeypatch):
 
 @pytest.mark.model
 def test_report_from_a_partial_run_folder(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=1)
     model, tok, cfg = setup(monkeypatch)
     calls = {"n": 0}
     real_edit = MOSEEditor.edit
@@ -182,7 +187,7 @@ def test_report_from_a_partial_run_folder(tmp_path, data_dir, monkeypatch):
 
 @pytest.mark.model
 def test_extend_continues_a_finished_run_as_if_planned_longer(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=2)
     model, tok, cfg = setup(monkeypatch)
     runner.run_eval(model, tok, REQS[:4], cfg, tmp_path / "ref", settings, "tiny", progress=False)
     ref_w = {l: model.model.layers[l].mlp.down_proj.weight.clone() for l in cfg.layers}
@@ -205,7 +210,7 @@ def test_extend_continues_a_finished_run_as_if_planned_longer(tmp_path, data_dir
 
 @pytest.mark.model
 def test_initial_eval_borrowed_from_a_matching_run_only(tmp_path, data_dir, monkeypatch):
-    settings = runner.EvalSettings(eval_every=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=2)
     model, tok, cfg = setup(monkeypatch)
     src = runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "src", settings, "tiny", progress=False)
 
@@ -255,7 +260,7 @@ def test_initial_eval_borrowed_from_a_matching_run_only(tmp_path, data_dir, monk
 @pytest.mark.model
 def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir, monkeypatch):
     from mose_fast.eval import compare
-    settings = runner.EvalSettings(eval_every=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    settings = tiny_settings(data_dir, eval_every=1)
     reps = {}
     for name, method, reqs in (("mose", "mose", REQS[:2]), ("memit", "memit", REQS[:3]), ("other", "mose", REQS[1:3])):
         model, tok, cfg = setup(monkeypatch)
