@@ -10,7 +10,9 @@ by later ones (more edit memory helps); low in the newest group too = new edits 
 
 ``--probe N`` then makes the run's next N edits from its saved state (in memory; the folder is not
 written) and reports how many landed right after being made — what runs record since the journal
-has a "landed" field, for runs made before it.
+has a "landed" field, for runs made before it.  ``--memory-scale S`` multiplies MOSE's edit-memory
+weight μ by S for those N edits (the saved run is untouched) and then re-scores the oldest group:
+does a lighter memory let new edits land, and what does it cost the old ones?
 """
 import argparse
 import json
@@ -57,6 +59,10 @@ def main() -> None:
     ap.add_argument("folders", nargs="+")
     ap.add_argument("--group", type=int, default=100)
     ap.add_argument("--probe", type=int, default=0, help="make the next N edits and report how many landed")
+    ap.add_argument("--memory-scale", type=float, default=1.0,
+                    help="with --probe: multiply the MOSE edit-memory weight μ by this for the probe edits")
+    ap.add_argument("--oldest-only", action="store_true",
+                    help="score only the oldest group (cases 0..group-1), not every age group")
     ap.add_argument("--data-dir", help="folder with counterfact/ (default: ../shared/data)")
     args = ap.parse_args()
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
@@ -71,19 +77,28 @@ def main() -> None:
         requests = load_requests(data / "counterfact" / "counterfact-edit.json", limit=n_done + args.probe)
         if [r.case_id for r in requests[:n_done]] != run["case_ids"][:n_done]:
             raise ValueError(f"{folder}: the run edited other cases than the first {n_done} of counterfact-edit.json")
-        rows = success_by_age(model, tok, requests[:n_done], args.group)
+        rows = success_by_age(model, tok, requests[:args.group if args.oldest_only else n_done], args.group)
         print(f"\n{folder.name} after {n_done} edits\n")
         print("| cases (edit order) | efficacy | paraphrase |\n|---|---|---|")
         for r in rows:
             print(f"| {r['cases']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} |")
         memory_weight(run["config"], load_file(str(folder / "state.safetensors")))
         if args.probe:
+            if args.memory_scale != 1.0:
+                if not getattr(editor.rule, "edit_memory", 0.0):
+                    raise ValueError(f"{folder}: --memory-scale needs a MOSE run with edit memory (μ > 0)")
+                editor.rule.edit_memory *= args.memory_scale
+                print(f"\nprobe with μ × {args.memory_scale:g} = {editor.rule.edit_memory:g}")
             hits = []
             for r in requests[n_done:]:
                 editor.edit([r])
                 hits += landed(model, tok, [r])
             print(f"\nnext {args.probe} edits (cases {n_done}-{n_done + args.probe - 1}), landed right after "
                   f"being made: {sum(hits):.0f} of {len(hits)}")
+            oldest = success_by_age(model, tok, requests[:args.group], args.group)[0]
+            print(f"after them, cases {oldest['cases']}: efficacy {oldest['efficacy']:.2f}, "
+                  f"paraphrase {oldest['paraphrase']:.2f} (before: {rows[0]['efficacy']:.2f}, "
+                  f"{rows[0]['paraphrase']:.2f})")
 
 
 def memory_weight(config: dict, state: dict) -> None:
