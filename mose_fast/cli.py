@@ -36,7 +36,7 @@ def _config(args, model):
     overrides = {}
     if getattr(args, "config", None):
         overrides.update(json.loads(Path(args.config).read_text()))
-    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "method"):
+    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "method", "edit_passes"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -51,6 +51,8 @@ def _add_common(p):
     p.add_argument("--stats-corpus", dest="stats_corpus", help="text file for C0 (default: WikiText-2 valid)")
     p.add_argument("--polar-method", dest="polar_method",
                    help="svd (default) | eigh | newton_schulz[_fp32] | polar_express[_fp32] | cupy_gesvd[j] | subspace | krylov | randomized")
+    p.add_argument("--edit-passes", dest="edit_passes", type=int,
+                   help="passes over the layers per edit towards the same target (default 1)")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="JSON file of MOSEConfig fields")
 

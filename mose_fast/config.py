@@ -33,6 +33,12 @@ class MOSEConfig:
     kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     v_loss_early_stop: float = 5e-2
+    # Passes over the edited layers per edit, all towards the same target z (computed once).  A
+    # rotation meets only part of its share of the residual; a second pass re-reads keys and
+    # residual on the model as the first pass left it and solves again ("re-solving after a
+    # partial edit").  Rule state that remembers edits (MOSE's edit memory, AlphaEdit's K_p) is
+    # written once, after the last pass, so no pass is held back by its own edit's keys.
+    edit_passes: int = 1
     # --- context templates (ROME/MEMIT: generated prefixes, "{}" kept as the subject slot) --
     context_template_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_template_length: int = 10   # generated tokens per template
@@ -64,6 +70,8 @@ class MOSEConfig:
                              f"{sorted((*POLAR_METHODS, *SUBSPACE_METHODS))}")
         if self.v_num_grad_steps < 1:
             raise ValueError("MOSEConfig.v_num_grad_steps must be >= 1")
+        if not isinstance(self.edit_passes, int) or self.edit_passes < 1:
+            raise ValueError(f"MOSEConfig.edit_passes must be an integer >= 1, got {self.edit_passes!r}")
         if self.stats_tokens < 1:
             raise ValueError("MOSEConfig.stats_tokens must be >= 1")
 

@@ -43,6 +43,7 @@ class LayerRecord:
     seconds_keys: float
     seconds_solve: float
     seconds_apply: float
+    edit_pass: int = 0          # which pass over the layers (MOSEConfig.edit_passes)
 
 
 @dataclass
@@ -51,6 +52,9 @@ class EditRecord:
     case_ids: list
     layers: list[LayerRecord] = field(default_factory=list)
     target_nll: list[float] = field(default_factory=list)   # NLL of target_new after optimising δ
+    # ‖z − h‖ / ‖z − h_before‖ per request at the last edited layer's output after the edit: the
+    # share of the residual the edit left unmet (0 = the target z reached; 1 = nothing moved)
+    target_unmet: list[float] = field(default_factory=list)
     seconds_targets: float = 0.0
     seconds_total: float = 0.0      # this edit, excluding one-time setup
     seconds_setup: float = 0.0      # C0 statistics, retention Grams, context templates (first edit)
@@ -166,7 +170,7 @@ class MOSEEditor:
         grad_flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval().requires_grad_(False)
         record = EditRecord(index=self._n_edits, case_ids=[r.case_id for r in requests])
-        rotations: dict[int, object] = {}   # per layer, what the rule needs to undo it
+        rotations: dict[int, list] = {}   # per layer, per pass: what the rule needs to undo it
         try:
             t = time.perf_counter()
             targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg,
@@ -174,24 +178,35 @@ class MOSEEditor:
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
             z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
-            for i, layer in enumerate(layers):
-                t = time.perf_counter()
-                K = compute_keys(self.model, self.tok, self.arch, layer, requests, templates).to(torch.float64)
-                current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
-                resid = (z - current.to(torch.float64)) / (len(layers) - i)        # n × d
-                t_keys = time.perf_counter() - t
-                W = self.weight(layer)
-                norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
-                res = self.rule.update(layer, W, K.T.to(W.device), resid.T.to(W.device))
-                self.rule.after_edit(layer, K.T)
-                if layer in self._master:
-                    self.arch.weight_view(self.model, layer).copy_(W)
-                rotations[layer] = res.undo
-                record.layers.append(LayerRecord(
-                    layer=layer, objective=res.objective, objective_identity=res.objective_identity,
-                    orth_error=res.orth_error, weight_norm_before=norm_before,
-                    weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
-                    seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply))
+            n_passes = self.cfg.edit_passes
+            for edit_pass in range(n_passes):
+                last_pass = edit_pass == n_passes - 1
+                for i, layer in enumerate(layers):
+                    t = time.perf_counter()
+                    K = compute_keys(self.model, self.tok, self.arch, layer, requests, templates).to(torch.float64)
+                    current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
+                    if edit_pass == 0 and i == 0:
+                        unmet_before = (z - current.to(torch.float64)).norm(dim=1)
+                    resid = (z - current.to(torch.float64)) / (len(layers) - i)        # n × d
+                    t_keys = time.perf_counter() - t
+                    W = self.weight(layer)
+                    norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
+                    # edit memory / K_p take this edit's keys once, in the last pass (see MOSEConfig)
+                    res = self.rule.update(layer, W, K.T.to(W.device), resid.T.to(W.device), remember=last_pass)
+                    if last_pass:
+                        self.rule.after_edit(layer, K.T)
+                    if layer in self._master:
+                        self.arch.weight_view(self.model, layer).copy_(W)
+                    rotations.setdefault(layer, []).append(res.undo)
+                    record.layers.append(LayerRecord(
+                        layer=layer, objective=res.objective, objective_identity=res.objective_identity,
+                        orth_error=res.orth_error, weight_norm_before=norm_before,
+                        weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
+                        seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
+                        edit_pass=edit_pass))
+            after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
+            record.target_unmet = ((z - after.to(torch.float64)).norm(dim=1)
+                                   / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
         except BaseException:
             self._restore(snapshot)
             raise
@@ -224,7 +239,8 @@ class MOSEEditor:
             index, rotations = self._undo.pop()
             for layer in reversed(list(rotations)):
                 W = self.weight(layer)
-                self.rule.revert(layer, W, rotations[layer])
+                for undo in reversed(rotations[layer]):     # one per pass, undone last first
+                    self.rule.revert(layer, W, undo)
                 if layer in self._master:
                     self.arch.weight_view(self.model, layer).copy_(W)
             self.records = [r for r in self.records if r.index != index]

@@ -40,7 +40,10 @@ class AdditiveRule(abc.ABC):
     def delta(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
         """The additive update Δ (d_out × d_in, float64) for keys K and residual resid."""
 
-    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> UpdateResult:
+    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
+               remember: bool = True) -> UpdateResult:
+        """W ← W + Δ.  ``remember`` is part of every rule's signature; the additive rules keep
+        their memory of edits (AlphaEdit's K_p) in ``after_edit`` instead."""
         t = time.perf_counter()
         Wd = W.to(torch.float64)
         K, resid = K.to(Wd), resid.to(Wd)

@@ -167,8 +167,10 @@ class MOSERule:
             torch.cuda.synchronize(W.device)
         return time.perf_counter() - t
 
-    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> UpdateResult:
-        """The editor's entry: A_E = W·K_E, V_E = A_E + resid; solve, rotate W in place."""
+    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
+               remember: bool = True) -> UpdateResult:
+        """The editor's entry: A_E = W·K_E, V_E = A_E + resid; solve, rotate W in place.  With
+        ``remember`` (the edit's last pass) the edited outputs join the edit memory."""
         A = W.to(self.solve_dtype) @ K.to(W.device, self.solve_dtype)          # d_out × n
         V = A + resid.to(W.device, self.solve_dtype)
         if self.match_norms:
@@ -176,7 +178,7 @@ class MOSERule:
             V = V * (A.norm(dim=0) / norms)
         solved, rot, t_solve = self.solve(layer, A, V)
         t_apply = self.apply(layer, W, rot)
-        if layer in self.memory:
+        if remember and layer in self.memory:
             # the edited outputs R·A on this edit's keys join the memory E (after E ← R·E·Rᵀ)
             RA = rot.left(A)
             self.memory[layer] = self.memory[layer] + RA @ RA.T

@@ -103,7 +103,10 @@ class MOSEInputRule:
             trace += self.edit_memory * float(torch.trace(self.memory[layer]))
         return P, trace
 
-    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor) -> UpdateResult:
+    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
+               remember: bool = True) -> UpdateResult:
+        """W ← W·Q towards the reachable key targets; with ``remember`` (the edit's last pass) the
+        edit's keys join the memory E."""
         t = time.perf_counter()
         Wd = W.to(self.solve_dtype)
         K = K.to(W.device, self.solve_dtype)
@@ -116,7 +119,7 @@ class MOSEInputRule:
         solved, rot = solve_polar(P, K, K_target, 1.0, self.polar_method, self.solve_dtype, trace)
         t_solve = time.perf_counter() - t
         t_apply = self.apply(layer, W, rot)
-        if self.edit_memory:
+        if remember and self.edit_memory:
             self.memory[layer] = self.memory[layer] + K @ K.T
             rot.memory_added = K
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
