@@ -261,3 +261,31 @@ def test_make_rule_passes_mose_options_and_rejects_unknown_ones():
     assert (rule.retain, rule.edit_memory, rule.match_norms) == ("original", 0.5, False)
     with pytest.raises(ValueError, match="bad rule_hparams for mose"):
         make_rule(tiny_mose_config(rule_hparams={"retian": "original"}))
+
+
+@pytest.mark.model
+def test_alphaedit_undo_frees_the_undone_edits_keys():
+    """After edit, edit, undo: W and AlphaEdit's cumulative K_p·K_pᵀ are those after the first edit
+    (float64 reference: the first edit's keys, recomputed on the model)."""
+    from mose_fast.keys import compute_keys
+    model, tok = make_tiny_model("llama")
+    layers = [1, 2]
+    cfg = tiny_mose_config(method="alphaedit", layers=layers, rule_hparams={"threshold": 0.05, "l2": 1.0})
+    editor = MOSEEditor(model, tok, cfg, second_moments=tiny_second_moments(model, tok, layers), progress=False)
+    editor.edit(REQ)
+    W1 = {l: editor.weight(l).clone() for l in layers}
+    Cp1 = {l: editor.rule.C_p[l].clone() for l in layers}
+    req2 = EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")
+    editor.edit(req2)
+    assert all(float((editor.rule.C_p[l] - Cp1[l]).abs().max()) > 0 for l in layers)
+    editor.undo()
+    for l in layers:
+        torch.testing.assert_close(editor.weight(l), W1[l], rtol=0, atol=1e-5)
+        torch.testing.assert_close(editor.rule.C_p[l], Cp1[l], rtol=1e-9, atol=1e-9 * float(Cp1[l].abs().max()))
+    editor.undo()
+    templates = editor.context_templates()
+    for l in layers:
+        assert float(editor.rule.C_p[l].abs().max()) <= 1e-9 * float(Cp1[l].abs().max())
+    # and the first edit's own contribution was its keys' Gram
+    K = compute_keys(model, tok, editor.arch, layers[0], [REQ], templates).double().T
+    torch.testing.assert_close(Cp1[layers[0]], K @ K.T, rtol=1e-5, atol=1e-6 * float((K @ K.T).abs().max()))

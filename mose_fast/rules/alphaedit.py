@@ -9,9 +9,17 @@ with an absolute 1e-2).  With the cumulative Gram C_p = Σ K_p·K_pᵀ of earlie
 so Δ = Δ·P: keys in the dominant subspace of C0 (P·k0 = 0) map exactly as before."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import AdditiveRule
+from .base import AdditiveRule, UpdateResult
+
+
+@dataclass
+class AlphaEditUndo:
+    delta: torch.Tensor                 # Δ, taken back by W ← W − Δ
+    keys: torch.Tensor | None = None    # keys this edit adds to C_p (its last pass), taken back too
 
 
 def null_space_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -44,8 +52,23 @@ class AlphaEditRule(AdditiveRule):
     def delta(self, layer, W, K, resid):
         return alphaedit_delta(self.P[layer], self.C_p[layer], K, resid, self.l2)
 
+    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
+               remember: bool = True) -> UpdateResult:
+        """Δ as every additive rule; the undo also carries the keys ``after_edit`` will add to C_p
+        (the editor calls it once per edit, after the pass with ``remember``), so that undoing an
+        edit frees its keys and later edits are not held to it."""
+        res = super().update(layer, W, K, resid, remember)
+        res.undo = AlphaEditUndo(res.undo, K.detach().to("cpu", torch.float64).clone() if remember else None)
+        return res
+
     def after_edit(self, layer, K):
         self.C_p[layer] += K.to(self.C_p[layer]) @ K.to(self.C_p[layer]).T
+
+    def revert(self, layer: int, W: torch.Tensor, undo: AlphaEditUndo) -> None:
+        super().revert(layer, W, undo.delta)
+        if undo.keys is not None:
+            K = undo.keys.to(self.C_p[layer])
+            self.C_p[layer] -= K @ K.T
 
     def snapshot(self):
         return {l: c.clone() for l, c in self.C_p.items()}
