@@ -149,6 +149,24 @@ def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
 
 
 @pytest.mark.model
+def test_run_made_before_a_config_field_existed_resumes_at_its_default(tmp_path, data_dir, monkeypatch):
+    """A folder whose stored config lacks a later field (here edit_passes) is the same run when the
+    field is at its default, and a different one otherwise."""
+    settings = tiny_settings(data_dir, eval_every=2)
+    model, tok, cfg = setup(monkeypatch)
+    runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    run_file = tmp_path / "run" / "run.json"
+    stored = json.loads(run_file.read_text())
+    del stored["config"]["edit_passes"]
+    run_file.write_text(json.dumps(stored))
+    rep = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False, extend=True)
+    assert rep["n_edits"] == 3
+    cfg.edit_passes = 2
+    with pytest.raises(ValueError, match="config differs"):
+        runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
+
+
+@pytest.mark.model
 def test_stability_logged_against_w0(tmp_path, data_dir, monkeypatch):
     settings = tiny_settings(data_dir, eval_every=1)
     model, tok, cfg = setup(monkeypatch)

@@ -125,6 +125,11 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
             if k == "config":   # fields that do not change what the edits compute
                 mine, theirs = (None if d is None else {f: v for f, v in d.items() if f not in BOOKKEEPING}
                                 for d in (mine, theirs))
+                if mine is not None and theirs is not None:
+                    # a field added to MOSEConfig after the run was made: its default reproduces what
+                    # the run computed (that is the rule for new fields), so only a non-default differs
+                    defaults = MOSEConfig().to_dict()
+                    mine = {f: v for f, v in mine.items() if f in theirs or v != defaults.get(f, object())}
             if k == "case_ids" and mine != theirs and extend and len(mine) > len(theirs) \
                     and mine[:len(theirs)] == theirs:
                 stored.setdefault("extended", []).append({"from": len(theirs), "to": len(mine),
