@@ -65,6 +65,8 @@ def main() -> None:
                     help="score only the oldest group (cases 0..group-1), not every age group")
     ap.add_argument("--data-dir", help="folder with counterfact/ (default: ../shared/data)")
     args = ap.parse_args()
+    if args.memory_scale != 1.0 and not args.probe:
+        ap.error("--memory-scale only acts on the --probe edits; give --probe N")
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     for folder in map(Path, args.folders):
         run = json.loads((folder / "run.json").read_text())
