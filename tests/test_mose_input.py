@@ -142,3 +142,41 @@ def test_make_rule_picks_the_side():
         make_rule(tiny_mose_config(rule_hparams={"side": "both"}))
     with pytest.raises(ValueError, match="bad rule_hparams for mose side=input"):
         make_rule(tiny_mose_config(rule_hparams={"side": "input", "match_norms": True}))
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+def test_memory_cap_scales_the_memory_weight_once_it_binds(polar_method):
+    """With memory_cap c the second edit solves the stacked problem with the memory column weighted
+    √μ_eff, μ_eff = c·λ·tr(C0)/‖K1‖² (the cap binds: set to half of μ·tr(E)/λ·tr(C0)); a cap above
+    that ratio leaves the rule as without a cap."""
+    W0, K0, C0, K, resid = problem(35)
+    resid = 0.3 * resid
+    lam, mu = 3.0, 2.0
+    ratio = mu * float(K[:, :1].pow(2).sum()) / (lam * float(torch.trace(C0)))   # after the first edit
+    rotations = {}
+    for cap in (None, 2.0 * ratio, 0.5 * ratio):
+        rule = MOSEInputRule(lam, polar_method=polar_method, retain="original", edit_memory=mu, memory_cap=cap)
+        W = W0.clone()
+        rule.prepare(0, W, C0)
+        first = rule.update(0, W, K[:, :1], resid[:, :1])     # empty memory: no cap acts
+        W1 = W.clone()
+        rotations[cap] = (_dense(rule.update(0, W, K[:, 1:3], resid[:, 1:3]).undo), W1, _dense(first.undo))
+    torch.testing.assert_close(rotations[2.0 * ratio][0], rotations[None][0], atol=1e-12, rtol=0)
+    Q, W1, Q1 = rotations[0.5 * ratio]
+    mu_eff = 0.5 * ratio * lam * float(torch.trace(C0)) / float(K[:, :1].pow(2).sum())
+    assert mu_eff == pytest.approx(mu / 2, rel=1e-12)
+    K2_target = reachable_key_targets(W1, K[:, 1:3], resid[:, 1:3], _chol(C0), W0 @ W0.T)
+    w = (lam / N0) ** 0.5
+    X = torch.cat([w * K0, mu_eff ** 0.5 * K[:, :1], K[:, 1:3]], 1)
+    Y = torch.cat([w * (Q1.T @ K0), mu_eff ** 0.5 * K[:, :1], K2_target], 1)
+    torch.testing.assert_close(Q, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
+    assert (Q - rotations[None][0]).abs().max() > 1e-6      # the cap changed the rotation
+
+
+def test_memory_cap_is_checked():
+    with pytest.raises(ValueError, match="memory_cap"):
+        MOSEInputRule(3.0, edit_memory=0.0, memory_cap=10.0)
+    with pytest.raises(ValueError, match="memory_cap"):
+        MOSEInputRule(3.0, edit_memory=1.0, memory_cap=-1.0)
+    with pytest.raises(ValueError, match="memory_cap"):
+        make_rule(tiny_mose_config(rule_hparams={"side": "output", "memory_cap": 1.0}))

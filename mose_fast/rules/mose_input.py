@@ -60,17 +60,28 @@ def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
 
 class MOSEInputRule:
     """MOSE with W ← W·Q (``rule_hparams: {"side": "input", ...}``); options as ``MOSERule``:
-    ``retain`` "current" | "original", ``edit_memory`` μ ≥ 0."""
+    ``retain`` "current" | "original", ``edit_memory`` μ ≥ 0, and
+
+    * ``memory_cap`` c (off by default): the memory E = Σ K_p·K_pᵀ grows with every edit while a
+      new edit's term K*·K_Eᵀ keeps weight 1, so after enough edits μ·E outweighs it and new edits
+      stop landing (issue 4: μ·tr(E)/λ·tr(C0) ≈ 60–100 after 300 edits, 157–273 after 800, when
+      only half the edits land).  With a cap the memory's weight is μ_eff = min(μ, c·λ·tr(C0)/tr(E)):
+      it grows with the edits until μ·tr(E) reaches c·λ·tr(C0), then stays there."""
     name = "mose"
 
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
-                 retain: str = "current", edit_memory: float = 0.0, side: str = "input"):
+                 retain: str = "current", edit_memory: float = 0.0, side: str = "input",
+                 memory_cap: float | None = None):
         if side != "input":
             raise ValueError(f"MOSEInputRule rotates the input side; got side={side!r}")
         check_options(lam, retain, edit_memory)
+        if memory_cap is not None and not (memory_cap > 0.0 and edit_memory > 0.0):
+            raise ValueError(f"MOSE memory_cap must be > 0 and needs edit_memory > 0; got memory_cap={memory_cap}, "
+                             f"edit_memory={edit_memory}")
         self.side = side
         self.lam, self.polar_method, self.solve_dtype = lam, polar_method, solve_dtype
         self.retain, self.edit_memory = retain, float(edit_memory)
+        self.memory_cap = None if memory_cap is None else float(memory_cap)
         self.C0: dict[int, torch.Tensor] = {}        # constant
         self.C0_chol: dict[int, torch.Tensor] = {}   # constant: Cholesky factor of C0 + ridge
         self.WWt: dict[int, torch.Tensor] = {}       # constant under W ← W·Q
@@ -93,14 +104,25 @@ class MOSEInputRule:
         if self.edit_memory and layer not in self.memory:
             self.memory[layer] = torch.zeros_like(C0)
 
+    def memory_weight(self, layer: int) -> float:
+        """μ, or with ``memory_cap`` c: min(μ, c·λ·tr(C0)/tr(E))."""
+        mu = self.edit_memory
+        if mu and self.memory_cap is not None:
+            held = float(torch.trace(self.memory[layer]))
+            limit = self.memory_cap * self.lam * float(torch.trace(self.C0[layer]))
+            if mu * held > limit:
+                mu = limit / held
+        return mu
+
     def _retention(self, layer: int) -> tuple[torch.Tensor, float]:
         """(λ·G + μ·E, objective constant)."""
         G = self.cross[layer] if self.retain == "original" else self.C0[layer]
         P = self.lam * G
         trace = self.lam * float(torch.trace(self.C0[layer]))
         if self.edit_memory:
-            P = P + self.edit_memory * self.memory[layer]
-            trace += self.edit_memory * float(torch.trace(self.memory[layer]))
+            mu = self.memory_weight(layer)
+            P = P + mu * self.memory[layer]
+            trace += mu * float(torch.trace(self.memory[layer]))
         return P, trace
 
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
