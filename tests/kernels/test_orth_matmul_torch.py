@@ -34,6 +34,19 @@ def test_panel_width_counts_bytes():
     assert panel_width(3, 1 / 8) == 1
 
 
+@pytest.mark.parametrize("d_in", [1000, 4096, 11008, 32768, 32769])
+@pytest.mark.parametrize("fraction", [1 / 8, 0.12, 1 / 3])
+def test_panels_are_balanced_and_within_the_bound(d_in, fraction):
+    """Every panel fits the byte bound, and the last one is at most (panels − 1) columns narrower
+    than the others (an unbalanced tail costs the BLAS extra packing buffers)."""
+    p = panel_width(d_in, fraction)
+    panels = -(-d_in // p)
+    last = d_in - (panels - 1) * p
+    assert p <= d_in * fraction
+    assert 0 < last <= p and p - last < panels
+    assert panel_width(32768, 0.12) == 3641          # 9 panels: eight of 3641 columns, one of 3640
+
+
 MEASURE = textwrap.dedent("""
     import json, os, resource, sys, torch
     sys.path.insert(0, {root!r})
