@@ -303,3 +303,18 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
         compare.compare_runs([tmp_path / "mose", tmp_path / "other"])
     with pytest.raises(ValueError, match="no run has an evaluation at"):
         compare.compare_runs([tmp_path / "mose", tmp_path / "memit"], at=[4])
+
+
+def test_run_label_tells_apart_runs_that_differ_in_memory_cap_or_batch():
+    from mose_fast.eval.compare import run_label
+    base = {"method": "mose", "lam": 1000.0, "layers": [4, 5, 6, 7, 8],
+            "rule_hparams": {"side": "input", "retain": "original", "edit_memory": 100.0}}
+    plain = run_label({"config": base, "settings": {"batch_size": 1}})
+    capped = run_label({"config": {**base, "rule_hparams": {**base["rule_hparams"], "memory_cap": 30.0}},
+                        "settings": {"batch_size": 1}})
+    batched = run_label({"config": base, "settings": {"batch_size": 10}})
+    assert plain == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100)"
+    assert capped == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, memory_cap=30)"
+    assert batched == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
+    assert run_label({"config": {"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}},
+                      "settings": {"batch_size": 10}}) == "ALPHAEDIT L4-8 (batch 10)"

@@ -14,7 +14,7 @@ from pathlib import Path
 from .runner import _read_lines, load_report
 
 # the rule_hparams a row label spells out (when the config sets them)
-_LABEL_KEYS = ("side", "retain", "edit_memory", "match_norms", "mom2_update_weight", "keep_ratio", "threshold", "l2")
+_LABEL_KEYS = ("side", "retain", "edit_memory", "memory_cap", "match_norms", "mom2_update_weight", "keep_ratio", "threshold", "l2")
 
 
 def run_label(rep: dict) -> str:
@@ -26,6 +26,9 @@ def run_label(rep: dict) -> str:
         parts.insert(0, f"λ={cfg['lam']:g}")
     layers = cfg["layers"]
     span = f"L{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else f"L{layers}"
+    batch = rep.get("settings", {}).get("batch_size", 1)
+    if batch != 1:   # batch-10 and batch-1 runs of one rule are different rows
+        parts.append(f"batch {batch}")
     return f"{cfg['method'].upper()} {span}" + (f" ({', '.join(parts)})" if parts else "")
 
 
