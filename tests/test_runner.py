@@ -318,3 +318,32 @@ def test_run_label_tells_apart_runs_that_differ_in_memory_cap_or_batch():
     assert batched == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
     assert run_label({"config": {"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}},
                       "settings": {"batch_size": 10}}) == "ALPHAEDIT L4-8 (batch 10)"
+
+
+@pytest.mark.model
+def test_batch_run_journal_counts_cases_and_resumes_without_repeats(tmp_path, data_dir, monkeypatch):
+    # batch 2: the journal's index is the position of each batch's first case (0, 2, 4), so the
+    # landed windows and a resume count cases, not edit calls
+    settings = runner.EvalSettings(eval_every=2, batch_size=2, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
+    model, tok, cfg = setup(monkeypatch)
+    real_edit = MOSEEditor.edit
+    calls = {"n": 0}
+
+    def edit_then_die(self, reqs):   # killed after the second batch is journaled and saved
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_edit(self, reqs)
+    monkeypatch.setattr(MOSEEditor, "edit", edit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tok, REQS[:5], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    monkeypatch.setattr(MOSEEditor, "edit", real_edit)
+    model, tok, cfg = setup(monkeypatch)
+    rep = runner.run_eval(model, tok, REQS[:5], cfg, tmp_path / "run", settings, "tiny", progress=False)
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in journal] == [0, 2, 4]
+    assert [c for e in journal for c in e["case_ids"]] == [r.case_id for r in REQS[:5]]
+    assert [e["n_edits"] for e in rep["evaluations"]] == [0, 2, 4, 5]
+    for ev, lo, hi in zip(rep["evaluations"][1:], (0, 2, 4), (2, 4, 5)):
+        window = [x for e in journal if lo <= e["index"] < hi for x in e["landed"]]
+        assert len(window) == hi - lo and ev["landed"] == pytest.approx(sum(window) / len(window))

@@ -33,7 +33,7 @@ def run_label(rep: dict) -> str:
 
 
 def _row(rep: dict, n: int, seconds: list[float]) -> dict:
-    """The evaluation after ``n`` edits; ``seconds``: wall time of each edit, in order."""
+    """The evaluation after ``n`` edits; ``seconds``: wall time per case of each edited case, in order."""
     e = next(e for e in rep["evaluations"] if e["n_edits"] == n)
     gen, ret = e["general"], e["retention"]
     fro = [r["fro"] for r in e["stability_ratio"].values()]
@@ -50,7 +50,9 @@ def _row(rep: dict, n: int, seconds: list[float]) -> dict:
 
 def compare_runs(folders: list[str | Path], at: list[int] | None = None, labels: list[str] | None = None) -> dict:
     reps = [load_report(f) for f in folders]
-    seconds = [[j["seconds"]["total"] for j in _read_lines(Path(f) / "journal.jsonl", lambda e: True, rewrite=False)]
+    # wall seconds per case, one entry per case in run order (a batch's time is shared by its cases)
+    seconds = [[j["seconds"]["total"] / len(j["case_ids"])
+                for j in _read_lines(Path(f) / "journal.jsonl", lambda e: True, rewrite=False) for _ in j["case_ids"]]
                for f in folders]
     labels = labels or [run_label(r) for r in reps]
     if len(labels) != len(reps):
@@ -90,7 +92,7 @@ def comparison_markdown(cmp: dict) -> str:
         tasks = list(rows[0]["general"])
         lines += [f"## after {n} sequential edits", "",
                   "| rule | efficacy | paraphrase | neighb. | Score | rewrite acc | landed | " +
-                  " | ".join(f"{t} (ratio)" for t in tasks) + " | ‖W‖_F ratio | κ₂ ratio | s/edit (median) |",
+                  " | ".join(f"{t} (ratio)" for t in tasks) + " | ‖W‖_F ratio | κ₂ ratio | s/case (median) |",
                   "|---" * (10 + len(tasks)) + "|"]
         best = max(r["score"] for r in rows)
         for r in rows:
@@ -104,7 +106,8 @@ def comparison_markdown(cmp: dict) -> str:
     lines += ["Efficacy, paraphrase, neighbourhood, Score: probability comparison over the cases edited so far; "
               "rewrite acc: teacher-forced target-token accuracy; landed: share of the edits since the previous "
               "evaluation that succeeded right after being made (nan: not recorded by that run). Ratios are against each run's unedited model "
-              "(perplexity ratio: lower is better); ‖W‖_F and κ₂ ratio: the edited layer furthest from 1.", ""]
+              "(perplexity ratio: lower is better); ‖W‖_F and κ₂ ratio: the edited layer furthest from 1; "
+              "s/case: median wall seconds of an edit divided by its number of cases (batch 1: per edit).", ""]
     return "\n".join(lines)
 
 

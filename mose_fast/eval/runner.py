@@ -190,7 +190,9 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     while n_done < len(requests):
         batch = requests[n_done:n_done + bs]
         rec = editor.edit(batch)
-        entry = {"index": n_done, "case_ids": [r.case_id for r in batch], **rec.to_dict(),
+        # "index": the position of the batch's first case in the run (what resume, the landed windows
+        # and the report count in); the editor's own record index counts edit calls, i.e. batches
+        entry = {**rec.to_dict(), "index": n_done, "edit_call": rec.index, "case_ids": [r.case_id for r in batch],
                  "landed": landed(editor.model, editor.tok, batch)}
         _append(out / "journal.jsonl", entry)
         journal.append(entry)
