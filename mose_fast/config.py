@@ -39,6 +39,14 @@ class MOSEConfig:
     # partial edit").  Rule state that remembers edits (MOSE's edit memory, AlphaEdit's K_p) is
     # written once, after the last pass, so no pass is held back by its own edit's keys.
     edit_passes: int = 1
+    # Re-solve an edit whose requests did not land (issue 4, "λ schedule"): after the passes, each
+    # request with target_true is checked on its own prompt, P(new) > P(true); if any fails, the
+    # edit is taken back (bit for bit) and solved again towards the same z with the failed
+    # requests' edit term weighted ``land_boost`` times more (weights w in M = λ·G + μ·E +
+    # Σ_j w_j·v_j·a_jᵀ: a per-request λ/w), up to ``land_retries`` times.  MOSE rules only; requests
+    # without target_true are never retried.
+    land_retries: int = 0
+    land_boost: float = 4.0
     # --- context templates (ROME/MEMIT: generated prefixes, "{}" kept as the subject slot) --
     context_template_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_template_length: int = 10   # generated tokens per template
@@ -72,6 +80,13 @@ class MOSEConfig:
             raise ValueError("MOSEConfig.v_num_grad_steps must be >= 1")
         if not isinstance(self.edit_passes, int) or self.edit_passes < 1:
             raise ValueError(f"MOSEConfig.edit_passes must be an integer >= 1, got {self.edit_passes!r}")
+        if not isinstance(self.land_retries, int) or self.land_retries < 0:
+            raise ValueError(f"MOSEConfig.land_retries must be an integer >= 0, got {self.land_retries!r}")
+        if not self.land_boost > 1.0:
+            raise ValueError(f"MOSEConfig.land_boost must be > 1, got {self.land_boost!r}")
+        if self.land_retries and self.method != "mose":
+            raise ValueError(f"MOSEConfig.land_retries needs the MOSE rule (per-request edit weights); "
+                             f"method={self.method!r}")
         if self.stats_tokens < 1:
             raise ValueError("MOSEConfig.stats_tokens must be >= 1")
 

@@ -44,6 +44,7 @@ class LayerRecord:
     seconds_solve: float
     seconds_apply: float
     edit_pass: int = 0          # which pass over the layers (MOSEConfig.edit_passes)
+    attempt: int = 0            # which solve of the edit (MOSEConfig.land_retries)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class EditRecord:
     # ‖z − h‖ / ‖z − h_before‖ per request at the last edited layer's output after the edit: the
     # share of the residual the edit left unmet (0 = the target z reached; 1 = nothing moved)
     target_unmet: list[float] = field(default_factory=list)
+    attempts: int = 1               # solves of this edit (1 + retries, MOSEConfig.land_retries)
+    edit_weights: list[float] | None = None   # per-request edit-term weights of the kept solve
     seconds_targets: float = 0.0
     seconds_total: float = 0.0      # this edit, excluding one-time setup
     seconds_setup: float = 0.0      # C0 statistics, retention Grams, context templates (first edit)
@@ -154,11 +157,23 @@ class MOSEEditor:
             r.validate_tokens(self.tok)
         return requests
 
-    def edit(self, requests: Iterable[EditRequest] | EditRequest) -> EditRecord:
-        """Apply one batch edit (all requests together).  All-or-nothing."""
+    def edit(self, requests: Iterable[EditRequest] | EditRequest,
+             edit_weights: Iterable[float] | None = None) -> EditRecord:
+        """Apply one batch edit (all requests together).  All-or-nothing.
+
+        ``edit_weights`` (MOSE rules): one weight > 0 per request for its edit term (default all
+        1); ``MOSEConfig.land_retries`` raises the weights of requests that did not land."""
         if isinstance(requests, EditRequest):
             requests = [requests]
         requests = self.validate(requests)
+        if edit_weights is not None:
+            if not getattr(self.rule, "supports_edit_weights", False):
+                raise ValueError(f"edit_weights need a MOSE rule; this editor's rule is {self.cfg.method!r}")
+            w = torch.as_tensor(list(edit_weights), dtype=torch.float64)
+            if w.numel() != len(requests) or not (torch.isfinite(w).all() and (w > 0).all()):
+                raise ValueError(f"edit_weights must be {len(requests)} finite values > 0 (one per request), "
+                                 f"got {list(edit_weights)!r}")
+            edit_weights = w
         t_setup = time.perf_counter()
         self._prepare()
         templates = self.context_templates()
@@ -178,32 +193,25 @@ class MOSEEditor:
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
             z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
-            n_passes = self.cfg.edit_passes
-            for edit_pass in range(n_passes):
-                last_pass = edit_pass == n_passes - 1
-                for i, layer in enumerate(layers):
-                    t = time.perf_counter()
-                    K = compute_keys(self.model, self.tok, self.arch, layer, requests, templates).to(torch.float64)
-                    current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
-                    if edit_pass == 0 and i == 0:
-                        unmet_before = (z - current.to(torch.float64)).norm(dim=1)
-                    resid = (z - current.to(torch.float64)) / (len(layers) - i)        # n × d
-                    t_keys = time.perf_counter() - t
-                    W = self.weight(layer)
-                    norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
-                    # edit memory / K_p take this edit's keys once, in the last pass (see MOSEConfig)
-                    res = self.rule.update(layer, W, K.T.to(W.device), resid.T.to(W.device), remember=last_pass)
-                    if last_pass:
-                        self.rule.after_edit(layer, K.T)
-                    if layer in self._master:
-                        self.arch.weight_view(self.model, layer).copy_(W)
-                    rotations.setdefault(layer, []).append(res.undo)
-                    record.layers.append(LayerRecord(
-                        layer=layer, objective=res.objective, objective_identity=res.objective_identity,
-                        orth_error=res.orth_error, weight_norm_before=norm_before,
-                        weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
-                        seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
-                        edit_pass=edit_pass))
+            weights = None if edit_weights is None else \
+                torch.as_tensor(edit_weights, dtype=torch.float64).reshape(-1).clone()
+            for attempt in range(self.cfg.land_retries + 1):
+                if attempt:
+                    # the retry starts from the state before this edit, bit for bit
+                    self._restore(snapshot, copy=True)
+                    rotations.clear()
+                record.attempts = attempt + 1
+                record.edit_weights = None if weights is None else weights.tolist()
+                unmet_before = self._pass_layers(requests, templates, z, weights, record, rotations, attempt)
+                if attempt == self.cfg.land_retries:
+                    break
+                ok = self._landed(requests)
+                if ok is None or all(ok):
+                    break
+                # the requests that missed weigh land_boost times more in the next solve
+                if weights is None:
+                    weights = torch.ones(len(requests), dtype=torch.float64)
+                weights = torch.where(torch.tensor(ok, dtype=torch.bool), weights, weights * self.cfg.land_boost)
             after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
             record.target_unmet = ((z - after.to(torch.float64)).norm(dim=1)
                                    / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
@@ -221,6 +229,46 @@ class MOSEEditor:
         self._undo.append((record.index, rotations))
         self.journal.append({"op": "edit", "requests": [r.to_dict() for r in requests], **record.to_dict()})
         return record
+
+    def _pass_layers(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
+                     record: EditRecord, rotations: dict, attempt: int) -> torch.Tensor:
+        """The passes over the edited layers towards z (MEMIT's schedule, the rule's update at each
+        layer); appends to ``record.layers`` and ``rotations``.  Returns ‖z − h‖ per request before."""
+        layers = self.cfg.layers
+        n_passes = self.cfg.edit_passes
+        unmet_before = None
+        for edit_pass in range(n_passes):
+            last_pass = edit_pass == n_passes - 1
+            for i, layer in enumerate(layers):
+                t = time.perf_counter()
+                K = compute_keys(self.model, self.tok, self.arch, layer, requests, templates).to(torch.float64)
+                current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
+                if unmet_before is None:
+                    unmet_before = (z - current.to(torch.float64)).norm(dim=1)
+                resid = (z - current.to(torch.float64)) / (len(layers) - i)        # n × d
+                t_keys = time.perf_counter() - t
+                W = self.weight(layer)
+                norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
+                # edit memory / K_p take this edit's keys once, in the last pass (see MOSEConfig)
+                extra = {} if weights is None else {"edit_weights": weights.to(W.device)}
+                res = self.rule.update(layer, W, K.T.to(W.device), resid.T.to(W.device), remember=last_pass, **extra)
+                if last_pass:
+                    self.rule.after_edit(layer, K.T)
+                if layer in self._master:
+                    self.arch.weight_view(self.model, layer).copy_(W)
+                rotations.setdefault(layer, []).append(res.undo)
+                record.layers.append(LayerRecord(
+                    layer=layer, objective=res.objective, objective_identity=res.objective_identity,
+                    orth_error=res.orth_error, weight_norm_before=norm_before,
+                    weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
+                    seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
+                    edit_pass=edit_pass, attempt=attempt))
+        return unmet_before
+
+    def _landed(self, requests: list[EditRequest]) -> list[float] | None:
+        """P(new) > P(true) on each request's own prompt (None when a request has no target_true)."""
+        from .eval.metrics import landed     # eval imports the editor; import here, not at the top
+        return landed(self.model, self.tok, requests)
 
     def edit_sequential(self, requests: Iterable[EditRequest]) -> list[EditRecord]:
         """One edit per request, in order (each on the model as already edited)."""
@@ -254,13 +302,17 @@ class MOSEEditor:
             "rule": self.rule.snapshot(),
         }
 
-    def _restore(self, snap: dict) -> None:
+    def _restore(self, snap: dict, copy: bool = False) -> None:
+        """Put the snapshot back; ``copy`` keeps it usable again (the rule takes copies of its state)."""
         with torch.no_grad():
             for l, w in snap["weights"].items():
                 self.arch.weight_view(self.model, l).copy_(w)
             for l, w in snap["master"].items():
                 self._master[l].copy_(w)
-            self.rule.restore(snap["rule"])
+            rule_state = snap["rule"]
+            if copy:
+                rule_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rule_state.items()}
+            self.rule.restore(rule_state)
 
     # --- inspection and saving -------------------------------------------------------------------
     @torch.no_grad()

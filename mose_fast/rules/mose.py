@@ -82,6 +82,18 @@ def solve_polar(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float, p
     return res, Rotation(R=res.R)
 
 
+def weighted(A: torch.Tensor, V: torch.Tensor, edit_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A·diag(√w), V·diag(√w)): the solvers take the edit term as V·Aᵀ, so scaling both sides'
+    column j by √w_j weighs request j's term by w_j — a per-request λ/w_j, nothing else changes."""
+    if edit_weights is None:
+        return A, V
+    w = torch.as_tensor(edit_weights, dtype=A.dtype, device=A.device).reshape(-1)
+    if w.numel() != A.shape[1] or not (torch.isfinite(w).all() and (w > 0).all()):
+        raise ValueError(f"edit_weights must be {A.shape[1]} finite values > 0, got {edit_weights!r}")
+    root = w.sqrt()
+    return A * root, V * root
+
+
 def forget_edit(memory: dict[int, torch.Tensor], layer: int, rot: Rotation) -> None:
     """Take an undone edit's vectors back out of the edit memory (before rotating back)."""
     if rot.memory_added is not None and layer in memory:
@@ -104,6 +116,7 @@ class MOSERule:
 
     The solve is M = λ·G + μ·E + V·Aᵀ in every case (one polar factor)."""
     name = "mose"
+    supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
 
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
                  retain: str = "current", edit_memory: float = 0.0, match_norms: bool = False,
@@ -168,15 +181,16 @@ class MOSERule:
         return time.perf_counter() - t
 
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
-               remember: bool = True) -> UpdateResult:
+               remember: bool = True, edit_weights: torch.Tensor | None = None) -> UpdateResult:
         """The editor's entry: A_E = W·K_E, V_E = A_E + resid; solve, rotate W in place.  With
-        ``remember`` (the edit's last pass) the edited outputs join the edit memory."""
+        ``remember`` (the edit's last pass) the edited outputs join the edit memory.
+        ``edit_weights`` w (n, > 0): the edit term becomes Σ_j w_j·v_j·a_jᵀ (see ``weighted``)."""
         A = W.to(self.solve_dtype) @ K.to(W.device, self.solve_dtype)          # d_out × n
         V = A + resid.to(W.device, self.solve_dtype)
         if self.match_norms:
             norms = V.norm(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
             V = V * (A.norm(dim=0) / norms)
-        solved, rot, t_solve = self.solve(layer, A, V)
+        solved, rot, t_solve = self.solve(layer, *weighted(A, V, edit_weights))
         t_apply = self.apply(layer, W, rot)
         if remember and layer in self.memory:
             # the edited outputs R·A on this edit's keys join the memory E (after E ← R·E·Rᵀ)

@@ -32,7 +32,7 @@ import time
 import torch
 
 from .base import UpdateResult
-from .mose import Rotation, check_options, forget_edit, solve_polar
+from .mose import Rotation, check_options, forget_edit, solve_polar, weighted
 
 # C0 of a SwiGLU/GELU key space has eigenvalues down to ~0; a ridge of 1e-8 of its mean
 # eigenvalue keeps the Cholesky factor finite without moving the preimage of any direction the
@@ -68,6 +68,7 @@ class MOSEInputRule:
       only half the edits land).  With a cap the memory's weight is μ_eff = min(μ, c·λ·tr(C0)/tr(E)):
       it grows with the edits until μ·tr(E) reaches c·λ·tr(C0), then stays there."""
     name = "mose"
+    supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
 
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
                  retain: str = "current", edit_memory: float = 0.0, side: str = "input",
@@ -126,9 +127,10 @@ class MOSEInputRule:
         return P, trace
 
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
-               remember: bool = True) -> UpdateResult:
+               remember: bool = True, edit_weights: torch.Tensor | None = None) -> UpdateResult:
         """W ← W·Q towards the reachable key targets; with ``remember`` (the edit's last pass) the
-        edit's keys join the memory E."""
+        edit's keys join the memory E (unweighted).  ``edit_weights`` w: the edit term becomes
+        Σ_j w_j·k*_j·k_jᵀ."""
         t = time.perf_counter()
         Wd = W.to(self.solve_dtype)
         K = K.to(W.device, self.solve_dtype)
@@ -138,7 +140,8 @@ class MOSEInputRule:
                 raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
         K_target = reachable_key_targets(Wd, K, resid, self.C0_chol[layer], self.WWt[layer])
         P, trace = self._retention(layer)
-        solved, rot = solve_polar(P, K, K_target, 1.0, self.polar_method, self.solve_dtype, trace)
+        solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), 1.0, self.polar_method,
+                                  self.solve_dtype, trace)
         t_solve = time.perf_counter() - t
         t_apply = self.apply(layer, W, rot)
         if remember and self.edit_memory:
