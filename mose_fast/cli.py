@@ -36,7 +36,8 @@ def _config(args, model):
     overrides = {}
     if getattr(args, "config", None):
         overrides.update(json.loads(Path(args.config).read_text()))
-    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "method", "edit_passes"):
+    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "method", "edit_passes",
+                 "land_retries", "land_boost"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
@@ -53,6 +54,10 @@ def _add_common(p):
                    help="svd (default) | eigh | newton_schulz[_fp32] | polar_express[_fp32] | cupy_gesvd[j] | subspace | krylov | randomized")
     p.add_argument("--edit-passes", dest="edit_passes", type=int,
                    help="passes over the layers per edit towards the same target (default 1)")
+    p.add_argument("--land-retries", dest="land_retries", type=int,
+                   help="MOSE: re-solve an edit up to N times while a request misses P(new) > P(true) (default 0)")
+    p.add_argument("--land-boost", dest="land_boost", type=float,
+                   help="MOSE: factor on a missed request's edit-term weight per retry (default 4)")
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="JSON file of MOSEConfig fields")
 

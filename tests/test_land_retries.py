@@ -160,3 +160,17 @@ def test_land_retry_options_are_checked():
                       ({"land_retries": 1, "method": "alphaedit"}, "MOSE rule")):
         with pytest.raises(ValueError, match=match):
             MOSEConfig(**kw).validate()
+
+
+def test_cli_flags_reach_the_config():
+    import argparse
+    from types import SimpleNamespace
+    from mose_fast.cli import _add_common, _config
+    parser = argparse.ArgumentParser()
+    _add_common(parser)
+    model = SimpleNamespace(config=SimpleNamespace(model_type="llama"))
+    cfg = _config(parser.parse_args(["--land-retries", "2", "--land-boost", "8"]), model)
+    assert (cfg.land_retries, cfg.land_boost) == (2, 8.0)
+    assert _config(parser.parse_args([]), model).land_retries == 0
+    with pytest.raises(ValueError, match="land_boost"):
+        _config(parser.parse_args(["--land-retries", "1", "--land-boost", "0.5"]), model).validate()

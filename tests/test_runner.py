@@ -316,6 +316,8 @@ def test_run_label_tells_apart_runs_that_differ_in_memory_cap_or_batch():
     assert plain == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100)"
     assert capped == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, memory_cap=30)"
     assert batched == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
+    retried = run_label({"config": {**base, "land_retries": 2, "land_boost": 4.0}, "settings": {"batch_size": 10}})
+    assert retried == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, land_retries=2×4, batch 10)"
     assert run_label({"config": {"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}},
                       "settings": {"batch_size": 10}}) == "ALPHAEDIT L4-8 (batch 10)"
 

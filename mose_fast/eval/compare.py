@@ -26,6 +26,8 @@ def run_label(rep: dict) -> str:
         parts.insert(0, f"λ={cfg['lam']:g}")
     layers = cfg["layers"]
     span = f"L{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else f"L{layers}"
+    if cfg.get("land_retries"):   # re-solved edits that missed (MOSEConfig.land_retries)
+        parts.append(f"land_retries={cfg['land_retries']}×{cfg.get('land_boost', 4.0):g}")
     batch = rep.get("settings", {}).get("batch_size", 1)
     if batch != 1:   # batch-10 and batch-1 runs of one rule are different rows
         parts.append(f"batch {batch}")
