@@ -29,6 +29,7 @@ from .config import MOSEConfig
 from .keys import block_outputs_at_subject, compute_keys, generate_context_templates
 from .requests import EditRequest
 from .rules import make_rule
+from .rules.mose import check_edit_weights
 from .stats import default_data_dir, key_second_moments, model_fingerprint
 from .targets import compute_targets
 
@@ -169,11 +170,7 @@ class MOSEEditor:
         if edit_weights is not None:
             if not getattr(self.rule, "supports_edit_weights", False):
                 raise ValueError(f"edit_weights need a MOSE rule; this editor's rule is {self.cfg.method!r}")
-            w = torch.as_tensor(list(edit_weights), dtype=torch.float64)
-            if w.numel() != len(requests) or not (torch.isfinite(w).all() and (w > 0).all()):
-                raise ValueError(f"edit_weights must be {len(requests)} finite values > 0 (one per request), "
-                                 f"got {list(edit_weights)!r}")
-            edit_weights = w
+            edit_weights = check_edit_weights(edit_weights, len(requests))
         t_setup = time.perf_counter()
         self._prepare()
         templates = self.context_templates()
@@ -193,8 +190,7 @@ class MOSEEditor:
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
             z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
-            weights = None if edit_weights is None else \
-                torch.as_tensor(edit_weights, dtype=torch.float64).reshape(-1).clone()
+            weights = edit_weights          # validated float64 vector or None; never written in place
             for attempt in range(self.cfg.land_retries + 1):
                 if attempt:
                     # the retry starts from the state before this edit, bit for bit

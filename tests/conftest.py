@@ -94,6 +94,34 @@ def tiny_second_moments(model, tok, layers):
     return compute_second_moments(model, tok, resolve_arch(model), layers, CORPUS, 400, 32, 4, progress=False)[0]
 
 
+def fail_at_solve_call(monkeypatch, editor, n: int, message: str) -> list:
+    """Make the editor's rule raise RuntimeError(message) at its n-th solve; returns the layers
+    solved so far (the failing one included)."""
+    real_solve, calls = editor.rule.solve, []
+
+    def failing_solve(layer, A, V):
+        calls.append(layer)
+        if len(calls) == n:
+            raise RuntimeError(message)
+        return real_solve(layer, A, V)
+    monkeypatch.setattr(editor.rule, "solve", failing_solve)
+    return calls
+
+
+def editor_state(editor) -> tuple[dict, dict]:
+    """Copies of the model's weights and the rule's state, to check an edit left both untouched."""
+    return ({k: v.detach().clone() for k, v in editor.model.state_dict().items()},
+            {k: v.clone() for k, v in editor.rule.snapshot().items()})
+
+
+def assert_state_unchanged(editor, state: tuple[dict, dict]) -> None:
+    weights, rule_state = state
+    for k, v in editor.model.state_dict().items():
+        assert torch.equal(weights[k], v), k
+    after = editor.rule.snapshot()
+    assert set(after) == set(rule_state) and all(torch.equal(rule_state[k], after[k]) for k in rule_state)
+
+
 @pytest.fixture
 def nan_poison(monkeypatch):
     """Make torch.empty / empty_like return NaN-filled memory, to expose reads of unwritten output."""

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import mose_fast.editor as editor_module
-from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+from conftest import (assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
+                      tiny_mose_config, tiny_second_moments)
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.keys import block_outputs_at_subject, compute_keys
 
@@ -137,21 +138,11 @@ def test_failure_in_the_second_pass_leaves_the_model_and_memory_untouched(monkey
     cfg = tiny_mose_config(lam=30.0, edit_passes=2, rule_hparams={"retain": "original", "edit_memory": 2.0})
     editor = MOSEEditor(model, tok, cfg, second_moments=tiny_second_moments(model, tok, cfg.layers), progress=False)
     editor.edit(REQ)                      # memory and cross Grams exist and have moved
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    state = {k: v.clone() for k, v in editor.rule.snapshot().items()}
-    real_solve, calls = editor.rule.solve, []
-
-    def failing_solve(layer, A, V):
-        calls.append(layer)
-        if len(calls) == 4:               # the second pass's second layer
-            raise RuntimeError("injected failure in pass 2")
-        return real_solve(layer, A, V)
-    monkeypatch.setattr(editor.rule, "solve", failing_solve)
+    state = editor_state(editor)
+    # the 4th solve is the second pass's second layer
+    calls = fail_at_solve_call(monkeypatch, editor, 4, "injected failure in pass 2")
     with pytest.raises(RuntimeError, match="pass 2"):
         editor.edit(REQ)
     assert calls == [1, 2, 1, 2]
-    for k, v in model.state_dict().items():
-        assert torch.equal(weights[k], v), k
-    after = editor.rule.snapshot()
-    assert set(after) == set(state) and all(torch.equal(state[k], after[k]) for k in state)
+    assert_state_unchanged(editor, state)
     assert len(editor.records) == 1

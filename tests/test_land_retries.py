@@ -5,7 +5,8 @@ a direct edit with the final weights would give, bit for bit, and stays all-or-n
 import pytest
 import torch
 
-from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+from conftest import (assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
+                      tiny_mose_config, tiny_second_moments)
 from test_mose_input import _chol, _dense
 from test_rules import N0, _scipy_rotation, problem
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
@@ -117,23 +118,13 @@ def test_an_edit_that_lands_is_solved_once():
 def test_failure_in_a_retry_leaves_the_model_and_rule_untouched(monkeypatch):
     editor = _editor("output", 30.0, land_retries=2, land_boost=10.0)
     editor.edit(EditRequest("The capital of France is", "France", "Rome", target_true="Paris"))
-    weights = {k: v.detach().clone() for k, v in editor.model.state_dict().items()}
-    state = {k: v.clone() for k, v in editor.rule.snapshot().items()}
-    real_solve, calls = editor.rule.solve, []
+    state = editor_state(editor)
     monkeypatch.setattr(editor, "_landed", lambda requests: [0.0] * len(requests))   # always retry
-
-    def failing_solve(layer, A, V):
-        calls.append(layer)
-        if len(calls) == 3:               # the first retry's first layer
-            raise RuntimeError("injected failure in a retry")
-        return real_solve(layer, A, V)
-    monkeypatch.setattr(editor.rule, "solve", failing_solve)
+    # the 3rd solve is the first retry's first layer
+    fail_at_solve_call(monkeypatch, editor, 3, "injected failure in a retry")
     with pytest.raises(RuntimeError, match="retry"):
         editor.edit(REQ)
-    for k, v in editor.model.state_dict().items():
-        assert torch.equal(weights[k], v), k
-    after = editor.rule.snapshot()
-    assert set(after) == set(state) and all(torch.equal(state[k], after[k]) for k in state)
+    assert_state_unchanged(editor, state)
     assert len(editor.records) == 1
 
 

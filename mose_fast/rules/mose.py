@@ -82,15 +82,21 @@ def solve_polar(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float, p
     return res, Rotation(R=res.R)
 
 
+def check_edit_weights(edit_weights, n: int) -> torch.Tensor:
+    """The per-request edit weights as a float64 vector: n finite values > 0, else ValueError."""
+    values = edit_weights.tolist() if isinstance(edit_weights, torch.Tensor) else list(edit_weights)
+    w = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if w.numel() != n or not (torch.isfinite(w).all() and (w > 0).all()):
+        raise ValueError(f"edit_weights must be {n} finite values > 0 (one per request), got {values!r}")
+    return w
+
+
 def weighted(A: torch.Tensor, V: torch.Tensor, edit_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(A·diag(√w), V·diag(√w)): the solvers take the edit term as V·Aᵀ, so scaling both sides'
     column j by √w_j weighs request j's term by w_j — a per-request λ/w_j, nothing else changes."""
     if edit_weights is None:
         return A, V
-    w = torch.as_tensor(edit_weights, dtype=A.dtype, device=A.device).reshape(-1)
-    if w.numel() != A.shape[1] or not (torch.isfinite(w).all() and (w > 0).all()):
-        raise ValueError(f"edit_weights must be {A.shape[1]} finite values > 0, got {edit_weights!r}")
-    root = w.sqrt()
+    root = check_edit_weights(edit_weights, A.shape[1]).to(A.device, A.dtype).sqrt()
     return A * root, V * root
 
 
