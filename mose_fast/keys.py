@@ -48,10 +48,17 @@ def _subject_batch(tok, requests: list[EditRequest], templates: list[str]):
     return ids, positions
 
 
+def template_weights(context_templates: list[list[str]]) -> torch.Tensor:
+    """Each template's weight in the mean key (float64, sums to 1): 1/(n_groups·len(group))."""
+    return torch.cat([torch.full((len(g),), 1.0 / (len(context_templates) * len(g)), dtype=torch.float64)
+                      for g in context_templates])
+
+
 @torch.no_grad()
-def compute_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
-                 context_templates: list[list[str]]) -> torch.Tensor:
-    """``K_E`` as an (n_requests × d_in) tensor in the model's dtype."""
+def compute_template_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
+                          context_templates: list[list[str]]) -> torch.Tensor:
+    """The key of every request in every template, (n_requests × n_templates × d_in) in the model's
+    dtype, templates in the order of the flattened groups (weights: ``template_weights``)."""
     flat = [t for group in context_templates for t in group]
     ids, positions = _subject_batch(tok, requests, flat)
     device = next(model.parameters()).device
@@ -60,7 +67,19 @@ def compute_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequ
         run_until(model, arch.block(model, layer), **pad_batch(tok, ids, device))
     inputs = seen["k"][0]
     rows = inputs[torch.arange(len(ids), device=device), torch.tensor(positions, device=device)]
-    rows = rows.view(len(requests), len(flat), -1)
+    return rows.view(len(requests), len(flat), -1)
+
+
+@torch.no_grad()
+def compute_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
+                 context_templates: list[list[str]]) -> torch.Tensor:
+    """``K_E`` as an (n_requests × d_in) tensor in the model's dtype."""
+    rows = compute_template_keys(model, tok, arch, layer, requests, context_templates)
+    return mean_key(rows, context_templates)
+
+
+def mean_key(rows: torch.Tensor, context_templates: list[list[str]]) -> torch.Tensor:
+    """MEMIT's key from the per-template keys: the mean within each group, then across groups."""
     start, group_means = 0, []
     for group in context_templates:
         group_means.append(rows[:, start:start + len(group)].mean(1))

@@ -29,7 +29,7 @@ def make_rule(cfg):
             return rule(cfg.lam, cfg.polar_method, torch.float64 if cfg.solve_dtype == "float64" else torch.float32,
                         **cfg.rule_hparams)
         except TypeError as e:
-            known = "retain, edit_memory, memory_cap, side" if side == "input" else "retain, edit_memory, match_norms, side"
+            known = "retain, edit_memory, memory_cap, template_keys, side" if side == "input" else "retain, edit_memory, match_norms, side"
             raise ValueError(f"bad rule_hparams for mose side={side} ({known}): {e}") from None
     if cfg.method == "rome" and len(cfg.layers) != 1:
         raise ValueError(f"ROME edits a single layer; got layers {cfg.layers}")

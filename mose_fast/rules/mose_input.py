@@ -32,7 +32,7 @@ import time
 import torch
 
 from .base import UpdateResult
-from .mose import Rotation, check_options, forget_edit, solve_polar, weighted
+from .mose import Rotation, check_edit_weights, check_options, forget_edit, solve_polar, weighted
 
 # C0 of a SwiGLU/GELU key space has eigenvalues down to ~0; a ridge of 1e-8 of its mean
 # eigenvalue keeps the Cholesky factor finite without moving the preimage of any direction the
@@ -66,20 +66,33 @@ class MOSEInputRule:
       new edit's term K*·K_Eᵀ keeps weight 1, so after enough edits μ·E outweighs it and new edits
       stop landing (issue 4: μ·tr(E)/λ·tr(C0) ≈ 60–100 after 300 edits, 157–273 after 800, when
       only half the edits land).  With a cap the memory's weight is μ_eff = min(μ, c·λ·tr(C0)/tr(E)):
-      it grows with the edits until μ·tr(E) reaches c·λ·tr(C0), then stays there."""
+      it grows with the edits until μ·tr(E) reaches c·λ·tr(C0), then stays there.
+    * ``template_keys`` "mean" (default) | "memory" | "all": which keys stand for a request.  "mean"
+      is MEMIT's, one key per request averaged over the context templates.  A paraphrase reaches
+      the subject through another context, so its key is one more sample of the same cloud; with
+      "memory" the edit memory keeps the cloud's second moment Σ_t ω_t·k_t·k_tᵀ (ω the templates'
+      weights in the mean) instead of k̄·k̄ᵀ, so later rotations keep every context's key in place,
+      not only the mean; "all" also fits the rotation on every context's key, Σ_t ω_t·k*_t·k_tᵀ
+      (k*_t: the reachable target of k_t for the request's residual).  Both need the per-template
+      keys, passed as ``update(..., per_template=(K_t, ω))`` (the editor does)."""
     name = "mose"
     supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
+    TEMPLATE_KEYS = ("mean", "memory", "all")
 
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
                  retain: str = "current", edit_memory: float = 0.0, side: str = "input",
-                 memory_cap: float | None = None):
+                 memory_cap: float | None = None, template_keys: str = "mean"):
         if side != "input":
             raise ValueError(f"MOSEInputRule rotates the input side; got side={side!r}")
         check_options(lam, retain, edit_memory)
         if memory_cap is not None and not (memory_cap > 0.0 and edit_memory > 0.0):
             raise ValueError(f"MOSE memory_cap must be > 0 and needs edit_memory > 0; got memory_cap={memory_cap}, "
                              f"edit_memory={edit_memory}")
-        self.side = side
+        if template_keys not in self.TEMPLATE_KEYS:
+            raise ValueError(f"MOSE template_keys={template_keys!r}: choose one of {self.TEMPLATE_KEYS}")
+        if template_keys == "memory" and not edit_memory > 0.0:
+            raise ValueError("MOSE template_keys='memory' changes what the edit memory holds; it needs edit_memory > 0")
+        self.side, self.template_keys = side, template_keys
         self.lam, self.polar_method, self.solve_dtype = lam, polar_method, solve_dtype
         self.retain, self.edit_memory = retain, float(edit_memory)
         self.memory_cap = None if memory_cap is None else float(memory_cap)
@@ -126,11 +139,28 @@ class MOSEInputRule:
             trace += mu * float(torch.trace(self.memory[layer]))
         return P, trace
 
+    def _template_columns(self, layer: int, K: torch.Tensor, per_template) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K_t as d_in × (n·T) columns, request j's template t at j·T + t; each column's weight ω_t)."""
+        if per_template is None:
+            raise ValueError(f"MOSE template_keys={self.template_keys!r} needs the per-template keys "
+                             "(update(..., per_template=(K_t, ω)))")
+        Kt, omega = per_template
+        Kt = Kt.to(K.device, self.solve_dtype)
+        omega = torch.as_tensor(omega).to(K.device, self.solve_dtype).reshape(-1)
+        if Kt.dim() != 3 or Kt.shape[:2] != K.shape or Kt.shape[2] != omega.numel():
+            raise ValueError(f"per-template keys must be d_in × n × T = {tuple(K.shape)} × T with T weights; got "
+                             f"{tuple(Kt.shape)} and {omega.numel()} weights")
+        if not (torch.isfinite(Kt).all() and torch.isfinite(omega).all() and (omega > 0).all()):
+            raise ValueError(f"non-finite per-template keys or template weights ≤ 0 at layer {layer}; refusing to rotate")
+        return Kt.reshape(K.shape[0], -1), omega.repeat(K.shape[1])
+
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
-               remember: bool = True, edit_weights: torch.Tensor | None = None) -> UpdateResult:
+               remember: bool = True, edit_weights: torch.Tensor | None = None,
+               per_template: tuple[torch.Tensor, torch.Tensor] | None = None) -> UpdateResult:
         """W ← W·Q towards the reachable key targets; with ``remember`` (the edit's last pass) the
         edit's keys join the memory E (unweighted).  ``edit_weights`` w: the edit term becomes
-        Σ_j w_j·k*_j·k_jᵀ."""
+        Σ_j w_j·k*_j·k_jᵀ.  ``per_template`` (K_t: d_in × n × T, ω: T): every request's key in every
+        context template, for ``template_keys`` "memory" / "all" (ignored with "mean")."""
         t = time.perf_counter()
         Wd = W.to(self.solve_dtype)
         K = K.to(W.device, self.solve_dtype)
@@ -138,6 +168,16 @@ class MOSEInputRule:
         for name, x in (("keys", K), ("residual", resid)):
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
+        remembered = K                          # E += remembered·rememberedᵀ
+        if self.template_keys != "mean":
+            columns, omega = self._template_columns(layer, K, per_template)
+            remembered = columns * omega.sqrt()
+        if self.template_keys == "all":
+            # each context's key towards its own reachable target, weighted ω_t (× w_j of its request)
+            n_templates = columns.shape[1] // K.shape[1]
+            if edit_weights is not None:
+                omega = omega * check_edit_weights(edit_weights, K.shape[1]).to(omega).repeat_interleave(n_templates)
+            K, resid, edit_weights = columns, resid.repeat_interleave(n_templates, dim=1), omega
         K_target = reachable_key_targets(Wd, K, resid, self.C0_chol[layer], self.WWt[layer])
         P, trace = self._retention(layer)
         solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), 1.0, self.polar_method,
@@ -145,8 +185,8 @@ class MOSEInputRule:
         t_solve = time.perf_counter() - t
         t_apply = self.apply(layer, W, rot)
         if remember and self.edit_memory:
-            self.memory[layer] = self.memory[layer] + K @ K.T
-            rot.memory_added = K
+            self.memory[layer] = self.memory[layer] + remembered @ remembered.T
+            rot.memory_added = remembered
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
                             orth_error=solved.orth_error, undo=rot.to("cpu"), seconds_solve=t_solve,
                             seconds_apply=t_apply)
