@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from .arch import ArchSpec, resolve_arch
 from .config import MOSEConfig
-from .keys import (block_outputs_at_subject, compute_keys, compute_template_keys, generate_context_templates,
-                   mean_key, template_weights)
+from .keys import (block_outputs_at_subject, compute_template_keys, generate_context_templates, mean_key,
+                   template_weights)
 from .requests import EditRequest
 from .rules import make_rule
 from .rules.mose import check_edit_weights
@@ -238,12 +238,11 @@ class MOSEEditor:
             last_pass = edit_pass == n_passes - 1
             for i, layer in enumerate(layers):
                 t = time.perf_counter()
+                rows = compute_template_keys(self.model, self.tok, self.arch, layer, requests, templates)
+                K = mean_key(rows, templates).to(torch.float64)
                 extra = {} if weights is None else {"edit_weights": weights}
-                if getattr(self.rule, "template_keys", "mean") == "mean":
-                    K = compute_keys(self.model, self.tok, self.arch, layer, requests, templates).to(torch.float64)
-                else:   # the rule also wants every context's key (MOSEInputRule template_keys)
-                    rows = compute_template_keys(self.model, self.tok, self.arch, layer, requests, templates)
-                    K = mean_key(rows, templates).to(torch.float64)
+                if getattr(self.rule, "template_keys", "mean") != "mean":
+                    # the rule also wants every context's key (MOSEInputRule template_keys)
                     extra["per_template"] = (rows.permute(2, 0, 1).to(torch.float64), template_weights(templates))
                 current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
                 if unmet_before is None:

@@ -139,8 +139,8 @@ class MOSEInputRule:
             trace += mu * float(torch.trace(self.memory[layer]))
         return P, trace
 
-    def _template_columns(self, layer: int, K: torch.Tensor, per_template) -> tuple[torch.Tensor, torch.Tensor]:
-        """(K_t as d_in × (n·T) columns, request j's template t at j·T + t; each column's weight ω_t)."""
+    def _template_columns(self, layer: int, K: torch.Tensor, per_template) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(K_t as d_in × (n·T) columns, request j's template t at j·T + t; each column's weight ω_t; T)."""
         if per_template is None:
             raise ValueError(f"MOSE template_keys={self.template_keys!r} needs the per-template keys "
                              "(update(..., per_template=(K_t, ω)))")
@@ -152,7 +152,7 @@ class MOSEInputRule:
                              f"{tuple(Kt.shape)} and {omega.numel()} weights")
         if not (torch.isfinite(Kt).all() and torch.isfinite(omega).all() and (omega > 0).all()):
             raise ValueError(f"non-finite per-template keys or template weights ≤ 0 at layer {layer}; refusing to rotate")
-        return Kt.reshape(K.shape[0], -1), omega.repeat(K.shape[1])
+        return Kt.reshape(K.shape[0], -1), omega.repeat(K.shape[1]), omega.numel()
 
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
                remember: bool = True, edit_weights: torch.Tensor | None = None,
@@ -170,11 +170,10 @@ class MOSEInputRule:
                 raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
         remembered = K                          # E += remembered·rememberedᵀ
         if self.template_keys != "mean":
-            columns, omega = self._template_columns(layer, K, per_template)
+            columns, omega, n_templates = self._template_columns(layer, K, per_template)
             remembered = columns * omega.sqrt()
         if self.template_keys == "all":
             # each context's key towards its own reachable target, weighted ω_t (× w_j of its request)
-            n_templates = columns.shape[1] // K.shape[1]
             if edit_weights is not None:
                 omega = omega * check_edit_weights(edit_weights, K.shape[1]).to(omega).repeat_interleave(n_templates)
             K, resid, edit_weights = columns, resid.repeat_interleave(n_templates, dim=1), omega
