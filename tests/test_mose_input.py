@@ -180,3 +180,77 @@ def test_memory_cap_is_checked():
         MOSEInputRule(3.0, edit_memory=1.0, memory_cap=-1.0)
     with pytest.raises(ValueError, match="memory_cap"):
         make_rule(tiny_mose_config(rule_hparams={"side": "output", "memory_cap": 1.0}))
+
+
+def _split_spectrum_problem(seed):
+    """d_in = 40 keys whose second moment has 16 large eigenvalues (1–10) and 24 small ones
+    (1e-4–1e-3): with null_space = 1e-2 the rotation lives in a 24-dim U, more than d_out = 12,
+    so every residual is reachable inside U."""
+    g = torch.Generator().manual_seed(seed)
+    d_out, d_in, n0 = 12, 40, 800
+    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+    basis = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
+    scale = torch.cat([torch.linspace(1.0, 10.0, 16), torch.linspace(1e-4, 1e-3, 24)]).double().sqrt()
+    K0 = basis @ (scale[:, None] * torch.randn(d_in, n0, generator=g, dtype=torch.float64))
+    C0 = K0 @ K0.T / n0
+    K = basis @ (torch.ones(d_in, dtype=torch.float64)[:, None] * torch.randn(d_in, 3, generator=g, dtype=torch.float64))
+    resid = 0.3 * torch.randn(d_out, 3, generator=g, dtype=torch.float64)
+    return W, K0, C0, K, resid
+
+
+def _small_eigenspace(C0, threshold):
+    evals, evecs = np.linalg.eigh(C0.numpy())
+    small = evals < threshold * evals.max()
+    return torch.from_numpy(evecs[:, small]), torch.from_numpy(evals[small])
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+@pytest.mark.parametrize("retain, mu", [("current", 0.0), ("original", 2.0)])
+def test_null_space_rotation_is_the_procrustes_solution_inside_U(retain, mu, polar_method):
+    """null_space = τ: the keys in C0's dominant subspace map exactly as before; the first edit
+    (λ = 0) meets its output exactly; the second rotation restricted to U equals SciPy's on the
+    stacked problem in U's coordinates; singular values never move."""
+    W0, K0, C0, K, resid = _split_spectrum_problem(40)
+    U, small_evals = _small_eigenspace(C0, 1e-2)
+    assert U.shape[1] == 24
+    lam = 3.0
+    rule = MOSEInputRule(lam, polar_method=polar_method, retain=retain, edit_memory=mu, null_space=1e-2)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    lam_saved, rule.lam = rule.lam, 0.0        # first edit: nothing to keep but the subspace
+    first = rule.update(0, W, K[:, :1], resid[:, :1])
+    rule.lam = lam_saved
+    torch.testing.assert_close(W @ K[:, :1], W0 @ K[:, :1] + resid[:, :1], atol=1e-9, rtol=0)
+    W1 = W.clone()
+    res = rule.update(0, W, K[:, 1:3], resid[:, 1:3])
+    Q1, Q = _dense(first.undo), _dense(res.undo)
+    torch.testing.assert_close(W, W1 @ Q, atol=1e-12, rtol=0)
+    dominant = torch.eye(40, dtype=torch.float64) - U @ U.T
+    torch.testing.assert_close(W @ dominant, W0 @ dominant, atol=1e-10, rtol=0)   # Q = I off U
+    torch.testing.assert_close(torch.linalg.svdvals(W), torch.linalg.svdvals(W0), atol=0, rtol=1e-12)
+    # the second edit's targets inside U: W1·U·(k*_U − k_U) = resid and ‖k*_U‖ = ‖k_U‖
+    K2_U = U.T @ K[:, 1:3]
+    chol = torch.diag((small_evals + PREIMAGE_RIDGE * float(torch.trace(C0)) / 40).sqrt())
+    K2_U_target = reachable_key_targets(W1 @ U, K2_U, resid[:, 1:3], chol, (W0 @ U) @ (W0 @ U).T)
+    torch.testing.assert_close(W1 @ U @ (K2_U_target - K2_U), resid[:, 1:3], atol=1e-9, rtol=0)
+    torch.testing.assert_close(K2_U_target.norm(dim=0), K2_U.norm(dim=0), atol=0, rtol=1e-12)
+    w = (lam / K0.shape[1]) ** 0.5
+    Y0 = Q1.T @ K0 if retain == "original" else K0
+    X = torch.cat([w * U.T @ K0, mu ** 0.5 * U.T @ K[:, :1], K2_U], 1)
+    Y = torch.cat([w * U.T @ Y0, mu ** 0.5 * U.T @ K[:, :1], K2_U_target], 1)
+    torch.testing.assert_close(U.T @ Q @ U, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
+    assert res.objective == pytest.approx(float((U.T @ Q @ U @ X - Y).pow(2).sum()), rel=1e-9)
+    # undo takes W back
+    rule.revert(0, W, res.undo)
+    torch.testing.assert_close(W, W1, atol=1e-12, rtol=0)
+
+
+def test_null_space_is_checked():
+    W, _, C0, _, _ = _split_spectrum_problem(41)
+    for bad in (0.0, -1e-2, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="null_space"):
+            MOSEInputRule(1.0, null_space=bad)
+    rule = MOSEInputRule(1.0, null_space=1e-9)          # below every eigenvalue ratio: empty U
+    with pytest.raises(ValueError, match="nothing to rotate in"):
+        rule.prepare(0, W, C0)
+    assert not rule.C0 and not rule.basis

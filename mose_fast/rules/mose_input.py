@@ -74,14 +74,23 @@ class MOSEInputRule:
       weights in the mean) instead of k̄·k̄ᵀ, so later rotations keep every context's key in place,
       not only the mean; "all" also fits the rotation on every context's key, Σ_t ω_t·k*_t·k_tᵀ
       (k*_t: the reachable target of k_t for the request's residual).  Both need the per-template
-      keys, passed as ``update(..., per_template=(K_t, ω))`` (the editor does)."""
+      keys, passed as ``update(..., per_template=(K_t, ω))`` (the editor does).
+    * ``null_space`` τ (off by default): rotate only inside U = span of C0's eigenvectors with
+      eigenvalue < τ × the largest (AlphaEdit's projector, relative threshold), Q = I + U·(Q_U − I)·Uᵀ.
+      Why: the soft retention λ·‖(Q − I)·K0‖² still lets every rotation move keys along the
+      directions in which the contexts of one subject differ (ordinary text varies along them), so
+      later edits erode earlier edits' paraphrases; with Q fixed on C0's dominant subspace a key's
+      output changes only through its component in U.  The target keys are then reached inside U
+      (k* − k ∈ U, ‖Uᵀ·k*‖ = ‖Uᵀ·k‖) and the Procrustes problem is the same one restricted to U:
+      argmax tr(Qᵀ·M) over such Q is Q_U = polar(Uᵀ·M·U)."""
     name = "mose"
     supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
     TEMPLATE_KEYS = ("mean", "memory", "all")
 
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
                  retain: str = "current", edit_memory: float = 0.0, side: str = "input",
-                 memory_cap: float | None = None, template_keys: str = "mean"):
+                 memory_cap: float | None = None, template_keys: str = "mean",
+                 null_space: float | None = None):
         if side != "input":
             raise ValueError(f"MOSEInputRule rotates the input side; got side={side!r}")
         check_options(lam, retain, edit_memory)
@@ -92,7 +101,11 @@ class MOSEInputRule:
             raise ValueError(f"MOSE template_keys={template_keys!r}: choose one of {self.TEMPLATE_KEYS}")
         if template_keys == "memory" and not edit_memory > 0.0:
             raise ValueError("MOSE template_keys='memory' changes what the edit memory holds; it needs edit_memory > 0")
+        if null_space is not None and not 0.0 < null_space <= 1.0:
+            raise ValueError(f"MOSE null_space is a threshold relative to C0's largest eigenvalue, in (0, 1]; "
+                             f"got {null_space}")
         self.side, self.template_keys = side, template_keys
+        self.null_space = None if null_space is None else float(null_space)
         self.lam, self.polar_method, self.solve_dtype = lam, polar_method, solve_dtype
         self.retain, self.edit_memory = retain, float(edit_memory)
         self.memory_cap = None if memory_cap is None else float(memory_cap)
@@ -101,6 +114,9 @@ class MOSEInputRule:
         self.WWt: dict[int, torch.Tensor] = {}       # constant under W ← W·Q
         self.cross: dict[int, torch.Tensor] = {}     # G = Q_totᵀ·C0 (retain "original" only)
         self.memory: dict[int, torch.Tensor] = {}    # E = Σ K_p·K_pᵀ (edit_memory > 0)
+        self.basis: dict[int, torch.Tensor] = {}     # U, d_in × r (null_space only), constant
+        self.basis_chol: dict[int, torch.Tensor] = {}  # Cholesky factor of Uᵀ·C0·U (+ ridge), r × r
+        self.basis_WWt: dict[int, torch.Tensor] = {}   # (W·U)·(W·U)ᵀ, constant: W·U ← W·U·Q_U
 
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
         if layer in self.C0:
@@ -109,6 +125,18 @@ class MOSEInputRule:
         C0 = 0.5 * (C0 + C0.T)
         Wd = W.to(self.solve_dtype)
         ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
+        if self.null_space is not None:     # checked before any state is kept: a refusal leaves none
+            evals, evecs = torch.linalg.eigh(C0)
+            small = evals < self.null_space * evals.max()
+            if not small.any():
+                raise ValueError(f"MOSE null_space={self.null_space}: no eigenvalue of C0 at layer {layer} is below "
+                                 "that fraction of the largest; nothing to rotate in")
+            U = evecs[:, small].contiguous()
+            WU = Wd @ U
+            self.basis[layer] = U
+            # Uᵀ·C0·U is diagonal (U: eigenvectors), so its Cholesky factor is √ of those eigenvalues
+            self.basis_chol[layer] = torch.diag((evals[small].clamp_min(0.0) + ridge).sqrt())
+            self.basis_WWt[layer] = WU @ WU.T
         self.C0[layer] = C0
         self.C0_chol[layer] = torch.linalg.cholesky(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype, device=C0.device))
         self.WWt[layer] = Wd @ Wd.T
@@ -129,14 +157,17 @@ class MOSEInputRule:
         return mu
 
     def _retention(self, layer: int) -> tuple[torch.Tensor, float]:
-        """(λ·G + μ·E, objective constant)."""
+        """(λ·G + μ·E, objective constant λ·tr(C0) + μ·tr(E)), both in U's coordinates with null_space."""
+        U = self.basis.get(layer)
+        inside = (lambda X: X) if U is None else (lambda X: U.T @ X @ U)
         G = self.cross[layer] if self.retain == "original" else self.C0[layer]
-        P = self.lam * G
-        trace = self.lam * float(torch.trace(self.C0[layer]))
+        P = self.lam * inside(G)
+        trace = self.lam * float(torch.trace(inside(self.C0[layer])))
         if self.edit_memory:
             mu = self.memory_weight(layer)
-            P = P + mu * self.memory[layer]
-            trace += mu * float(torch.trace(self.memory[layer]))
+            E = inside(self.memory[layer])
+            P = P + mu * E
+            trace += mu * float(torch.trace(E))
         return P, trace
 
     def _template_columns(self, layer: int, K: torch.Tensor, per_template) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -177,10 +208,19 @@ class MOSEInputRule:
             if edit_weights is not None:
                 omega = omega * check_edit_weights(edit_weights, K.shape[1]).to(omega).repeat_interleave(n_templates)
             K, resid, edit_weights = columns, resid.repeat_interleave(n_templates, dim=1), omega
-        K_target = reachable_key_targets(Wd, K, resid, self.C0_chol[layer], self.WWt[layer])
         P, trace = self._retention(layer)
-        solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), 1.0, self.polar_method,
-                                  self.solve_dtype, trace)
+        if self.null_space is None:
+            K_target = reachable_key_targets(Wd, K, resid, self.C0_chol[layer], self.WWt[layer])
+            solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), 1.0, self.polar_method,
+                                      self.solve_dtype, trace)
+        else:   # the same steps in the coordinates of U (module doc, null_space)
+            U = self.basis[layer]
+            K_U = U.T @ K
+            K_U_target = reachable_key_targets(Wd @ U, K_U, resid, self.basis_chol[layer], self.basis_WWt[layer])
+            solved, rot_U = solve_polar(P, *weighted(K_U, K_U_target, edit_weights), 1.0, self.polar_method,
+                                        self.solve_dtype, trace)
+            # Q = I + U·(Q_U − I)·Uᵀ, and a factored Q_U = I + V·(Rk − I)·Vᵀ gives Q = I + (U·V)·(Rk − I)·(U·V)ᵀ
+            rot = Rotation(Q=U, Rk=rot_U.R) if rot_U.R is not None else Rotation(Q=U @ rot_U.Q, Rk=rot_U.Rk)
         t_solve = time.perf_counter() - t
         t_apply = self.apply(layer, W, rot)
         if remember and self.edit_memory:
