@@ -254,3 +254,30 @@ def test_null_space_is_checked():
     with pytest.raises(ValueError, match="nothing to rotate in"):
         rule.prepare(0, W, C0)
     assert not rule.C0 and not rule.basis
+
+
+@pytest.mark.parametrize("rho", [1.0, 100.0])
+def test_preimage_ridge_moves_the_target_key_by_the_ridged_kkt_shift(rho):
+    """preimage_ridge ρ: with λ = 0 one key is rotated exactly onto its target k*, which is the
+    KKT shift for dᵀ·(C0 + ρ·c̄·I)·d brought back to ‖k‖ along null(W); a larger ρ moves it less."""
+    W0, _, C0, K, resid = problem(35)
+    k, r = K[:, :1], 0.3 * resid[:, :1]
+    ridge = rho * float(torch.trace(C0)) / C0.shape[0]
+    shifted = k + _kkt_shift(W0, C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype), r)
+    n = _null_projector(W0) @ shifted
+    roots = np.roots([float((n * n).sum()), -2 * float((n * shifted).sum()), float((shifted * shifted).sum() - (k * k).sum())])
+    want = shifted - min(roots.real, key=abs) * n
+    moved = {}
+    for ridge_option in (rho, 1e-8):
+        rule = MOSEInputRule(0.0, preimage_ridge=ridge_option)
+        W = W0.clone()
+        rule.prepare(0, W, C0)
+        Q = _dense(rule.update(0, W, k, r).undo)
+        torch.testing.assert_close(W @ k, W0 @ k + r, atol=1e-9, rtol=0)
+        moved[ridge_option] = float((Q @ k - k).norm())
+        if ridge_option == rho:
+            torch.testing.assert_close(Q @ k, want, atol=1e-9, rtol=0)
+    assert moved[rho] < moved[1e-8]
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="preimage_ridge"):
+            MOSEInputRule(1.0, preimage_ridge=bad)

@@ -82,7 +82,11 @@ class MOSEInputRule:
       later edits erode earlier edits' paraphrases; with Q fixed on C0's dominant subspace a key's
       output changes only through its component in U.  The target keys are then reached inside U
       (k* − k ∈ U, ‖Uᵀ·k*‖ = ‖Uᵀ·k‖) and the Procrustes problem is the same one restricted to U:
-      argmax tr(Qᵀ·M) over such Q is Q_U = polar(Uᵀ·M·U)."""
+      argmax tr(Qᵀ·M) over such Q is Q_U = polar(Uᵀ·M·U).
+    * ``preimage_ridge`` ρ (default 1e-8): the target keys' shift minimises dᵀ·(C0 + ρ·c̄·I)·d (c̄ the
+      mean eigenvalue of C0).  A larger ρ trades corpus-cheapness of the shift for a shorter one —
+      ρ → ∞ gives the minimum-norm preimage — and so a smaller rotation angle ‖d‖/‖k‖, which moves
+      the other keys of the subject's cloud (its paraphrases' keys) less off the edit's direction."""
     name = "mose"
     supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
     TEMPLATE_KEYS = ("mean", "memory", "all")
@@ -90,7 +94,7 @@ class MOSEInputRule:
     def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
                  retain: str = "current", edit_memory: float = 0.0, side: str = "input",
                  memory_cap: float | None = None, template_keys: str = "mean",
-                 null_space: float | None = None):
+                 null_space: float | None = None, preimage_ridge: float = PREIMAGE_RIDGE):
         if side != "input":
             raise ValueError(f"MOSEInputRule rotates the input side; got side={side!r}")
         check_options(lam, retain, edit_memory)
@@ -104,7 +108,10 @@ class MOSEInputRule:
         if null_space is not None and not 0.0 < null_space <= 1.0:
             raise ValueError(f"MOSE null_space is a threshold relative to C0's largest eigenvalue, in (0, 1]; "
                              f"got {null_space}")
+        if not preimage_ridge > 0.0 or preimage_ridge == float("inf"):
+            raise ValueError(f"MOSE preimage_ridge must be finite and > 0 (relative to C0's mean eigenvalue); got {preimage_ridge}")
         self.side, self.template_keys = side, template_keys
+        self.preimage_ridge = float(preimage_ridge)
         self.null_space = None if null_space is None else float(null_space)
         self.lam, self.polar_method, self.solve_dtype = lam, polar_method, solve_dtype
         self.retain, self.edit_memory = retain, float(edit_memory)
@@ -124,7 +131,7 @@ class MOSEInputRule:
         C0 = C0.to(device=W.device, dtype=self.solve_dtype)
         C0 = 0.5 * (C0 + C0.T)
         Wd = W.to(self.solve_dtype)
-        ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
+        ridge = self.preimage_ridge * float(torch.trace(C0)) / C0.shape[0]
         if self.null_space is not None:     # checked before any state is kept: a refusal leaves none
             evals, evecs = torch.linalg.eigh(C0)
             small = evals < self.null_space * evals.max()
