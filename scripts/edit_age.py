@@ -10,7 +10,8 @@ by later ones (more edit memory helps); low in the newest group too = new edits 
 
 ``--probe N`` then makes the run's next N edits from its saved state (in memory; the folder is not
 written) and reports how many landed right after being made — what runs record since the journal
-has a "landed" field, for runs made before it.  ``--memory-scale S`` multiplies MOSE's edit-memory
+has a "landed" field, for runs made before it — in the run's batch size — and their efficacy and
+paraphrase success once all N are made (do new edits generalise less on an edited model?).  ``--memory-scale S`` multiplies MOSE's edit-memory
 weight μ by S for those N edits (the saved run is untouched) and then re-scores the oldest group:
 does a lighter memory let new edits land, and what does it cost the old ones?
 """
@@ -61,12 +62,17 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=0, help="make the next N edits and report how many landed")
     ap.add_argument("--memory-scale", type=float, default=1.0,
                     help="with --probe: multiply the MOSE edit-memory weight μ by this for the probe edits")
+    ap.add_argument("--retain", choices=("current", "original"),
+                    help="with --probe: switch the MOSE input-side rule's retain option for the probe edits")
+    ap.add_argument("--fresh", action="store_true",
+                    help="with --probe: make the probe edits on the unedited model instead (the same cases, "
+                         "to compare how they generalise with and without the earlier edits)")
     ap.add_argument("--oldest-only", action="store_true",
                     help="score only the oldest group (cases 0..group-1), not every age group")
     ap.add_argument("--data-dir", help="folder with counterfact/ (default: ../shared/data)")
     args = ap.parse_args()
-    if args.memory_scale != 1.0 and not args.probe:
-        ap.error("--memory-scale only acts on the --probe edits; give --probe N")
+    if (args.memory_scale != 1.0 or args.retain or args.fresh) and not args.probe:
+        ap.error("--memory-scale, --retain and --fresh only act on the --probe edits; give --probe N")
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     for folder in map(Path, args.folders):
         run = json.loads((folder / "run.json").read_text())
@@ -86,17 +92,31 @@ def main() -> None:
             print(f"| {r['cases']} | {r['efficacy']:.2f} | {r['paraphrase']:.2f} |")
         memory_weight(run["config"], load_file(str(folder / "state.safetensors")))
         if args.probe:
+            if args.fresh:     # a second editor on a second, unedited copy of the model
+                model, tok = load_model(run["model"])
+                editor = MOSEEditor(model, tok, MOSEConfig.from_dict(run["config"]), progress=False)
+                print("\nprobe edits on the unedited model")
             if args.memory_scale != 1.0:
                 if not getattr(editor.rule, "edit_memory", 0.0):
                     raise ValueError(f"{folder}: --memory-scale needs a MOSE run with edit memory (μ > 0)")
                 editor.rule.edit_memory *= args.memory_scale
                 print(f"\nprobe with μ × {args.memory_scale:g} = {editor.rule.edit_memory:g}")
-            hits = []
-            for r in requests[n_done:]:
-                editor.edit([r])
-                hits += landed(model, tok, [r])
-            print(f"\nnext {args.probe} edits (cases {n_done}-{n_done + args.probe - 1}), landed right after "
-                  f"being made: {sum(hits):.0f} of {len(hits)}")
+            if args.retain:
+                if not hasattr(editor.rule, "retain"):
+                    raise ValueError(f"{folder}: --retain needs a MOSE run")
+                editor.rule.retain = args.retain
+                print(f"\nprobe with retain = {args.retain!r}")
+            hits, batch = [], run["settings"].get("batch_size", 1)   # in the run's batches
+            for start in range(n_done, len(requests), batch):
+                chunk = requests[start:start + batch]
+                editor.edit(chunk)
+                hits += landed(model, tok, chunk)
+            probed = success_by_age(model, tok, requests[n_done:], args.probe)[0]
+            print(f"\nnext {args.probe} edits (cases {n_done}-{n_done + args.probe - 1}, batch {batch}), landed right after "
+                  f"being made: {sum(hits):.0f} of {len(hits)}; after all of them efficacy {probed['efficacy']:.2f}, "
+                  f"paraphrase {probed['paraphrase']:.2f}")
+            if args.fresh:
+                continue
             oldest = success_by_age(model, tok, requests[:args.group], args.group)[0]
             print(f"after them, cases {oldest['cases']}: efficacy {oldest['efficacy']:.2f}, "
                   f"paraphrase {oldest['paraphrase']:.2f} (before: {rows[0]['efficacy']:.2f}, "
