@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--probe", type=int, default=0, help="make the next N edits and report how many landed")
     ap.add_argument("--memory-scale", type=float, default=1.0,
                     help="with --probe: multiply the MOSE edit-memory weight μ by this for the probe edits")
+    ap.add_argument("--lam-scale", type=float, default=1.0,
+                    help="with --probe: multiply MOSE's corpus retention weight λ by this for the probe edits")
     ap.add_argument("--retain", choices=("current", "original"),
                     help="with --probe: switch the MOSE input-side rule's retain option for the probe edits")
     ap.add_argument("--fresh", action="store_true",
@@ -71,8 +73,8 @@ def main() -> None:
                     help="score only the oldest group (cases 0..group-1), not every age group")
     ap.add_argument("--data-dir", help="folder with counterfact/ (default: ../shared/data)")
     args = ap.parse_args()
-    if (args.memory_scale != 1.0 or args.retain or args.fresh) and not args.probe:
-        ap.error("--memory-scale, --retain and --fresh only act on the --probe edits; give --probe N")
+    if (args.memory_scale != 1.0 or args.lam_scale != 1.0 or args.retain or args.fresh) and not args.probe:
+        ap.error("--memory-scale, --lam-scale, --retain and --fresh only act on the --probe edits; give --probe N")
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     for folder in map(Path, args.folders):
         run = json.loads((folder / "run.json").read_text())
@@ -101,6 +103,11 @@ def main() -> None:
                     raise ValueError(f"{folder}: --memory-scale needs a MOSE run with edit memory (μ > 0)")
                 editor.rule.edit_memory *= args.memory_scale
                 print(f"\nprobe with μ × {args.memory_scale:g} = {editor.rule.edit_memory:g}")
+            if args.lam_scale != 1.0:
+                if not hasattr(editor.rule, "lam"):
+                    raise ValueError(f"{folder}: --lam-scale needs a MOSE run")
+                editor.rule.lam *= args.lam_scale
+                print(f"\nprobe with λ × {args.lam_scale:g} = {editor.rule.lam:g}")
             if args.retain:
                 if not hasattr(editor.rule, "retain"):
                     raise ValueError(f"{folder}: --retain needs a MOSE run")
