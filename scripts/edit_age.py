@@ -11,8 +11,8 @@ by later ones (more edit memory helps); low in the newest group too = new edits 
 ``--probe N`` then makes the run's next N edits from its saved state (in memory; the folder is not
 written) and reports how many landed right after being made — what runs record since the journal
 has a "landed" field, for runs made before it — in the run's batch size — and their efficacy and
-paraphrase success once all N are made (do new edits generalise less on an edited model?).  ``--memory-scale S`` multiplies MOSE's edit-memory
-weight μ by S for those N edits (the saved run is untouched) and then re-scores the oldest group:
+paraphrase success once all N are made (do new edits generalise less on an edited model?).
+``--memory-scale S`` multiplies MOSE's edit-memory weight μ by S for those N edits (the saved run is untouched) and then re-scores the oldest group:
 does a lighter memory let new edits land, and what does it cost the old ones?
 """
 import argparse
@@ -29,6 +29,7 @@ from mose_fast.eval.metrics import answer_nll, landed
 from mose_fast.eval.runner import _restore_state
 from mose_fast.models import load_model
 from mose_fast.requests import load_requests
+from mose_fast.rules import MOSEInputRule
 from mose_fast.stats import default_data_dir
 
 
@@ -64,8 +65,8 @@ def main() -> None:
                     help="with --probe: multiply the MOSE edit-memory weight μ by this for the probe edits")
     ap.add_argument("--lam-scale", type=float, default=1.0,
                     help="with --probe: multiply MOSE's corpus retention weight λ by this for the probe edits")
-    ap.add_argument("--retain", choices=("current", "original"),
-                    help="with --probe: switch the MOSE input-side rule's retain option for the probe edits")
+    ap.add_argument("--retain", choices=("current",),
+                    help="with --probe: make a retain-original MOSE input-side run's probe edits retain the current model")
     ap.add_argument("--fresh", action="store_true",
                     help="with --probe: make the probe edits on the unedited model instead (the same cases, "
                          "to compare how they generalise with and without the earlier edits)")
@@ -75,6 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     if (args.memory_scale != 1.0 or args.lam_scale != 1.0 or args.retain or args.fresh) and not args.probe:
         ap.error("--memory-scale, --lam-scale, --retain and --fresh only act on the --probe edits; give --probe N")
+    if not (args.memory_scale >= 0.0 and args.lam_scale >= 0.0):
+        ap.error(f"--memory-scale and --lam-scale must be ≥ 0; got {args.memory_scale}, {args.lam_scale}")
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     for folder in map(Path, args.folders):
         run = json.loads((folder / "run.json").read_text())
@@ -109,8 +112,8 @@ def main() -> None:
                 editor.rule.lam *= args.lam_scale
                 print(f"\nprobe with λ × {args.lam_scale:g} = {editor.rule.lam:g}")
             if args.retain:
-                if not hasattr(editor.rule, "retain"):
-                    raise ValueError(f"{folder}: --retain needs a MOSE run")
+                if not isinstance(editor.rule, MOSEInputRule):
+                    raise ValueError(f"{folder}: --retain needs a MOSE input-side run (rule_hparams side 'input')")
                 editor.rule.retain = args.retain
                 print(f"\nprobe with retain = {args.retain!r}")
             hits, batch = [], run["settings"].get("batch_size", 1)   # in the run's batches
