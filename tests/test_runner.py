@@ -305,7 +305,7 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
         compare.compare_runs([tmp_path / "mose", tmp_path / "memit"], at=[4])
 
 
-def test_run_label_tells_apart_runs_that_differ_in_memory_cap_or_batch():
+def test_run_label_tells_apart_runs_that_differ_in_any_rule_option_or_batch():
     from mose_fast.eval.compare import run_label
     base = {"method": "mose", "lam": 1000.0, "layers": [4, 5, 6, 7, 8],
             "rule_hparams": {"side": "input", "retain": "original", "edit_memory": 100.0}}
@@ -318,6 +318,11 @@ def test_run_label_tells_apart_runs_that_differ_in_memory_cap_or_batch():
     assert batched == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
     retried = run_label({"config": {**base, "land_retries": 2, "land_boost": 4.0}, "settings": {"batch_size": 10}})
     assert retried == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, land_retries=2×4, batch 10)"
+    for option, spelled in (({"null_space": 0.01}, "null_space=0.01"), ({"preimage_ridge": 10.0}, "preimage_ridge=10"),
+                            ({"template_keys": "all"}, "template_keys=all")):
+        other = run_label({"config": {**base, "rule_hparams": {**base["rule_hparams"], **option}},
+                           "settings": {"batch_size": 1}})
+        assert other == plain[:-1] + f", {spelled})"
     assert run_label({"config": {"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}},
                       "settings": {"batch_size": 10}}) == "ALPHAEDIT L4-8 (batch 10)"
 

@@ -13,15 +13,13 @@ from pathlib import Path
 
 from .runner import _read_lines, load_report
 
-# the rule_hparams a row label spells out (when the config sets them)
-_LABEL_KEYS = ("side", "retain", "edit_memory", "memory_cap", "match_norms", "mom2_update_weight", "keep_ratio", "threshold", "l2")
-
-
 def run_label(rep: dict) -> str:
+    """Method, layers and every rule_hparam the config sets (in its order), so that two runs whose
+    configs differ in any option get different rows."""
     cfg = rep["config"]
     hp = cfg.get("rule_hparams") or {}
-    parts = [f"{k}={hp[k]:g}" if isinstance(hp[k], (int, float)) and not isinstance(hp[k], bool)
-             else f"{k}={hp[k]}" for k in _LABEL_KEYS if k in hp]
+    parts = [f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
+             for k, v in hp.items()]
     if cfg["method"] == "mose":
         parts.insert(0, f"λ={cfg['lam']:g}")
     layers = cfg["layers"]
