@@ -12,8 +12,11 @@ by later ones (more edit memory helps); low in the newest group too = new edits 
 written) and reports how many landed right after being made — what runs record since the journal
 has a "landed" field, for runs made before it — in the run's batch size — and their efficacy and
 paraphrase success once all N are made (do new edits generalise less on an edited model?).
-``--memory-scale S`` multiplies MOSE's edit-memory weight μ by S for those N edits (the saved run is untouched) and then re-scores the oldest group:
-does a lighter memory let new edits land, and what does it cost the old ones?
+``--memory-scale S`` multiplies MOSE's edit-memory weight μ by S for those N edits (the saved run
+is untouched) and then re-scores the oldest group: does a lighter memory let new edits land, and
+what does it cost the old ones?  ``--lam-scale S`` does the same for λ, ``--retain current`` makes
+an input-side retain-original run's probe edits keep the current model, and ``--fresh`` makes the
+probe edits on the unedited model instead (how the same cases generalise without earlier edits).
 """
 import argparse
 import json

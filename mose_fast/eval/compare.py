@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .runner import _read_lines, load_report
 
+
 def run_label(rep: dict) -> str:
     """Method, layers and every rule_hparam the config sets (in its order), so that two runs whose
     configs differ in any option get different rows."""
