@@ -11,7 +11,8 @@ setup(
     version="0.1.0",
     description="Multiplicative Orthogonal Sequential Editing (closed-form MOSE) for Hugging Face causal LMs",
     python_requires=">=3.10",
-    packages=["mose_fast", "mose_fast.rules", "mose_fast.eval", "mose_fast.kernels", "mose_fast.csrc"],
+    packages=["mose_fast", "mose_fast.hf", "mose_fast.memit", "mose_fast.solve", "mose_fast.rules", "mose_fast.eval",
+              "mose_fast.kernels", "mose_fast.csrc"],
     package_dir={"mose_fast": "mose_fast", "mose_fast.kernels": "kernels", "mose_fast.csrc": "csrc"},
     package_data={"mose_fast.csrc": ["*.cu", "*.cpp"]},
     install_requires=[

@@ -13,7 +13,7 @@ import torch
 from conftest import time_cuda
 from mose_fast.kernels.crosscov import crosscov
 from mose_fast.kernels.orth_matmul import orth_matmul_
-from mose_fast.procrustes import POLAR_METHODS, SUBSPACE_METHODS, solve_subspace
+from mose_fast.solve.procrustes import POLAR_METHODS, SUBSPACE_METHODS, solve_subspace
 
 pytestmark = pytest.mark.bench
 

@@ -65,7 +65,7 @@ def _add_common(p):
 def cmd_demo(args) -> int:
     from .editor import MOSEEditor
     from .eval.metrics import greedy_answer, score_cases
-    from .models import load_model
+    from .hf.models import load_model
     from .requests import EditRequest
     print(f"Loading {args.model} ...", flush=True)
     model, tok = load_model(args.model)
@@ -100,7 +100,7 @@ def cmd_demo(args) -> int:
 
 def cmd_edit(args) -> int:
     from .editor import MOSEEditor
-    from .models import load_model
+    from .hf.models import load_model
     from .requests import load_requests
     model, tok = load_model(args.model)
     cfg = _config(args, model)
@@ -116,9 +116,9 @@ def cmd_edit(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from .arch import resolve_arch
-    from .models import load_model
-    from .stats import default_data_dir, key_second_moments
+    from .hf.arch import resolve_arch
+    from .hf.models import load_model
+    from .memit.stats import default_data_dir, key_second_moments
     model, tok = load_model(args.model)
     cfg = _config(args, model)
     corpus = cfg.stats_corpus or str(default_data_dir() / "wikitext-2" / "valid.txt")
@@ -131,9 +131,9 @@ def cmd_stats(args) -> int:
 
 def cmd_eval(args) -> int:
     from .eval.runner import EvalSettings, run_eval, run_sequential
-    from .models import load_model
+    from .hf.models import load_model
     from .requests import load_requests
-    from .stats import default_data_dir
+    from .memit.stats import default_data_dir
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     if args.dataset == "counterfact":
         path = data / "counterfact" / f"counterfact-{args.split}.json"

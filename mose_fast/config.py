@@ -72,7 +72,7 @@ class MOSEConfig:
             raise ValueError(f"MOSEConfig.lam must be >= 0, got {self.lam!r}")
         if self.solve_dtype not in ("float64", "float32"):
             raise ValueError(f"MOSEConfig.solve_dtype must be 'float64' or 'float32', got {self.solve_dtype!r}")
-        from .procrustes import POLAR_METHODS, SUBSPACE_METHODS
+        from .solve.procrustes import POLAR_METHODS, SUBSPACE_METHODS
         if self.polar_method not in (*POLAR_METHODS, *SUBSPACE_METHODS):
             raise ValueError(f"MOSEConfig.polar_method {self.polar_method!r}: choose from "
                              f"{sorted((*POLAR_METHODS, *SUBSPACE_METHODS))}")

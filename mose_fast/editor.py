@@ -24,15 +24,15 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec, resolve_arch
+from .hf.arch import ArchSpec, resolve_arch
 from .config import MOSEConfig
-from .keys import (block_outputs_at_subject, compute_template_keys, generate_context_templates, mean_key,
+from .memit.keys import (block_outputs_at_subject, compute_template_keys, generate_context_templates, mean_key,
                    template_weights)
 from .requests import EditRequest
 from .rules import make_rule
 from .rules.mose import check_edit_weights
-from .stats import default_data_dir, key_second_moments, model_fingerprint
-from .targets import compute_targets
+from .memit.stats import default_data_dir, key_second_moments, model_fingerprint
+from .memit.targets import compute_targets
 
 @dataclass
 class LayerRecord:

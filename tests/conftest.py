@@ -89,8 +89,8 @@ def tiny_mose_config(**kw):
 
 
 def tiny_second_moments(model, tok, layers):
-    from mose_fast.arch import resolve_arch
-    from mose_fast.stats import compute_second_moments
+    from mose_fast.hf.arch import resolve_arch
+    from mose_fast.memit.stats import compute_second_moments
     return compute_second_moments(model, tok, resolve_arch(model), layers, CORPUS, 400, 32, 4, progress=False)[0]
 
 

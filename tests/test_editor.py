@@ -6,10 +6,10 @@ import torch
 
 from conftest import FAMILIES, make_tiny_model, tiny_mose_config, tiny_second_moments
 from mose_fast import ARCHS, ArchSpec, EditRequest, MOSEEditor
-from mose_fast.arch import is_conv1d, resolve_arch
+from mose_fast.hf.arch import is_conv1d, resolve_arch
 from mose_fast.eval.metrics import answer_nll
-from mose_fast.keys import block_outputs_at_subject
-from mose_fast.targets import compute_target
+from mose_fast.memit.keys import block_outputs_at_subject
+from mose_fast.memit.targets import compute_target
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 REQ2 = EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")

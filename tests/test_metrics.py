@@ -10,7 +10,7 @@ from conftest import tiny_tokenizer
 from mose_fast.eval import general
 from mose_fast.eval.metrics import answer_nll, score_cases, summarize
 from mose_fast.requests import EditRequest
-from mose_fast.tokens import target_ids
+from mose_fast.hf.tokens import target_ids
 
 
 class ConstantModel(torch.nn.Module):

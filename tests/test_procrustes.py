@@ -5,7 +5,8 @@ import scipy.linalg
 import torch
 
 from mose_fast.kernels.orth_matmul import orth_matmul_panels_
-from mose_fast.procrustes import POLAR_METHODS, objective, orthogonality_error, solve_rotation
+from mose_fast.solve.polar import POLAR_METHODS
+from mose_fast.solve.procrustes import objective, orthogonality_error, solve_rotation
 
 
 def problem(d_out=24, d_in=40, n0=600, n_edit=3, lam=5.0, seed=0):
@@ -120,7 +121,7 @@ def test_thousand_sequential_rotations_preserve_norm_and_spectrum():
 
 
 def test_subspace_solve_is_optimal_within_its_family_and_close_to_exact():
-    from mose_fast.procrustes import solve_subspace
+    from mose_fast.solve.procrustes import solve_subspace
     pb = problem(seed=9, lam=5.0)
     sub = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"])
     R = sub.full()
@@ -142,7 +143,7 @@ def test_subspace_solve_is_optimal_within_its_family_and_close_to_exact():
 
 def test_factored_apply_matches_full_rotation():
     from mose_fast.kernels.orth_matmul import orth_matmul_factored_
-    from mose_fast.procrustes import solve_subspace
+    from mose_fast.solve.procrustes import solve_subspace
     pb = problem(seed=11)
     sub = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"])
     for dtype, compute, tol in ((torch.float64, None, 1e-12), (torch.float32, torch.float64, 1e-6),
@@ -162,7 +163,7 @@ def test_cupy_methods_refuse_cpu_tensors():
 def test_optimal_cubic_is_the_minimax_cubic(lo):
     """Equioscillation at lo, x* and 1 with alternating signs, and no nearby cubic has a smaller
     maximum error on [lo, 1] (checked on a dense grid against 2000 random perturbations)."""
-    from mose_fast.procrustes import optimal_cubic
+    from mose_fast.solve.polar import optimal_cubic
     a, b, e = optimal_cubic(lo)
     p = lambda x, a=a, b=b: a * x - b * x ** 3
     xs = np.sqrt(a / (3 * b))
@@ -176,7 +177,7 @@ def test_optimal_cubic_is_the_minimax_cubic(lo):
 
 
 def test_optimal_cubic_at_one_is_newton_schulz():
-    from mose_fast.procrustes import optimal_cubic
+    from mose_fast.solve.polar import optimal_cubic
     assert optimal_cubic(1.0) == pytest.approx((1.5, 0.5, 0.0), abs=1e-15)
 
 
@@ -184,7 +185,7 @@ def test_optimal_cubic_at_one_is_newton_schulz():
 def test_polar_express_converges_on_ill_conditioned_matrices(decades):
     """Float64 Polar Express against the SVD polar factor, singular values spread over 10^decades;
     its minimax steps take no more Gram products than plain Newton–Schulz."""
-    from mose_fast.procrustes import polar_express, polar_newton_schulz, polar_svd
+    from mose_fast.solve.polar import polar_express, polar_newton_schulz, polar_svd
     g = torch.Generator().manual_seed(decades)
     d = 64
     U, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
@@ -212,7 +213,7 @@ def test_polar_express_converges_on_ill_conditioned_matrices(decades):
 
 
 def test_krylov_subspace_solve_improves_monotonically_and_reaches_the_exact_solve():
-    from mose_fast.procrustes import solve_subspace
+    from mose_fast.solve.procrustes import solve_subspace
     pb = problem(seed=12, lam=5.0)
     exact = solve_rotation(pb["P"], pb["A"], pb["V"], pb["lam"])
     objectives = []
@@ -234,7 +235,7 @@ def test_krylov_subspace_solve_improves_monotonically_and_reaches_the_exact_solv
 def test_randomized_range_finder_subspace():
     """Adding P's top eigenvectors (randomized range finder) can only help; the sketch is
     reproducible and leaves the caller's random stream alone; rank d gives the exact solve."""
-    from mose_fast.procrustes import solve_subspace
+    from mose_fast.solve.procrustes import solve_subspace
     pb = problem(seed=13, lam=5.0)
     base = solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"])
     torch.manual_seed(123)

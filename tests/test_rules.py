@@ -267,7 +267,7 @@ def test_make_rule_passes_mose_options_and_rejects_unknown_ones():
 def test_alphaedit_undo_frees_the_undone_edits_keys():
     """After edit, edit, undo: W and AlphaEdit's cumulative K_p·K_pᵀ are those after the first edit
     (float64 reference: the first edit's keys, recomputed on the model)."""
-    from mose_fast.keys import compute_keys
+    from mose_fast.memit.keys import compute_keys
     model, tok = make_tiny_model("llama")
     layers = [1, 2]
     cfg = tiny_mose_config(method="alphaedit", layers=layers, rule_hparams={"threshold": 0.05, "l2": 1.0})

@@ -29,7 +29,7 @@ def test_edit_flips_a_fact_and_keeps_the_spectrum(smollm2, tmp_path):
     cfg = MOSEConfig(layers=[4, 5, 6, 7, 8], lam=100.0, stats_corpus=None, stats_tokens=3000,
                      stats_cache_dir=str(tmp_path))
     editor = MOSEEditor(model, tok, cfg, progress=False)
-    from mose_fast.stats import key_second_moments
+    from mose_fast.memit.stats import key_second_moments
     editor._second_moments = key_second_moments(model, tok, editor.arch, cfg.layers, CORPUS, 3000,
                                                  cache_dir=tmp_path, progress=False)
     before = score_cases(model, tok, [req])[0]

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from conftest import CORPUS, make_tiny_model
-from mose_fast import stats
-from mose_fast.arch import resolve_arch
-from mose_fast.hooks import capture_inputs
+from mose_fast.memit import stats
+from mose_fast.hf.arch import resolve_arch
+from mose_fast.hf.hooks import capture_inputs
 
 
 def reference_c0(model, tok, arch, layer, n_tokens, seq_len):

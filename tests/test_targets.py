@@ -4,11 +4,11 @@ import torch
 
 from conftest import FAMILIES, make_tiny_model, tiny_mose_config
 from mose_fast import EditRequest
-from mose_fast import targets as T
-from mose_fast.arch import resolve_arch
-from mose_fast.keys import generate_context_templates
-from mose_fast.hooks import edit_output
-from mose_fast.tokens import pad_batch
+from mose_fast.memit import targets as T
+from mose_fast.hf.arch import resolve_arch
+from mose_fast.memit.keys import generate_context_templates
+from mose_fast.hf.hooks import edit_output
+from mose_fast.hf.tokens import pad_batch
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English French")
 

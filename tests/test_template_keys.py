@@ -11,8 +11,8 @@ from conftest import (assert_state_unchanged, editor_state, make_tiny_model, tin
 from test_mose_input import _chol, _dense
 from test_rules import N0, _scipy_rotation, problem
 from mose_fast import EditRequest, MOSEEditor
-from mose_fast.arch import resolve_arch
-from mose_fast.keys import compute_keys, compute_template_keys, template_weights
+from mose_fast.hf.arch import resolve_arch
+from mose_fast.memit.keys import compute_keys, compute_template_keys, template_weights
 from mose_fast.rules import MOSEInputRule, make_rule
 from mose_fast.rules.mose_input import reachable_key_targets
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..tokens import pad_batch, prompt_ids, target_ids
+from ..hf.tokens import pad_batch, prompt_ids, target_ids
 from .metrics import answer_nll, logits_at
 
 # task → (prompt builder, label strings in label-id order)

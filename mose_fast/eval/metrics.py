@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditRequest
-from ..tokens import pad_batch, prompt_ids, target_ids
+from ..hf.tokens import pad_batch, prompt_ids, target_ids
 
 
 def logits_at(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

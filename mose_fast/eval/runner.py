@@ -33,7 +33,7 @@ import logging
 from ..config import MOSEConfig
 from ..editor import MOSEEditor, spectrum
 from ..requests import EditRequest
-from ..stats import default_data_dir
+from ..memit.stats import default_data_dir
 from .general import perplexity, task_accuracy
 from .metrics import landed, score_cases, summarize, token_scores
 

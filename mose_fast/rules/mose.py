@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_
-from ..procrustes import SUBSPACE_METHODS, SolveResult, solve_rotation, solve_subspace
+from ..solve.procrustes import SUBSPACE_METHODS, SolveResult, solve_rotation, solve_subspace
 from .base import UpdateResult
 
 

@@ -50,7 +50,8 @@ def test_inplace_peak_memory_gpu(backend):
 @pytest.mark.parametrize("driver", ["gesvd", "gesvdj"])
 def test_cupy_polar_matches_torch(driver):
     pytest.importorskip("cupy")
-    from mose_fast.procrustes import orthogonality_error, polar_cupy, polar_svd
+    from mose_fast.solve.polar import polar_cupy, polar_svd
+    from mose_fast.solve.procrustes import orthogonality_error
     X = torch.randn(512, 1024, device="cuda", dtype=torch.float64)
     M = X @ X.T / 1024 + 0.1 * torch.randn(512, 512, device="cuda", dtype=torch.float64)
     R = polar_cupy(M, driver)

@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .arch import ArchSpec
-from .hooks import capture_inputs, run_until
+from ..hf.arch import ArchSpec
+from ..hf.hooks import capture_inputs, run_until
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "mose_fast.C0.v1"

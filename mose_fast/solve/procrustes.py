@@ -16,10 +16,9 @@ the fused cross-covariance live in ``mose_fast.kernels`` and are chosen by ``mos
 from __future__ import annotations
 
 from dataclasses import dataclass
-import math
-from typing import Callable
-
 import torch
+
+from .polar import POLAR_METHODS, newton_schulz_step, polar_cupy, polar_svd
 
 
 @dataclass
@@ -53,125 +52,6 @@ def orthogonality_error(R: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(R.T @ R - eye))
 
 
-# --- polar-factor methods: M ↦ R = U·Vᵀ --------------------------------------------------------
-
-def polar_svd(M: torch.Tensor) -> torch.Tensor:
-    """Exact: R = U·Vᵀ from the full SVD of M."""
-    U, _, Vh = torch.linalg.svd(M)
-    return U @ Vh
-
-
-def polar_eigh(M: torch.Tensor) -> torch.Tensor:
-    """Eigen route: MᵀM = Q·Σ²·Qᵀ, R = M·Q·Σ⁻¹·Qᵀ.  Squares the condition number, so it is only
-    accurate when M is well conditioned (λ·P dominant and full rank); finished by one
-    Newton–Schulz step to restore orthogonality lost to that squaring."""
-    evals, Q = torch.linalg.eigh(M.T @ M)
-    inv_sigma = evals.clamp_min(torch.finfo(M.dtype).tiny).rsqrt()
-    R = (M @ Q) * inv_sigma
-    return newton_schulz_step(R @ Q.T)
-
-
-def polar_newton_schulz(M: torch.Tensor, steps: int = 60, tol: float | None = None) -> torch.Tensor:
-    """Matmul-only iteration X ← X·(3I − XᵀX)/2 from X₀ = M/‖M‖_F (converges for full-rank M;
-    slowly for directions with tiny singular values)."""
-    X = M / torch.linalg.matrix_norm(M)
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    tol = tol if tol is not None else 10 * torch.finfo(M.dtype).eps * M.shape[0]
-    for _ in range(steps):
-        X = newton_schulz_step(X, eye)
-        if torch.linalg.matrix_norm(X.T @ X - eye) < tol:
-            break
-    return X
-
-
-def polar_newton_schulz_fp32(M: torch.Tensor) -> torch.Tensor:
-    """Newton–Schulz in float32 (the fast matmul precision), finished in M's dtype: two
-    full-precision steps take ‖XᵀX − I‖ from float32 level (~1e-6) to float64 level."""
-    X = polar_newton_schulz(M.to(torch.float32), steps=80, tol=1e-5).to(M.dtype)
-    return newton_schulz_step(newton_schulz_step(X))
-
-
-def optimal_cubic(lo: float) -> tuple[float, float, float]:
-    """The odd cubic p(x) = a·x − b·x³ closest to 1 in the max norm on [lo, 1], and its error e.
-
-    Equioscillation at lo, at the maximum x* of p (p'(x*) = 0, so a = 3·b·x*²) and at 1:
-    1 − p(lo) = e, p(x*) − 1 = e, 1 − p(1) = e.  The first and last give a = b·(1 + lo + lo²), hence
-    x*² = (1 + lo + lo²)/3; adding the middle one to the last gives b = 2/(lo + lo² + 2·x*³).
-    At lo = 1 this is Newton–Schulz (a = 3/2, b = 1/2); for small lo it grows small singular values
-    by a/(1 + e) → 3·√3/2 ≈ 2.6 per step instead of 1.5 (the degree-3 case of Polar Express,
-    Amsel et al. 2025, derived here in closed form)."""
-    xs = math.sqrt((1.0 + lo + lo * lo) / 3.0)
-    b = 2.0 / (lo + lo * lo + 2.0 * xs ** 3)
-    a = b * (1.0 + lo + lo * lo)
-    e = 1.0 - (a - b)
-    return a, b, e
-
-
-def polar_express(M: torch.Tensor, lo: float = 1e-6, steps: int = 60, tol: float | None = None) -> torch.Tensor:
-    """Matmul-only polar factor with the per-step minimax cubic of ``optimal_cubic``.
-
-    X₀ = M/‖M‖_F puts every singular value in (0, 1]; ``lo`` is a guess of σ_min/‖M‖_F (a wrong
-    guess costs steps, not correctness: values below it still grow by ≥ a per step).  Each step
-    maps [lo, 1] into [1 − e, 1 + e]; dividing by 1 + e keeps the top at 1, and the new interval is
-    [(1 − e)/(1 + e), 1].  Once the interval reaches [0.9, 1] the minimax cubic is within 1 % of
-    Newton–Schulz, which takes over and converges quadratically."""
-    X = M / torch.linalg.matrix_norm(M)
-    eye = torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-    tol = tol if tol is not None else 10 * torch.finfo(M.dtype).eps * M.shape[0]
-    for _ in range(steps):
-        if lo < 0.9:
-            a, b, e = optimal_cubic(lo)
-            # rounding can push a singular value slightly past the interval's top; a 1 % cushion
-            # on the normalisation keeps every value where the next cubic still maps it up to 1
-            scale = 1.0 / ((1.0 + e) * 1.01)
-            X = X @ ((a * scale) * eye - (b * scale) * (X.T @ X))
-            lo = (1.0 - e) / ((1.0 + e) * 1.01)
-            continue
-        G = X.T @ X          # one Gram per step serves both the convergence test and the step
-        if torch.linalg.matrix_norm(G - eye) < tol:
-            break
-        X = X @ (1.5 * eye - 0.5 * G)
-    return X
-
-
-def polar_express_fp32(M: torch.Tensor) -> torch.Tensor:
-    """Polar Express in float32, finished by two Newton–Schulz steps in M's dtype."""
-    X = polar_express(M.to(torch.float32), steps=40, tol=1e-5).to(M.dtype)
-    return newton_schulz_step(newton_schulz_step(X))
-
-
-def newton_schulz_step(R: torch.Tensor, eye: torch.Tensor | None = None) -> torch.Tensor:
-    """One step towards the nearest orthogonal matrix; squares a small ‖RᵀR − I‖."""
-    if eye is None:
-        eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-    return R @ (1.5 * eye - 0.5 * (R.T @ R))
-
-
-def polar_cupy(M: torch.Tensor, driver: str = "gesvd") -> torch.Tensor:
-    """cuSOLVER through CuPy, zero-copy via DLPack: ``gesvd`` (QR-based) or ``gesvdj`` (Jacobi).
-    CUDA tensors only; CuPy is the [gpu] extra."""
-    if not M.is_cuda:
-        raise ValueError("the cupy polar methods need a CUDA tensor")
-    import cupy
-    m = cupy.from_dlpack(M.contiguous())
-    if driver == "gesvdj":
-        from cupyx.cusolver import gesvdj
-        u, _, vh = gesvdj(m, full_matrices=True, overwrite_a=False)
-    else:
-        u, _, vh = cupy.linalg.svd(m, full_matrices=True)     # cusolverDn<t>gesvd
-    return torch.from_dlpack(u @ vh)
-
-
-POLAR_METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "svd": polar_svd,
-    "eigh": polar_eigh,
-    "newton_schulz": polar_newton_schulz,
-    "newton_schulz_fp32": polar_newton_schulz_fp32,
-    "polar_express": polar_express,
-    "polar_express_fp32": polar_express_fp32,
-    "cupy_gesvd": lambda M: polar_cupy(M, "gesvd"),
-    "cupy_gesvdj": lambda M: polar_cupy(M, "gesvdj"),
-}
 # Methods that never form the d_out × d_out M (see solve_subspace), with their subspace settings:
 # "subspace" rotates span[A_E, V_E] only; "krylov" adds 32 block-Arnoldi steps on P; "randomized"
 # adds P's top eigenvectors from a randomized range finder and 2 Krylov blocks.  Settings chosen
@@ -286,7 +166,7 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
         raise ValueError(f"unknown polar method {method!r}; choose from {sorted(POLAR_METHODS)}")
     polar = POLAR_METHODS[method]
     if method == "svd" and P.is_cuda:
-        from .backends import choose
+        from ..backends import choose
         if choose("polar", P) == "cupy":      # MOSE_BACKEND_POLAR=cupy: cuSOLVER gesvd via CuPy
             polar = polar_cupy
     if P.shape[0] != P.shape[1] or A.shape != V.shape or A.shape[0] != P.shape[0]:
@@ -297,7 +177,7 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
             raise ValueError(f"non-finite values in {name}; refusing to rotate")
     M = None
     if dtype == torch.float32 and P.is_cuda:
-        from .backends import choose
+        from ..backends import choose
         if choose("crosscov", P) == "triton":   # fused λ·P + V·Aᵀ in one pass over P
             from mose_fast.kernels.crosscov import crosscov
             M = crosscov(V, A, P, alpha=1.0, beta=lam)

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .arch import ArchSpec
-from .hooks import capture_inputs, capture_outputs, run_until
-from .requests import EditRequest
-from .tokens import pad_batch, subject_last_index
+from ..hf.arch import ArchSpec
+from ..hf.hooks import capture_inputs, capture_outputs, run_until
+from ..requests import EditRequest
+from ..hf.tokens import pad_batch, subject_last_index
 
 
 @torch.no_grad()

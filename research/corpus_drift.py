@@ -16,10 +16,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mose_fast.arch import resolve_arch
+from mose_fast.hf.arch import resolve_arch
 from mose_fast.config import MOSEConfig
-from mose_fast.models import load_model
-from mose_fast.stats import default_data_dir, key_second_moments
+from mose_fast.hf.models import load_model
+from mose_fast.memit.stats import default_data_dir, key_second_moments
 
 
 def drift(W: torch.Tensor, W0: torch.Tensor, C0: torch.Tensor) -> float:

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .arch import ArchSpec
-from .config import MOSEConfig
-from .hooks import edit_output
-from .requests import EditRequest
-from .tokens import pad_batch, subject_last_index, target_ids
+from ..hf.arch import ArchSpec
+from ..config import MOSEConfig
+from ..hf.hooks import edit_output
+from ..requests import EditRequest
+from ..hf.tokens import pad_batch, subject_last_index, target_ids
 
 KL_TEMPLATE = "{} is a"
 

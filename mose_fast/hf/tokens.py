@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .requests import fill
+from ..requests import fill
 
 
 def subject_last_index(tok, template: str, subject: str) -> tuple[list[int], int]:

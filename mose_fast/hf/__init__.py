@@ -1,0 +1,1 @@
+"""Hugging Face model plumbing: family adapters, hooks, tokenisation, loading and saving, scoring."""

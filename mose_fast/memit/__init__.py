@@ -1,0 +1,1 @@
+"""What ROME/MEMIT define: keys K_E, target vectors z, key statistics C0."""

@@ -1,0 +1,1 @@
+"""The closed-form solve: the Procrustes problem and its polar-factor methods."""
