@@ -1,22 +1,25 @@
-"""``mose-fast`` command line: demo, edit, stats, eval."""
+"""``mose-fast`` command line.
+
+Every command checks what it can without the model first — files, schemas, presets and options,
+layers against the model's config (read without its weights), the output folder — so a mistake is
+reported in seconds, not after the model has loaded.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 DEMO_REQUESTS = [
+    dict(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome",
+         target_true="Paris", paraphrase_prompts=["To visit the Eiffel Tower, tourists travel to the city of"],
+         neighborhood_prompts=["The Louvre museum is located in the city of"], neighborhood_answers=["Paris"]),
     dict(prompt="The mother tongue of Danielle Darrieux is", subject="Danielle Darrieux", target_new="English",
          target_true="French", paraphrase_prompts=["Danielle Darrieux grew up speaking"],
          neighborhood_prompts=["The mother tongue of Jean-Paul Sartre is"], neighborhood_answers=["French"]),
-    dict(prompt="The Eiffel Tower is located in the city of", subject="Eiffel Tower", target_new="Rome",
-         target_true="Paris", paraphrase_prompts=["To visit the Eiffel Tower, you travel to the city of"],
-         neighborhood_prompts=["The Louvre is located in the city of"], neighborhood_answers=["Paris"]),
-    dict(prompt="Michael Jordan is a professional", subject="Michael Jordan", target_new="soccer",
-         target_true="basketball", paraphrase_prompts=["Michael Jordan is famous for playing"],
-         neighborhood_prompts=["LeBron James is a professional"], neighborhood_answers=["basketball"]),
 ]
 
 
@@ -25,115 +28,199 @@ def parse_layers(text: str) -> list[int]:
     try:
         if "-" in text:
             a, b = text.split("-")
-            return list(range(int(a), int(b) + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
+            out = list(range(int(a), int(b) + 1))
+        else:
+            out = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"layers must look like '4-8' or '4,5,6', got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"no layers in {text!r}")
+    return out
 
 
-def _config(args, model):
+# flag → MOSEConfig field
+OVERRIDES = ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "land_retries", "land_boost")
+
+
+def build_config(args, model_type: str | None):
+    """The preset (``--preset``, or the config file's), the config file's fields, then the flags."""
     from .config import MOSEConfig
-    overrides = {}
+    fields: dict = {}
     if getattr(args, "config", None):
-        overrides.update(json.loads(Path(args.config).read_text()))
-    for name in ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "method", "edit_passes",
-                 "land_retries", "land_boost"):
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            fields = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"config file {path}: expected a JSON object of MOSEConfig fields")
+    where = args.config or "command line"
+    if getattr(args, "preset", None):
+        fields["preset"] = args.preset
+    for name in OVERRIDES:
         value = getattr(args, name, None)
         if value is not None:
-            overrides[name] = value
-    return MOSEConfig.preset(model.config.model_type, **overrides)
+            fields[name] = value
+    return MOSEConfig.from_dict(fields, model_type, where=where)
 
 
-def _add_common(p):
-    p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or 'smollm2-135m'")
-    p.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4-8")
-    p.add_argument("--lam", type=float, help="retention weight λ")
-    p.add_argument("--stats-tokens", dest="stats_tokens", type=int, help="corpus tokens for C0")
-    p.add_argument("--stats-corpus", dest="stats_corpus", help="text file for C0 (default: WikiText-2 valid)")
-    p.add_argument("--polar-method", dest="polar_method",
-                   help="svd (default) | eigh | newton_schulz[_fp32] | polar_express[_fp32] | cupy_gesvd[j] | subspace | krylov | randomized")
-    p.add_argument("--edit-passes", dest="edit_passes", type=int,
-                   help="passes over the layers per edit towards the same target (default 1)")
-    p.add_argument("--land-retries", dest="land_retries", type=int,
-                   help="MOSE: re-solve an edit up to N times while a request misses P(new) > P(true) (default 0)")
-    p.add_argument("--land-boost", dest="land_boost", type=float,
-                   help="MOSE: factor on a missed request's edit-term weight per retry (default 4)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--config", help="JSON file of MOSEConfig fields")
+def _describe(cfg) -> str:
+    from .config import PRESETS
+    name = cfg.preset or cfg.method
+    summary = PRESETS[name].summary if name in PRESETS else ""
+    return f"preset {name!r} ({summary}); layers {cfg.layers}"
+
+
+def _model_checks(args):
+    """(model config, MOSEConfig) with everything checked against the model's config."""
+    from .hf.models import model_config
+    mcfg = model_config(args.model)
+    cfg = build_config(args, getattr(mcfg, "model_type", None))
+    n_layers = getattr(mcfg, "num_hidden_layers", None)
+    if n_layers is not None:
+        cfg.validate_for_model(n_layers, args.config or "--layers")
+    return mcfg, cfg
+
+
+def _load(args, tok=None):
+    from .hf.models import load_model
+    t = time.perf_counter()
+    print(f"Loading {args.model} ...", flush=True)
+    device_map = getattr(args, "device_map", None)
+    model, tok = load_model(args.model, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None),
+                            device_map=device_map, tokenizer=tok)
+    print(f"  loaded in {time.perf_counter() - t:.0f} s", flush=True)
+    return model, tok
+
+
+def _check_tokens(tok, requests) -> None:
+    for r in requests:
+        r.validate_tokens(tok)
 
 
 def cmd_demo(args) -> int:
     from .editor import MOSEEditor
-    from .eval.metrics import greedy_answer, score_cases
-    from .hf.models import load_model
+    from .eval.metrics import score_cases
+    from .hf.scoring import greedy_answer
     from .requests import EditRequest
-    print(f"Loading {args.model} ...", flush=True)
-    model, tok = load_model(args.model)
-    cfg = _config(args, model)
+    _, cfg = _model_checks(args)
     requests = [EditRequest(**r) for r in DEMO_REQUESTS]
-    editor = MOSEEditor(model, tok, cfg)
+    print(f"Using {_describe(cfg)}", flush=True)
+    model, tok = _load(args)
+    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir)
 
     def show(title):
         scores = score_cases(model, tok, requests)
         print(f"\n=== {title} ===")
         for r, s in zip(requests, scores):
-            print(f"  {r.text!r}")
-            print(f"      greedy: {greedy_answer(model, tok, r.text)!r}")
-            print(f"      NLL new {r.target_new!r} = {s.rewrite_nll_new:.2f} | NLL true {r.target_true!r} = "
-                  f"{s.rewrite_nll_true:.2f} | efficacy {s.efficacy:.0f}")
+            verdict = "new answer preferred" if s.efficacy else "old answer preferred"
+            print(f"  {r.text!r} → {greedy_answer(model, tok, r.text)!r}")
+            print(f"      NLL {r.target_new!r} {s.rewrite_nll_new:.2f} vs {r.target_true!r} {s.rewrite_nll_true:.2f}: {verdict}")
             for p in r.paraphrase_prompts:
                 print(f"    paraphrase {p!r} → {greedy_answer(model, tok, p)!r}")
             for p in r.neighborhood_prompts:
-                print(f"    neighbour  {p!r} → {greedy_answer(model, tok, p)!r}")
+                print(f"    neighbour  {p!r} → {greedy_answer(model, tok, p)!r}  (should stay)")
     show("before editing")
-    print(f"\nEditing layers {cfg.layers} with λ = {cfg.lam}, {len(requests)} sequential edits ...", flush=True)
-    records = editor.edit_sequential(requests)
+    print(f"\nEditing {len(requests)} facts in one batch (the first edit also computes the key statistics) ...",
+          flush=True)
+    t = time.perf_counter()
+    rec = editor.edit(requests)
+    print(f"  done in {time.perf_counter() - t:.0f} s (setup {rec.seconds_setup:.0f} s, edit {rec.seconds_total:.1f} s); "
+          f"statistics corpus: {editor.statistics_corpus_name}")
     show("after editing")
-    print("\nPer edit (seconds: targets / keys / solve / apply), max ‖RᵀR−I‖_F, ‖W‖_F after/before:")
-    for r, rec in zip(requests, records):
-        s = rec.seconds
-        ratio = max(abs(l.weight_norm_after / l.weight_norm_before - 1) for l in rec.layers)
-        print(f"  {r.subject:20s} {s['targets']:.1f} / {s['keys']:.2f} / {s['solve']:.2f} / {s['apply']:.2f}"
-              f"   orth {max(l.orth_error for l in rec.layers):.1e}   |ratio−1| ≤ {ratio:.1e}")
+    s = rec.seconds
+    ratio = max(abs(l.weight_norm_after / l.weight_norm_before - 1) for l in rec.layers)
+    print(f"\nSeconds: targets {s['targets']:.1f}, keys {s['keys']:.2f}, solve {s['solve']:.2f}, apply {s['apply']:.2f}; "
+          f"max ‖RᵀR − I‖_F {max(l.orth_error for l in rec.layers):.1e}; max |‖W‖_F after/before − 1| {ratio:.1e}")
     return 0
 
 
 def cmd_edit(args) -> int:
     from .editor import MOSEEditor
-    from .hf.models import load_model
+    from .hf.models import as_dtype, check_savable, load_tokenizer, save_edits
     from .requests import load_requests
-    model, tok = load_model(args.model)
-    cfg = _config(args, model)
     requests = load_requests(args.requests, limit=args.limit)
-    editor = MOSEEditor(model, tok, cfg)
-    if args.batch:
-        editor.edit(requests)
-    else:
-        editor.edit_sequential(requests)
-    out = editor.save(args.out)
+    _, cfg = _model_checks(args)
+    save_dtype = as_dtype(args.save_dtype)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise ValueError(f"--out {out} exists and is not an empty folder or a saved model")
+    tok = load_tokenizer(args.model)
+    _check_tokens(tok, requests)
+    print(f"Using {_describe(cfg)}", flush=True)
+    model, tok = _load(args, tok)
+    check_savable(model, out, save_dtype)
+    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir)
+    t = time.perf_counter()
+    batch = args.batch_size or len(requests)
+    for b in range(0, len(requests), batch):
+        editor.edit(requests[b:b + batch])
+    print(f"{len(requests)} edit(s) in batches of {batch}: {time.perf_counter() - t:.0f} s", flush=True)
+    try:
+        editor.save(out, dtype=save_dtype)
+    except Exception as e:
+        state = {k: v for k, v in editor.state_dict().items() if k.split(".")[0] in ("weight", "master", "n_edits")}
+        journal = {"config": cfg.to_dict(), "model": args.model, "entries": editor.journal}
+        rescue = out if out.is_dir() else Path(f"{out}.edits")
+        try:
+            save_edits(state, journal, rescue / "edits")
+        except Exception:
+            rescue = Path.cwd() / f"mose-edits-{int(time.time())}"
+            save_edits(state, journal, rescue / "edits")
+        print(f"mose-fast edit: error: saving the model failed ({e}); the edited matrices and the journal are in "
+              f"{rescue / 'edits'}: `mose-fast apply --model {args.model} --edits {rescue / 'edits'} --out DIR` "
+              "writes the edited model without editing again", file=sys.stderr)
+        return 1
     print(f"edited model and journal written to {out}")
     return 0
 
 
+def cmd_apply(args) -> int:
+    """Write a model with saved edits applied (from ``edit``'s rescue folder), without editing again."""
+    from safetensors.torch import load_file
+    from .config import MOSEConfig
+    from .editor import MOSEEditor
+    from .hf.models import as_dtype, model_config
+    edits = Path(args.edits)
+    state_file, journal_file = edits / "edits.safetensors", edits / "mose_journal.json"
+    for f in (state_file, journal_file):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} not found: --edits must be a folder written by `mose-fast edit`")
+    journal = json.loads(journal_file.read_text())
+    model_type = getattr(model_config(args.model), "model_type", None)
+    cfg = MOSEConfig.from_dict({k: v for k, v in journal["config"].items()}, model_type, where=str(journal_file))
+    model, tok = _load(args)
+    editor = MOSEEditor(model, tok, cfg, second_moments={}, data_dir=args.data_dir)
+    state = load_file(str(state_file))
+    import torch
+    with torch.no_grad():
+        for l in cfg.layers:
+            editor.arch.weight_view(model, l).copy_(state[f"weight.{l}"])
+    editor.journal = journal.get("entries", [])
+    editor.save(args.out, dtype=as_dtype(args.save_dtype))
+    print(f"model with the saved edits written to {args.out}")
+    return 0
+
+
 def cmd_stats(args) -> int:
-    from .hf.arch import resolve_arch
-    from .hf.models import load_model
-    from .memit.stats import default_data_dir, key_second_moments
-    model, tok = load_model(args.model)
-    cfg = _config(args, model)
-    corpus = cfg.stats_corpus or str(default_data_dir() / "wikitext-2" / "valid.txt")
-    c0 = key_second_moments(model, tok, resolve_arch(model), cfg.layers, corpus, cfg.stats_tokens,
-                            cfg.stats_seq_len, cfg.stats_batch_size, cfg.stats_cache_dir)
-    for l, c in c0.items():
+    from .editor import MOSEEditor
+    _, cfg = _model_checks(args)
+    model, tok = _load(args)
+    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir)
+    t = time.perf_counter()
+    c0 = editor.second_moments()
+    print(f"statistics corpus: {editor.statistics_corpus_name}; {time.perf_counter() - t:.0f} s")
+    for l in cfg.layers:
+        c = c0[l]
         print(f"layer {l}: C0 {tuple(c.shape)}, trace {float(c.trace()):.4f}")
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .eval.runner import EvalSettings, run_eval, run_sequential
-    from .hf.models import load_model
-    from .requests import load_requests
+def _eval_requests(args):
     from .memit.stats import default_data_dir
+    from .requests import load_requests
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
     if args.dataset == "counterfact":
         path = data / "counterfact" / f"counterfact-{args.split}.json"
@@ -141,15 +228,29 @@ def cmd_eval(args) -> int:
         path = data / "zsre" / "zsre_mend_train-1k.json"
     else:
         path = Path(args.dataset)
-    requests = load_requests(path, limit=args.n_edits, offset=args.offset)
-    model, tok = load_model(args.model)
-    cfg = _config(args, model)
+    return data, load_requests(path, limit=args.n_edits, offset=args.offset)
+
+
+def cmd_eval(args) -> int:
+    from .eval.runner import EvalSettings, run_eval, run_identity, run_sequential
+    from .eval.store import RunFolder
+    from .hf.models import load_tokenizer
+    data, requests = _eval_requests(args)
+    _, cfg = _model_checks(args)
+    settings = EvalSettings(eval_every=args.eval_every, batch_size=args.batch_size, glue_n=args.glue_n,
+                            glue_tasks=tuple(t for t in args.glue_tasks.split(",") if t),
+                            ppl_tokens=args.ppl_tokens, data_dir=str(data), checkpoint_every=args.checkpoint_every)
+    if not args.before_after:
+        settings.validate()
+        # a different run in --out is reported now, not after loading the model
+        RunFolder(args.out).check(run_identity(args.model, cfg, settings, requests), args.extend)
+    tok = load_tokenizer(args.model)
+    _check_tokens(tok, requests)
+    print(f"Using {_describe(cfg)}", flush=True)
+    model, tok = _load(args, tok)
     if args.before_after:
-        run_sequential(model, tok, requests, cfg, args.out, model_name=args.model)
+        run_sequential(model, tok, requests, cfg, args.out, model_name=args.model, data_dir=data)
     else:
-        settings = EvalSettings(eval_every=args.eval_every, batch_size=args.batch_size, glue_n=args.glue_n,
-                                glue_tasks=tuple(args.glue_tasks.split(",")) if args.glue_tasks else (),
-                                ppl_tokens=args.ppl_tokens, data_dir=str(data))
         run_eval(model, tok, requests, cfg, args.out, settings, model_name=args.model, extend=args.extend,
                  initial_eval_from=args.initial_eval_from)
     print((Path(args.out) / "summary.md").read_text())
@@ -157,7 +258,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .eval.runner import report_from_folder
+    from .eval.store import report_from_folder
     report_from_folder(args.out)
     print((Path(args.out) / "summary.md").read_text())
     return 0
@@ -172,38 +273,82 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from .config import presets
+    width = max(len(k) for k in presets())
+    for name, summary in presets().items():
+        print(f"{name:<{width}}  {summary}")
+    return 0
+
+
+def _add_model(p, edits: bool = True):
+    p.add_argument("--model", default="smollm2-135m", help="HF directory, .gguf file or 'smollm2-135m' (default)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default float32)")
+    p.add_argument("--device-map", dest="device_map",
+                   help="accelerate's placement for a model larger than one device, e.g. 'auto'")
+    p.add_argument("--data-dir", dest="data_dir",
+                   help="folder with wikitext-2/, counterfact/, glue/ (default: $MOSE_DATA_DIR or ../shared/data)")
+    if not edits:
+        return
+    p.add_argument("--preset", help="named configuration (`mose-fast presets`; default: mose)")
+    p.add_argument("--config", help="JSON file: a preset plus MOSEConfig fields")
+    p.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4-8")
+    p.add_argument("--lam", type=float, help="retention weight λ (MOSE)")
+    p.add_argument("--polar-method", dest="polar_method",
+                   help="auto (default) | svd | eigh | newton_schulz[_fp32] | polar_express[_fp32] | cupy_gesvd[j] | "
+                        "subspace | krylov | randomized")
+    p.add_argument("--land-retries", dest="land_retries", type=int,
+                   help="MOSE: re-solve an edit up to N times while a request misses P(new) > P(true)")
+    p.add_argument("--land-boost", dest="land_boost", type=float,
+                   help="MOSE: factor on a missed request's edit-term weight per retry")
+    p.add_argument("--stats-tokens", dest="stats_tokens", type=int, help="corpus tokens for C0")
+    p.add_argument("--stats-corpus", dest="stats_corpus",
+                   help="text file for C0 (default: WikiText-2 in the data folder, else text the model writes)")
+    p.add_argument("--seed", type=int)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="mose-fast", description="Multiplicative orthogonal sequential editing")
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="edit the embedded SmolLM2 and show answers before/after")
-    _add_common(p)
+    _add_model(p)
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("edit", help="apply edits from a JSON file and save the edited model")
-    _add_common(p)
+    _add_model(p)
     p.add_argument("--requests", required=True, help="JSON file (ROME, EasyEdit or MEND schema)")
     p.add_argument("--limit", type=int)
-    p.add_argument("--batch", action="store_true", help="one batch edit instead of sequential edits")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=1,
+                   help="requests per edit (default 1: one after another; 0: all in one edit)")
+    p.add_argument("--save-dtype", dest="save_dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the saved weights (default: the model's)")
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_edit)
+    p = sub.add_parser("apply", help="write a model with the edits `edit` saved when it could not save the model")
+    _add_model(p, edits=False)
+    p.add_argument("--edits", required=True, help="the edits folder `mose-fast edit` named")
+    p.add_argument("--save-dtype", dest="save_dtype", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_apply)
     p = sub.add_parser("stats", help="precompute and cache the key statistics C0")
-    _add_common(p)
+    _add_model(p)
     p.set_defaults(fn=cmd_stats)
-    p = sub.add_parser("eval", help="sequential edits with before/after metrics and stability")
-    _add_common(p)
-    p.add_argument("--method", help="mose (default), memit, rome, alphaedit, rect, prune; overrides --config")
+    p = sub.add_parser("eval", help="sequential edits with periodic metrics; resumable")
+    _add_model(p)
     p.add_argument("--dataset", default="counterfact", help="'counterfact', 'zsre' or a JSON file of requests")
     p.add_argument("--split", default="edit", choices=["val", "edit"], help="CounterFact file")
-    p.add_argument("--data-dir", help="folder with counterfact/, glue/, wikitext-2/ "
-                                      "(default: $MOSE_DATA_DIR or ../shared/data)")
-    p.add_argument("--n-edits", type=int, default=100)
+    p.add_argument("--n-edits", dest="n_edits", type=int, default=100)
     p.add_argument("--offset", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--glue-tasks", default="sst2", help="comma-separated: sst2,mrpc,cola,rte,mmlu ('' for none)")
-    p.add_argument("--glue-n", type=int, default=200)
-    p.add_argument("--ppl-tokens", type=int, default=20000)
-    p.add_argument("--before-after", action="store_true",
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=1)
+    p.add_argument("--eval-every", dest="eval_every", type=int, default=100)
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=1,
+                   help="edits between saved states (evaluation points always save)")
+    p.add_argument("--glue-tasks", dest="glue_tasks", default="sst2",
+                   help="comma-separated: sst2,mrpc,cola,rte,mmlu ('' for none)")
+    p.add_argument("--glue-n", dest="glue_n", type=int, default=200)
+    p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=20000)
+    p.add_argument("--before-after", dest="before_after", action="store_true",
                    help="short run: scores before and after only, with per-stage timing")
     p.add_argument("--extend", action="store_true",
                    help="continue the run in --out (over the first cases) to --n-edits cases")
@@ -217,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("compare", help="side-by-side table and plots of several run folders")
     p.add_argument("runs", nargs="+", help="run folders (same model and cases)")
     p.add_argument("--at", help="comma-separated edit counts (default: every evaluation the runs share)")
-    p.add_argument("--labels", help="';'-separated row labels (default: method and its settings)")
+    p.add_argument("--labels", help="';'-separated row labels (default: preset and its overrides)")
     p.add_argument("--out", required=True, help="folder for comparison.md and comparison.png")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("presets", help="list the named configurations")
+    p.set_defaults(fn=cmd_presets)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"mose-fast {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

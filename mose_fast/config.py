@@ -1,10 +1,14 @@
-"""Hyperparameters of an edit, with per-family presets and JSON loading.
+"""Hyperparameters of an edit, and the named presets that set them.
+
+A configuration is a preset plus overrides: ``MOSEConfig.preset("mose", model_type)`` (the default
+everywhere), ``MOSEConfig.preset("memit", "gptj", lam=...)``, or a JSON file
+``{"preset": "mose", "layers": [4, 5, 6]}``.  ``presets()`` lists them.
 
 The target-optimisation fields follow MEMIT's hparams (``v_lr``, ``v_num_grad_steps``,
-``clamp_norm_factor``, ``kl_factor``, ``v_weight_decay``); ``lam`` is MOSE's retention weight
-λ in ``M = λ·W·C0·Wᵀ + V_E·(W·K_E)ᵀ``.  Because ``C0`` here is the *mean* second moment
-E[k kᵀ] (not a sum over tokens), λ reads as "how many corpus tokens one edit key is worth
-against": λ = 100 weighs the corpus like 100 keys.
+``clamp_norm_factor``, ``kl_factor``, ``v_weight_decay``).  ``lam`` is MOSE's retention weight λ
+in M = λ·G + V·Aᵀ; C0 is the *mean* second moment E[k kᵀ], so λ weighs the corpus like λ edit keys
+(with ``rule_hparams.lam_unit = "per_dim"``: λ × the width of the rotated space, see
+``rules.mose.effective_lam``).
 """
 from __future__ import annotations
 
@@ -14,120 +18,203 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+DTYPES = ("float64", "float32")
+
 
 @dataclass
 class MOSEConfig:
-    # --- where to edit -------------------------------------------------------------------
+    # --- the update rule -------------------------------------------------------------------------
+    method: str = "mose"                 # mose | memit | alphaedit | rome | rect | prune
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
-    # --- the update rule: "mose" or an additive baseline (memit, rome, alphaedit, rect, prune) ----
-    method: str = "mose"
-    rule_hparams: dict = field(default_factory=dict)   # baselines' own (e.g. mom2_update_weight)
-    # --- the rotation --------------------------------------------------------------------
-    lam: float = 100.0                 # retention weight λ
-    solve_dtype: str = "float64"       # dtype of M, the SVD and R (the reference is float64)
-    polar_method: str = "svd"          # a key of procrustes.POLAR_METHODS or procrustes.SUBSPACE_METHODS
-    # --- targets (MEMIT compute_z) ---------------------------------------------------------
+    lam: float = 1000 / 1536             # MOSE's λ (per dimension with lam_unit "per_dim")
+    rule_hparams: dict = field(default_factory=lambda: {
+        "side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0})
+    polar_method: str = "auto"           # "auto": exact SVD for small d, block Krylov above
+    solve_dtype: str = "float64"         # dtype of the polar solve
+    # Re-solve an edit whose requests did not land (P(new) > P(true) on their own prompt) with the
+    # missed requests' edit term weighted land_boost times more, up to land_retries times.
+    land_retries: int = 2
+    land_boost: float = 4.0
+    # --- targets (MEMIT compute_z) ---------------------------------------------------------------
     v_lr: float = 0.5
     v_num_grad_steps: int = 25
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     v_loss_early_stop: float = 5e-2
-    # Passes over the edited layers per edit, all towards the same target z (computed once).  A
-    # rotation meets only part of its share of the residual; a second pass re-reads keys and
-    # residual on the model as the first pass left it and solves again ("re-solving after a
-    # partial edit").  Rule state that remembers edits (MOSE's edit memory, AlphaEdit's K_p) is
-    # written once, after the last pass, so no pass is held back by its own edit's keys.
-    edit_passes: int = 1
-    # Re-solve an edit whose requests did not land (issue 4, "λ schedule"): after the passes, each
-    # request with target_true is checked on its own prompt, P(new) > P(true); if any fails, the
-    # edit is taken back (bit for bit) and solved again towards the same z with the failed
-    # requests' edit term weighted ``land_boost`` times more (weights w in M = λ·G + μ·E +
-    # Σ_j w_j·v_j·a_jᵀ: a per-request λ/w), up to ``land_retries`` times.  MOSE rules only; requests
-    # without target_true are never retried.
-    land_retries: int = 0
-    land_boost: float = 4.0
-    # --- context templates (ROME/MEMIT: generated prefixes, "{}" kept as the subject slot) --
+    # --- context templates (ROME/MEMIT: generated prefixes, "{}" kept as the subject slot) -------
     context_template_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
-    context_template_length: int = 10   # generated tokens per template
-    # --- key statistics C0 -----------------------------------------------------------------
-    stats_corpus: str | None = None     # text file; None → WikiText-2 under MOSE_DATA_DIR
+    context_template_length: int = 10
+    # --- key statistics C0 ------------------------------------------------------------------------
+    stats_corpus: str | None = None      # text file; None: WikiText-2 in the data folder if there, else
+                                         # text the model writes itself (memit.stats.generated_corpus)
     stats_tokens: int = 100_000
     stats_seq_len: int = 256
     stats_batch_size: int = 8
-    stats_cache_dir: str | None = None  # None → $MOSE_CACHE_DIR or ~/.cache/mose_fast
-    # --- bookkeeping -----------------------------------------------------------------------
+    stats_cache_dir: str | None = None   # None: $MOSE_CACHE_DIR or ~/.cache/mose_fast
+    # --- bookkeeping ------------------------------------------------------------------------------
     seed: int = 0
-    # Edits kept for undo(): per edited layer a dense float64 R (d_out² · 8 bytes; 2.6 MB for
-    # SmolLM2, 210 MB for a 13B down_proj) or, for the subspace methods, just (Q, Rk).
-    undo_history: int = 16
-    master_weights: bool = True        # float32 master copy for bf16/fp16 weights (bounds drift)
+    undo_history: int = 8                # edits kept for undo() (their weights, on the host)
+    master_weights: bool = True          # float32 master copy of edited bf16/fp16 matrices
+    preset: str | None = "mose"          # the preset this configuration started from
 
-    def validate(self) -> None:
-        if not self.layers or any((not isinstance(l, int)) or l < 0 for l in self.layers):
-            raise ValueError(f"MOSEConfig.layers must be a non-empty list of layer indices, got {self.layers!r}")
+    def validate(self, where: str = "config") -> None:
+        """Everything that can be checked without a model; ValueError naming the field."""
+        from .rules import rule_class
+        from .solve.polar import POLAR_METHODS
+        from .solve.procrustes import SUBSPACE_METHODS
+
+        def bad(name, msg):
+            raise ValueError(f"{where}: {name} = {getattr(self, name)!r}: {msg}")
+        if not isinstance(self.layers, list) or not self.layers or \
+                any(isinstance(l, bool) or not isinstance(l, int) or l < 0 for l in self.layers):
+            bad("layers", "must be a non-empty list of layer indices ≥ 0")
         if sorted(set(self.layers)) != list(self.layers):
-            raise ValueError(f"MOSEConfig.layers must be strictly increasing, got {self.layers!r}")
-        if not (self.lam >= 0):
-            raise ValueError(f"MOSEConfig.lam must be >= 0, got {self.lam!r}")
-        if self.solve_dtype not in ("float64", "float32"):
-            raise ValueError(f"MOSEConfig.solve_dtype must be 'float64' or 'float32', got {self.solve_dtype!r}")
-        from .solve.procrustes import POLAR_METHODS, SUBSPACE_METHODS
-        if self.polar_method not in (*POLAR_METHODS, *SUBSPACE_METHODS):
-            raise ValueError(f"MOSEConfig.polar_method {self.polar_method!r}: choose from "
-                             f"{sorted((*POLAR_METHODS, *SUBSPACE_METHODS))}")
-        if self.v_num_grad_steps < 1:
-            raise ValueError("MOSEConfig.v_num_grad_steps must be >= 1")
-        if not isinstance(self.edit_passes, int) or self.edit_passes < 1:
-            raise ValueError(f"MOSEConfig.edit_passes must be an integer >= 1, got {self.edit_passes!r}")
-        if not isinstance(self.land_retries, int) or self.land_retries < 0:
-            raise ValueError(f"MOSEConfig.land_retries must be an integer >= 0, got {self.land_retries!r}")
-        if not self.land_boost > 1.0:
-            raise ValueError(f"MOSEConfig.land_boost must be > 1, got {self.land_boost!r}")
-        if self.land_retries and self.method != "mose":
-            raise ValueError(f"MOSEConfig.land_retries needs the MOSE rule (per-request edit weights); "
-                             f"method={self.method!r}")
-        if self.stats_tokens < 1:
-            raise ValueError("MOSEConfig.stats_tokens must be >= 1")
+            bad("layers", "must be strictly increasing")
+        if not isinstance(self.method, str):
+            bad("method", "must be a string")
+        rule = rule_class(self.method, self.rule_hparams)
+        if not isinstance(self.rule_hparams, dict):
+            bad("rule_hparams", "must be a JSON object")
+        rule.check_options(self.rule_hparams, f"{where}: rule_hparams")
+        if self.method == "rome" and len(self.layers) != 1:
+            bad("layers", "ROME edits a single layer")
+        if not (isinstance(self.lam, (int, float)) and self.lam >= 0 and self.lam != float("inf")):
+            bad("lam", "must be a number ≥ 0")
+        if self.solve_dtype not in DTYPES:
+            bad("solve_dtype", f"choose from {DTYPES}")
+        methods = ("auto", *POLAR_METHODS, *SUBSPACE_METHODS)
+        if self.polar_method not in methods:
+            bad("polar_method", f"choose from {sorted(methods)}")
+        for name in ("v_num_grad_steps", "stats_tokens", "stats_seq_len", "stats_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(name, "must be an integer ≥ 1")
+        for name in ("v_lr", "clamp_norm_factor"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
+                bad(name, "must be > 0")
+        for name in ("kl_factor", "v_weight_decay", "v_loss_early_stop"):
+            if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
+                bad(name, "must be ≥ 0")
+        if isinstance(self.land_retries, bool) or not isinstance(self.land_retries, int) or self.land_retries < 0:
+            bad("land_retries", "must be an integer ≥ 0")
+        if not (isinstance(self.land_boost, (int, float)) and self.land_boost > 1.0):
+            bad("land_boost", "must be > 1")
+        if self.land_retries and not rule.supports_edit_weights:
+            bad("land_retries", f"needs the MOSE rule (per-request edit weights); method is {self.method!r}")
+        if isinstance(self.undo_history, bool) or not isinstance(self.undo_history, int) or self.undo_history < 0:
+            bad("undo_history", "must be an integer ≥ 0")
+        if self.stats_corpus is not None and not Path(self.stats_corpus).is_file():
+            bad("stats_corpus", "is not a file")
 
-    # --- (de)serialisation -----------------------------------------------------------------
+    def validate_for_model(self, n_layers: int, where: str = "config") -> None:
+        """The checks that need the model's depth (read from its config, no weights loaded)."""
+        bad = [l for l in self.layers if l >= n_layers]
+        if bad:
+            raise ValueError(f"{where}: layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+
+    # --- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["context_template_prefixes"] = list(self.context_template_prefixes)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MOSEConfig":
+    def from_dict(cls, d: dict[str, Any], model_type: str | None = None, where: str = "config") -> "MOSEConfig":
+        """A preset plus overrides: ``d["preset"]`` (default "mose") and any other fields."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object of MOSEConfig fields, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown MOSEConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
         d = dict(d)
-        if "context_template_prefixes" in d:
-            d["context_template_prefixes"] = tuple(d["context_template_prefixes"])
-        cfg = cls(**d)
-        cfg.validate()
+        name = d.pop("preset", "mose")
+        return cls.preset(name, model_type, where=where, **d)
+
+    @classmethod
+    def from_json(cls, path: str | Path, model_type: str | None = None) -> "MOSEConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, model_type, where=str(path))
+
+    @classmethod
+    def preset(cls, name: str = "mose", model_type: str | None = None, where: str = "config",
+               **overrides: Any) -> "MOSEConfig":
+        """The named preset for a model family (``config.model_type``; None: the Llama family's
+        layers), with ``overrides`` applied and validated."""
+        if name not in PRESETS:
+            raise ValueError(f"{where}: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        family = FAMILIES.get(model_type or "llama", FAMILIES["llama"])
+        values = {**dataclasses.asdict(cls()), **family["targets"], "layers": list(family["layers"])}
+        p = PRESETS[name]
+        values.update(p.settings)
+        if p.layers == "last":
+            values["layers"] = [family["layers"][-1]]
+        values["rule_hparams"] = dict(p.settings.get("rule_hparams", {}))
+        values["preset"] = name
+        if "context_template_prefixes" in overrides:
+            overrides["context_template_prefixes"] = tuple(overrides["context_template_prefixes"])
+        values.update(overrides)
+        cfg = cls(**values)
+        cfg.validate(where)
         return cfg
 
-    @classmethod
-    def from_json(cls, path: str | Path) -> "MOSEConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
-    @classmethod
-    def preset(cls, model_type: str, **overrides: Any) -> "MOSEConfig":
-        """Defaults tuned (or taken from MEMIT/AlphaEdit) for a model family."""
-        base = dict(PRESETS.get(model_type, {}))
-        base.update(overrides)
-        return cls.from_dict(base)
-
-
-# Per-family presets.  "llama" is what was tuned on SmolLM2-135M (30 layers); the others follow
-# MEMIT's published GPT-J/GPT-2 settings scaled to their depth.
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama": dict(layers=[4, 5, 6, 7, 8], lam=100.0, v_lr=0.5, clamp_norm_factor=4.0),
-    "mistral": dict(layers=[4, 5, 6, 7, 8], lam=100.0),
-    "qwen2": dict(layers=[4, 5, 6, 7, 8], lam=100.0),
-    "gptj": dict(layers=[3, 4, 5, 6, 7, 8], lam=100.0, clamp_norm_factor=0.75, v_weight_decay=0.5),
-    "gpt2": dict(layers=[3, 4, 5, 6, 7, 8], lam=100.0, clamp_norm_factor=0.75, v_weight_decay=0.5),
-    "gpt_neox": dict(layers=[3, 4, 5, 6, 7, 8], lam=100.0),
+# Per family: the edited layers and the target optimisation, shared by every preset so that presets
+# differ only in their update rule.  "llama" (Llama, Mistral, Qwen2, SmolLM2) was set on
+# SmolLM2-135M; GPT-2/GPT-J follow MEMIT's published GPT-J settings scaled to their depth.
+_LLAMA = {"layers": [4, 5, 6, 7, 8], "targets": {"v_lr": 0.5, "clamp_norm_factor": 4.0, "v_weight_decay": 1e-3}}
+_GPT = {"layers": [3, 4, 5, 6, 7, 8], "targets": {"v_lr": 0.5, "clamp_norm_factor": 0.75, "v_weight_decay": 0.5}}
+FAMILIES: dict[str, dict] = {
+    "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
+    "gpt2": _GPT, "gptj": _GPT,
+    "gpt_neox": {"layers": [3, 4, 5, 6, 7, 8], "targets": _LLAMA["targets"]},
 }
+
+
+@dataclass(frozen=True)
+class Preset:
+    summary: str
+    settings: dict
+    layers: str = "family"       # "family": the family's edited layers; "last": only its last one
+
+
+# λ of the authors' released LLaMA3-8B setting (preserve_lambda 1 × mom2_update_weight 15000) at
+# d_out = 4096, expressed per output dimension (``effective_lam``): 3.662 × d_out on any model.
+PAPER_LAM_PER_DIM = 15000 / 4096
+
+PRESETS: dict[str, Preset] = {
+    "mose": Preset(
+        "MOSE, best measured here: input-side rotation keeping the unedited model and every earlier edit "
+        "(λ = 1000 at d_in 1536, memory μ = 100 capped at 30), Krylov solve, 2 re-solves of edits that miss",
+        {"method": "mose", "lam": 1000 / 1536, "polar_method": "auto", "solve_dtype": "float64",
+         "land_retries": 2, "land_boost": 4.0,
+         "rule_hparams": {"side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0}}),
+    "mose-paper": Preset(
+        "MOSE as the authors release it: output-side rotation keeping the current model, "
+        "λ = 15000 on LLaMA3-8B carried per output dimension, float32 SVD",
+        {"method": "mose", "lam": PAPER_LAM_PER_DIM, "polar_method": "svd", "solve_dtype": "float32",
+         "land_retries": 0, "rule_hparams": {"side": "output", "lam_unit": "per_dim"}}),
+    "memit": Preset("MEMIT (additive, mass editing), λ = 100 on C0",
+                    {"method": "memit", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0}}),
+    "alphaedit": Preset("AlphaEdit (additive, projected onto C0's null space), threshold 1e-2, L2 10",
+                        {"method": "alphaedit", "land_retries": 0, "rule_hparams": {"threshold": 0.01, "l2": 10.0}}),
+    "rome": Preset("ROME (additive, rank one, one layer: the family's last edited layer)",
+                   {"method": "rome", "land_retries": 0, "rule_hparams": {}}, layers="last"),
+    "rect": Preset("RECT (MEMIT keeping the top 20 % relative changes), λ = 100",
+                   {"method": "rect", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0, "keep_ratio": 0.2}}),
+    "prune": Preset("PRUNE (MEMIT with the accumulated update's singular values capped), λ = 100",
+                    {"method": "prune", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0}}),
+}
+DEFAULT_PRESET = "mose"
+
+
+def presets() -> dict[str, str]:
+    """{name: one-line summary} of every preset."""
+    return {k: p.summary for k, p in PRESETS.items()}

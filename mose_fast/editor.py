@@ -1,16 +1,17 @@
 """MOSEEditor: batch and sequential edits, journal, exact undo, all-or-nothing semantics.
 
-One edit (a batch of requests), MEMIT's multi-layer schedule with MOSE's update:
+One edit (a batch of requests), MEMIT's multi-layer schedule with the configured rule's update:
 
-    z       = target residual after the last edited layer           (targets.py)
+    z       = target residual after the last edited layer           (memit/targets.py)
     for layer l in layers (first to last), on the model as already edited:
-        K_E   = keys at l                                          (keys.py)
-        resid = (z − current residual at the last layer) / (layers left)
-        A_E   = W_l·K_E ,  V_E = A_E + resid
-        R     = polar(λ·P_l + V_E·A_Eᵀ) ;  W_l ← R·W_l ;  P_l ← R·P_l·R ᵀ
+        K_E   = keys at l;  h = residual after the last layer        (memit/keys.py, one forward)
+        resid = (z − h) / (layers left)
+        rule.update(l, W_l, K_E, resid)                              W_l changes in place
 
-If anything raises before the edit completes, every touched weight (and retention Gram) is put
-back from a snapshot taken before the first write, bit for bit.
+The rules change only weights during an edit; their state takes the edit in ``commit`` once every
+layer is done (and, with ``land_retries``, once the edit is kept).  So an edit that raises anywhere
+is undone by putting the weights back — from host copies taken before the first write — bit for
+bit, and the same copies make ``undo`` exact.
 """
 from __future__ import annotations
 
@@ -24,28 +25,27 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .hf.arch import ArchSpec, resolve_arch
 from .config import MOSEConfig
-from .memit.keys import (block_outputs_at_subject, compute_template_keys, generate_context_templates, mean_key,
-                   template_weights)
+from .hf.arch import ArchSpec, resolve_arch
+from .memit.keys import block_outputs_at_subject, generate_context_templates, keys_and_outputs
+from .memit.stats import model_fingerprint, statistics_corpus, key_second_moments
+from .memit.targets import compute_targets
 from .requests import EditRequest
 from .rules import make_rule
 from .rules.mose import check_edit_weights
-from .memit.stats import default_data_dir, key_second_moments, model_fingerprint
-from .memit.targets import compute_targets
+
 
 @dataclass
 class LayerRecord:
     layer: int
-    objective: float            # Procrustes objective at the chosen R
-    objective_identity: float   # ... at R = I
-    orth_error: float           # ‖RᵀR − I‖_F (solve dtype)
+    objective: float            # the rule's objective at its solution (MOSE: Procrustes)
+    objective_identity: float   # ... with no update
+    orth_error: float           # ‖RᵀR − I‖_F (solve dtype); nan for additive rules
     weight_norm_before: float   # ‖W‖_F
     weight_norm_after: float
     seconds_keys: float
     seconds_solve: float
     seconds_apply: float
-    edit_pass: int = 0          # which pass over the layers (MOSEConfig.edit_passes)
     attempt: int = 0            # which solve of the edit (MOSEConfig.land_retries)
 
 
@@ -58,11 +58,11 @@ class EditRecord:
     # ‖z − h‖ / ‖z − h_before‖ per request at the last edited layer's output after the edit: the
     # share of the residual the edit left unmet (0 = the target z reached; 1 = nothing moved)
     target_unmet: list[float] = field(default_factory=list)
-    attempts: int = 1               # solves of this edit (1 + retries, MOSEConfig.land_retries)
+    attempts: int = 1               # solves of this edit (1 + retries)
     edit_weights: list[float] | None = None   # per-request edit-term weights of the kept solve
     seconds_targets: float = 0.0
     seconds_total: float = 0.0      # this edit, excluding one-time setup
-    seconds_setup: float = 0.0      # C0 statistics, retention Grams, context templates (first edit)
+    seconds_setup: float = 0.0      # C0 statistics, rule state, context templates (first edit)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -86,36 +86,76 @@ def spectrum(W: torch.Tensor) -> dict[str, float]:
             "kappa": float(s[0] / s[-1])}
 
 
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory (pinned when it comes from a GPU, so the copy back is fast)."""
+    if t.device.type == "cpu":
+        return t.detach().clone()
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    out.copy_(t.detach())
+    return out
+
+
+@dataclass
+class _Kept:
+    """What undo() needs of one edit: the weights before it and the rule's records."""
+    index: int
+    weights: dict[int, torch.Tensor]
+    records: dict[int, object]
+
+
 class MOSEEditor:
+    """Edits a causal LM in place with the rule ``config`` names (default: the ``mose`` preset).
+
+    ``second_moments`` ({layer: C0}) skips the statistics; ``data_dir`` is where the statistics
+    corpus (WikiText-2) is looked for when ``config.stats_corpus`` is not set."""
+
     def __init__(self, model, tok, config: MOSEConfig | None = None, arch: ArchSpec | dict | None = None,
-                 second_moments: dict[int, torch.Tensor] | None = None, progress: bool = True):
+                 second_moments: dict[int, torch.Tensor] | None = None, progress: bool = True,
+                 data_dir: str | Path | None = None):
         self.model, self.tok = model, tok
         self.arch = resolve_arch(model, arch)
-        self.cfg = config or MOSEConfig.preset(getattr(model.config, "model_type", ""))
+        self.cfg = config or MOSEConfig.preset("mose", getattr(model.config, "model_type", None))
         self.cfg.validate()
-        n_layers = self.arch.num_layers(model)
-        bad = [l for l in self.cfg.layers if l >= n_layers]
-        if bad:
-            raise ValueError(f"layers {bad} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+        self.cfg.validate_for_model(self.arch.num_layers(model))
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         self.progress = progress
+        self.data_dir = data_dir
         self.rule = make_rule(self.cfg)
         self._second_moments = dict(second_moments) if second_moments is not None else None
         self._templates: list[list[str]] | None = None
+        self._corpus = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
         self._prepared: set[int] = set()
-        self._undo: deque = deque(maxlen=self.cfg.undo_history)  # (record index, {layer: undo data})
+        self._undo: deque[_Kept] = deque(maxlen=self.cfg.undo_history or None)
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
-        self._n_edits = 0
+        self.n_edits = 0
 
     # --- lazily built state -------------------------------------------------------------------
+    def statistics_corpus(self):
+        """The corpus C0 is computed over: the configured file, WikiText-2 in the data folder, or
+        (neither present) text the model writes itself."""
+        if self._corpus is None:
+            self._corpus = statistics_corpus(self.cfg.stats_corpus, self.data_dir, self.model, self.tok,
+                                             self.cfg.seed, self.cfg.stats_tokens, self.cfg.stats_cache_dir,
+                                             self.progress)
+        return self._corpus
+
+    @property
+    def statistics_corpus_name(self) -> str | None:
+        """The statistics corpus in words (None until the statistics are computed)."""
+        if self._corpus is None:
+            return "given by the caller" if self._prepared else None
+        if isinstance(self._corpus, str):
+            return self._corpus
+        return f"generated by the model ({len(self._corpus)} texts, seed {self.cfg.seed})"
+
     def second_moments(self) -> dict[int, torch.Tensor]:
-        if self._second_moments is None or any(l not in self._second_moments for l in self.cfg.layers):
-            corpus = self.cfg.stats_corpus or str(default_data_dir() / "wikitext-2" / "valid.txt")
+        need = [l for l in self.cfg.layers if l not in self._prepared]
+        if self._second_moments is None or any(l not in self._second_moments for l in need):
             self._second_moments = key_second_moments(
-                self.model, self.tok, self.arch, self.cfg.layers, corpus, self.cfg.stats_tokens,
+                self.model, self.tok, self.arch, need, self.statistics_corpus(), self.cfg.stats_tokens,
                 self.cfg.stats_seq_len, self.cfg.stats_batch_size, self.cfg.stats_cache_dir, self.progress)
         return self._second_moments
 
@@ -127,30 +167,29 @@ class MOSEEditor:
         return self._templates
 
     def weight(self, layer: int) -> torch.Tensor:
-        """The matrix the rotation acts on: the float32 master for bf16/fp16 weights, else the
+        """The matrix the rule acts on: the float32 master for bf16/fp16 weights, else the
         parameter itself (as a d_out × d_in view)."""
         return self._master.get(layer, self.arch.weight_view(self.model, layer))
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
+        """Statistics, the rule's per-layer state and the context templates (done by the first edit)."""
         need = [l for l in self.cfg.layers if l not in self._prepared]
-        if not need:
-            return
-        C0 = self.second_moments()
-        for l in need:
-            W = self.arch.weight_view(self.model, l)
-            if self.cfg.master_weights and W.dtype in (torch.bfloat16, torch.float16):
-                # Rounding W to 8 mantissa bits after every rotation would random-walk the weights;
-                # a float32 master keeps the drift to one rounding from the exact product.
-                self._master[l] = W.float()
-            self.rule.prepare(l, self.weight(l), C0[l])
-            self._prepared.add(l)
-        # MOSE's Grams P carry all that later edits need of C0: the d_in × d_in matrices can go
-        # (additive rules keep what they need of C0 themselves).
-        self._second_moments = None
+        if need:
+            C0 = self.second_moments()
+            for l in need:
+                W = self.arch.weight_view(self.model, l)
+                if self.cfg.master_weights and W.dtype in (torch.bfloat16, torch.float16) and l not in self._master:
+                    # rounding W to 8 mantissa bits after every rotation would random-walk the weights;
+                    # a float32 master keeps the error to one rounding of the exact product
+                    self._master[l] = W.float()
+                self.rule.prepare(l, self.weight(l), C0.pop(l))
+                self._prepared.add(l)
+            self._second_moments = None     # the rule keeps what it needs of C0
+        self.context_templates()
 
     # --- editing -------------------------------------------------------------------------------
-    def validate(self, requests: Iterable[EditRequest]) -> list[EditRequest]:
-        requests = list(requests)
+    def validate(self, requests: Iterable[EditRequest] | EditRequest) -> list[EditRequest]:
+        requests = [requests] if isinstance(requests, EditRequest) else list(requests)
         if not requests:
             raise ValueError("no edit requests given")
         for i, r in enumerate(requests):
@@ -165,55 +204,56 @@ class MOSEEditor:
 
         ``edit_weights`` (MOSE rules): one weight > 0 per request for its edit term (default all
         1); ``MOSEConfig.land_retries`` raises the weights of requests that did not land."""
-        if isinstance(requests, EditRequest):
-            requests = [requests]
         requests = self.validate(requests)
         if edit_weights is not None:
-            if not getattr(self.rule, "supports_edit_weights", False):
+            if not self.rule.supports_edit_weights:
                 raise ValueError(f"edit_weights need a MOSE rule; this editor's rule is {self.cfg.method!r}")
             edit_weights = check_edit_weights(edit_weights, len(requests))
         t_setup = time.perf_counter()
-        self._prepare()
+        self.prepare()
         templates = self.context_templates()
         seconds_setup = time.perf_counter() - t_setup
         t_start = time.perf_counter()
         layers = self.cfg.layers
-        snapshot = self._snapshot()
+        before = {l: _host_copy(self.weight(l)) for l in layers}
         was_training = self.model.training
         grad_flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval().requires_grad_(False)
-        record = EditRecord(index=self._n_edits, case_ids=[r.case_id for r in requests])
-        rotations: dict[int, list] = {}   # per layer, per pass: what the rule needs to undo it
+        record = EditRecord(index=self.n_edits, case_ids=[r.case_id for r in requests])
+        pending: dict[int, object] = {}
+        committed: list[int] = []
         try:
             t = time.perf_counter()
-            targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg,
-                                      self.progress)
+            targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
             z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
-            weights = edit_weights          # validated float64 vector or None; never written in place
+            weights = edit_weights
             for attempt in range(self.cfg.land_retries + 1):
-                if attempt:
-                    # the retry starts from the state before this edit, bit for bit
-                    self._restore(snapshot, copy=True)
-                    rotations.clear()
+                if attempt:     # the retry starts from the weights before this edit, bit for bit
+                    self._put_weights(before)
+                    pending.clear()
                 record.attempts = attempt + 1
                 record.edit_weights = None if weights is None else weights.tolist()
-                unmet_before = self._pass_layers(requests, templates, z, weights, record, rotations, attempt)
+                unmet_before = self._pass_layers(requests, templates, z, weights, record, pending, attempt)
                 if attempt == self.cfg.land_retries:
                     break
                 ok = self._landed(requests)
                 if ok is None or all(ok):
                     break
-                # the requests that missed weigh land_boost times more in the next solve
                 if weights is None:
                     weights = torch.ones(len(requests), dtype=torch.float64)
                 weights = torch.where(torch.tensor(ok, dtype=torch.bool), weights, weights * self.cfg.land_boost)
             after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
-            record.target_unmet = ((z - after.to(torch.float64)).norm(dim=1)
+            record.target_unmet = ((z - after.to(z)).norm(dim=1)
                                    / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
+            for l in layers:
+                self.rule.commit(l, pending[l])
+                committed.append(l)
         except BaseException:
-            self._restore(snapshot)
+            for l in reversed(committed):
+                self.rule.undo(l, pending[l])
+            self._put_weights(before)
             raise
         finally:
             self.model.train(was_training)
@@ -221,55 +261,53 @@ class MOSEEditor:
                 p.requires_grad_(flag)
         record.seconds_total = time.perf_counter() - t_start
         record.seconds_setup = seconds_setup
-        self._n_edits += 1
+        self.n_edits += 1
         self.records.append(record)
-        self._undo.append((record.index, rotations))
+        if self._undo.maxlen != 0:
+            self._undo.append(_Kept(record.index, before, dict(pending)))
         self.journal.append({"op": "edit", "requests": [r.to_dict() for r in requests], **record.to_dict()})
         return record
 
     def _pass_layers(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
-                     record: EditRecord, rotations: dict, attempt: int) -> torch.Tensor:
-        """The passes over the edited layers towards z (MEMIT's schedule, the rule's update at each
-        layer); appends to ``record.layers`` and ``rotations``.  Returns ‖z − h‖ per request before."""
+                     record: EditRecord, pending: dict, attempt: int) -> torch.Tensor:
+        """One pass over the edited layers towards z; returns ‖z − h‖ per request before it."""
         layers = self.cfg.layers
-        n_passes = self.cfg.edit_passes
         unmet_before = None
-        for edit_pass in range(n_passes):
-            last_pass = edit_pass == n_passes - 1
-            for i, layer in enumerate(layers):
-                t = time.perf_counter()
-                rows = compute_template_keys(self.model, self.tok, self.arch, layer, requests, templates)
-                K = mean_key(rows, templates).to(torch.float64)
-                extra = {} if weights is None else {"edit_weights": weights}
-                if getattr(self.rule, "template_keys", "mean") != "mean":
-                    # the rule also wants every context's key (MOSEInputRule template_keys)
-                    extra["per_template"] = (rows.permute(2, 0, 1).to(torch.float64), template_weights(templates))
-                current = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
-                if unmet_before is None:
-                    unmet_before = (z - current.to(torch.float64)).norm(dim=1)
-                resid = (z - current.to(torch.float64)) / (len(layers) - i)        # n × d
-                t_keys = time.perf_counter() - t
-                W = self.weight(layer)
-                norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
-                # edit memory / K_p take this edit's keys once, in the last pass (see MOSEConfig)
-                res = self.rule.update(layer, W, K.T.to(W.device), resid.T.to(W.device), remember=last_pass, **extra)
-                if last_pass:
-                    self.rule.after_edit(layer, K.T)
-                if layer in self._master:
-                    self.arch.weight_view(self.model, layer).copy_(W)
-                rotations.setdefault(layer, []).append(res.undo)
-                record.layers.append(LayerRecord(
-                    layer=layer, objective=res.objective, objective_identity=res.objective_identity,
-                    orth_error=res.orth_error, weight_norm_before=norm_before,
-                    weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
-                    seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
-                    edit_pass=edit_pass, attempt=attempt))
+        for i, layer in enumerate(layers):
+            t = time.perf_counter()
+            K, current = keys_and_outputs(self.model, self.tok, self.arch, layer, layers[-1], requests, templates)
+            gap = z - current.to(z)
+            if unmet_before is None:
+                unmet_before = gap.norm(dim=1)
+            resid = gap / (len(layers) - i)                                      # n × d
+            t_keys = time.perf_counter() - t
+            W = self.weight(layer)
+            norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
+            res = self.rule.update(layer, W, K.T.to(W.device, torch.float64), resid.T.to(W.device),
+                                   **({} if weights is None else {"edit_weights": weights}))
+            if layer in self._master:
+                self.arch.weight_view(self.model, layer).copy_(W)
+            pending[layer] = res.undo
+            record.layers.append(LayerRecord(
+                layer=layer, objective=res.objective, objective_identity=res.objective_identity,
+                orth_error=res.orth_error, weight_norm_before=norm_before,
+                weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
+                seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
+                attempt=attempt))
         return unmet_before
 
     def _landed(self, requests: list[EditRequest]) -> list[float] | None:
         """P(new) > P(true) on each request's own prompt (None when a request has no target_true)."""
-        from .eval.metrics import landed     # eval imports the editor; import here, not at the top
+        from .hf.scoring import landed
         return landed(self.model, self.tok, requests)
+
+    def _put_weights(self, weights: dict[int, torch.Tensor]) -> None:
+        """Write host copies of edited matrices back (masters and the parameters they round to)."""
+        with torch.no_grad():
+            for l, w in weights.items():
+                self.weight(l).copy_(w)
+                if l in self._master:
+                    self.arch.weight_view(self.model, l).copy_(self._master[l])
 
     def edit_sequential(self, requests: Iterable[EditRequest]) -> list[EditRecord]:
         """One edit per request, in order (each on the model as already edited)."""
@@ -280,55 +318,57 @@ class MOSEEditor:
         return out
 
     def undo(self, n: int = 1) -> None:
-        """Revert the last ``n`` edits by applying Rᵀ in reverse order (exact up to rounding)."""
+        """Take back the last ``n`` edits: the weights return bit for bit, the rule's state with them."""
         if n < 0 or n > len(self._undo):
             raise ValueError(f"cannot undo {n} edit(s): {len(self._undo)} can be undone "
                              f"(undo_history={self.cfg.undo_history})")
         for _ in range(n):
-            index, rotations = self._undo.pop()
-            for layer in reversed(list(rotations)):
-                W = self.weight(layer)
-                for undo in reversed(rotations[layer]):     # one per pass, undone last first
-                    self.rule.revert(layer, W, undo)
-                if layer in self._master:
-                    self.arch.weight_view(self.model, layer).copy_(W)
-            self.records = [r for r in self.records if r.index != index]
-            self.journal.append({"op": "undo", "index": index})
+            kept = self._undo.pop()
+            for layer in reversed(list(kept.records)):
+                self.rule.undo(layer, kept.records[layer])
+            self._put_weights(kept.weights)
+            self.records = [r for r in self.records if r.index != kept.index]
+            self.journal.append({"op": "undo", "index": kept.index})
 
-    # --- snapshots --------------------------------------------------------------------------
-    def _snapshot(self) -> dict:
-        return {
-            "weights": {l: self.arch.weight_view(self.model, l).clone() for l in self.cfg.layers},
-            "master": {l: w.clone() for l, w in self._master.items()},
-            "rule": self.rule.snapshot(),
-        }
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The edited matrices, their float32 masters and the rule's state, as named tensors (plus
+        ``n_edits``): what a checkpoint needs to continue editing where this editor is."""
+        out: dict[str, torch.Tensor] = {"n_edits": torch.tensor(self.n_edits)}
+        for l in self.cfg.layers:
+            out[f"weight.{l}"] = self.arch.weight_view(self.model, l)
+            if l in self._master:
+                out[f"master.{l}"] = self._master[l]
+        out.update({f"rule.{k}": v for k, v in self.rule.state_dict().items()})
+        return out
 
-    def _restore(self, snap: dict, copy: bool = False) -> None:
-        """Put the snapshot back; ``copy`` keeps it usable again (the rule takes copies of its state)."""
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from ``state_dict()``: weights, masters and the rule's state (the undo history is
+        not part of it)."""
+        missing = [f"weight.{l}" for l in self.cfg.layers if f"weight.{l}" not in state]
+        if missing or "n_edits" not in state:
+            raise ValueError(f"not an editor state for layers {self.cfg.layers}: missing {missing or ['n_edits']}")
         with torch.no_grad():
-            for l, w in snap["weights"].items():
-                self.arch.weight_view(self.model, l).copy_(w)
-            for l, w in snap["master"].items():
-                self._master[l].copy_(w)
-            rule_state = snap["rule"]
-            if copy:
-                rule_state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in rule_state.items()}
-            self.rule.restore(rule_state)
+            for l in self.cfg.layers:
+                W = self.arch.weight_view(self.model, l)
+                W.copy_(state[f"weight.{l}"])
+                if f"master.{l}" in state:
+                    self._master[l] = state[f"master.{l}"].to(W.device, torch.float32).clone()
+        self.rule.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rule.")})
+        self.n_edits = int(state["n_edits"])
+        self._undo.clear()
 
-    # --- inspection and saving -------------------------------------------------------------------
+    # --- inspection and saving ----------------------------------------------------------------------
     @torch.no_grad()
     def spectrum(self, layer: int) -> dict[str, float]:
         """‖W‖_F, σ_max, σ_min and κ₂ of an edited matrix (float64)."""
         return spectrum(self.arch.weight_view(self.model, layer))
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write the edited model (safetensors, loadable with from_pretrained), the tokenizer, and
-        ``mose_journal.json`` (config, every edit and undo with its records)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out, safe_serialization=True)
-        self.tok.save_pretrained(out)
+    def save(self, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
+        """Write the edited model (safetensors that ``from_pretrained`` loads, also for a model loaded
+        from GGUF), the tokenizer, and ``mose_journal.json`` (config, every edit and undo)."""
+        from .hf.models import save_model
         journal = {"config": self.cfg.to_dict(), "arch": asdict(self.arch),
                    "model_fingerprint": model_fingerprint(self.model), "entries": self.journal}
-        (out / "mose_journal.json").write_text(json.dumps(journal, indent=1, default=str))
-        return out
+        return save_model(self.model, self.tok, out_dir, dtype=dtype,
+                          extra_files={"mose_journal.json": json.dumps(journal, indent=1, default=str)})

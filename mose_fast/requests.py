@@ -144,26 +144,54 @@ def detect_schema(record: dict) -> str:
 READERS = {"rome": from_rome, "easyedit": from_easyedit, "mend": from_mend}
 
 
-def parse_records(records: Iterable[dict]) -> list[EditRequest]:
+def parse_records(records: Iterable[dict], start: int = 0) -> list[EditRequest]:
     out = []
-    for i, rec in enumerate(records):
+    for i, rec in enumerate(records, start):
         if not isinstance(rec, dict):
             raise ValueError(f"request #{i} is a {type(rec).__name__}, expected a JSON object")
         try:
-            out.append(READERS[detect_schema(rec)](rec))
+            schema = detect_schema(rec)
+        except ValueError as e:
+            raise ValueError(f"request #{i}: {e}") from None
+        try:
+            out.append(READERS[schema](rec))
         except KeyError as e:
-            raise ValueError(f"request #{i} ({detect_schema(rec)} schema) lacks field {e}") from None
+            raise ValueError(f"request #{i} ({schema} schema) lacks field {e}") from None
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"request #{i} ({schema} schema): malformed field ({e})") from None
+        except ValueError as e:
+            raise ValueError(f"request #{i}: {e}") from None
     return out
 
 
 def load_requests(path: str | Path, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
-    """Read a JSON list (or JSON-lines) of requests in any of the three schemas."""
-    text = Path(path).read_text()
+    """Read a JSON list (or JSON-lines) of requests in any of the three schemas.  Errors name the
+    file, the record and the field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"requests file {path} not found")
+    if limit is not None and limit < 1 or offset < 0:
+        raise ValueError(f"requests file {path}: limit must be ≥ 1 and offset ≥ 0 (got {limit}, {offset})")
+    text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        data = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as first:
+        data = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                data.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"requests file {path}: not JSON ({first}) nor JSON lines (line {n} does not parse)") from None
     if isinstance(data, dict):
         data = [data]
+    if not isinstance(data, list):
+        raise ValueError(f"requests file {path}: expected a JSON list of request objects, got {type(data).__name__}")
     data = data[offset: None if limit is None else offset + limit]
-    return parse_records(data)
+    if not data:
+        raise ValueError(f"requests file {path}: no requests (offset {offset}, limit {limit})")
+    try:
+        return parse_records(data, offset)
+    except ValueError as e:
+        raise ValueError(f"requests file {path}: {e}") from None

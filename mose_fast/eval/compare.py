@@ -11,26 +11,52 @@ import math
 import statistics
 from pathlib import Path
 
-from .runner import _read_lines, load_report
+from .store import load_report, read_lines
 
 
 def run_label(rep: dict) -> str:
-    """Method, layers and every rule_hparam the config sets (in its order), so that two runs whose
-    configs differ in any option get different rows."""
+    """The run's preset and every setting it overrides (or, for a run made before presets, its
+    method and every rule option), plus the batch size when not 1: two runs that differ in any
+    setting get different rows."""
     cfg = rep["config"]
+    batch = rep.get("settings", {}).get("batch_size", 1)
+    tail = [f"batch {batch}"] if batch != 1 else []
+    name = cfg.get("preset")
+    if name:
+        from ..config import PRESETS, MOSEConfig
+        if name in PRESETS:
+            base = MOSEConfig.preset(name, layers=cfg["layers"]).to_dict() if cfg.get("layers") else {}
+            skip = {"preset", "undo_history", "stats_cache_dir", "master_weights"}
+            parts = []
+            for k, v in cfg.items():
+                if k in skip or base.get(k) == v:
+                    continue
+                if k == "rule_hparams":
+                    parts += [f"{h}={_short(x)}" for h, x in v.items() if base.get(k, {}).get(h) != x]
+                else:
+                    parts.append(f"{k}={_short(v)}")
+            layers = cfg["layers"]
+            default_layers = MOSEConfig.preset(name).layers
+            if layers != default_layers:
+                parts.insert(0, f"layers {_span(layers)}")
+            parts += tail
+            return name + (f" ({', '.join(parts)})" if parts else "")
     hp = cfg.get("rule_hparams") or {}
-    parts = [f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
-             for k, v in hp.items()]
+    parts = [f"{k}={_short(v)}" for k, v in hp.items()]
     if cfg["method"] == "mose":
         parts.insert(0, f"λ={cfg['lam']:g}")
-    layers = cfg["layers"]
-    span = f"L{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else f"L{layers}"
-    if cfg.get("land_retries"):   # re-solved edits that missed (MOSEConfig.land_retries)
+    if cfg.get("land_retries"):
         parts.append(f"land_retries={cfg['land_retries']}×{cfg.get('land_boost', 4.0):g}")
-    batch = rep.get("settings", {}).get("batch_size", 1)
-    if batch != 1:   # batch-10 and batch-1 runs of one rule are different rows
-        parts.append(f"batch {batch}")
-    return f"{cfg['method'].upper()} {span}" + (f" ({', '.join(parts)})" if parts else "")
+    parts += tail
+    return f"{cfg['method'].upper()} {_span(cfg['layers'])}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _short(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
+
+
+def _span(layers: list[int]) -> str:
+    return f"L{layers[0]}-{layers[-1]}" if layers == list(range(layers[0], layers[-1] + 1)) else f"L{layers}"
 
 
 def _row(rep: dict, n: int, seconds: list[float]) -> dict:
@@ -53,7 +79,7 @@ def compare_runs(folders: list[str | Path], at: list[int] | None = None, labels:
     reps = [load_report(f) for f in folders]
     # wall seconds per case, one entry per case in run order (a batch's time is shared by its cases)
     seconds = [[j["seconds"]["total"] / len(j["case_ids"])
-                for j in _read_lines(Path(f) / "journal.jsonl", lambda e: True, rewrite=False) for _ in j["case_ids"]]
+                for j in read_lines(Path(f) / "journal.jsonl", lambda e: True, rewrite=False) for _ in j["case_ids"]]
                for f in folders]
     labels = labels or [run_label(r) for r in reps]
     if len(labels) != len(reps):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..hf.tokens import pad_batch, prompt_ids, target_ids
-from .metrics import answer_nll, logits_at
+from ..hf.scoring import answer_nll, logits_at
 
 # task → (prompt builder, label strings in label-id order)
 TASKS = {

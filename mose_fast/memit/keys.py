@@ -71,6 +71,33 @@ def compute_template_keys(model, tok, arch: ArchSpec, layer: int, requests: list
 
 
 @torch.no_grad()
+def keys_and_outputs(model, tok, arch: ArchSpec, layer: int, out_layer: int, requests: list[EditRequest],
+                     context_templates: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over every request in every template (stopped after block ``out_layer``):
+    ``(K_E, h)`` — MEMIT's mean key at ``layer`` (n × d_in) and the residual stream after block
+    ``out_layer`` at the subject's last token of each bare prompt (n × d_model).
+
+    The first template is the bare prompt ``"{}"`` (``generate_context_templates``), so its rows are
+    exactly the prompts ``block_outputs_at_subject`` runs."""
+    flat = [t for group in context_templates for t in group]
+    if flat[0] != "{}":
+        raise ValueError(f"the first context template must be the bare prompt '{{}}', got {flat[0]!r}")
+    if out_layer < layer:
+        raise ValueError(f"out_layer {out_layer} precedes the key layer {layer}")
+    ids, positions = _subject_batch(tok, requests, flat)
+    device = next(model.parameters()).device
+    block = arch.block(model, out_layer)
+    with capture_inputs({"k": arch.mlp_out_module(model, layer)}) as keys, capture_outputs({"h": block}) as outs:
+        run_until(model, block, **pad_batch(tok, ids, device))
+    k_in, h = keys["k"][0], outs["h"][0]
+    rows = torch.arange(len(ids), device=k_in.device)
+    cols = torch.tensor(positions, device=k_in.device)
+    K = mean_key(k_in[rows, cols].view(len(requests), len(flat), -1), context_templates)
+    bare = torch.arange(0, len(ids), len(flat), device=h.device)
+    return K, h[bare, torch.tensor(positions, device=h.device)[bare]]
+
+
+@torch.no_grad()
 def compute_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
                  context_templates: list[list[str]]) -> torch.Tensor:
     """``K_E`` as an (n_requests × d_in) tensor in the model's dtype."""

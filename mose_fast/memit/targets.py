@@ -1,16 +1,22 @@
-"""Target vectors ``z`` (MEMIT ``compute_z``).
+"""Target vectors ``z`` (MEMIT ``compute_z``), for every request of a batch at once.
 
-For each request, a vector δ is added to the residual stream after block ``layer`` (the last
-edited layer) at the subject's last token of every rewrite prompt and optimised with Adam for
+For each request j a vector δ_j is added to the residual stream after block ``layer`` (the last
+edited layer) at the subject's last token of each of its rewrite prompts and optimised with Adam for
 
-    NLL(target_new | context + prompt)  +  kl_factor · KL(p(· | "{subject} is a") ‖ p₀)
-    + v_weight_decay · ‖δ‖ / ‖h₀‖²
+    NLL(target_new_j | context + prompt_j)  +  kl_factor · KL(p(· | "{subject_j} is a") ‖ p₀)
+    + v_weight_decay · ‖δ_j‖ / ‖h₀_j‖²
 
-with δ projected back into the ball ‖δ‖ ≤ clamp_norm_factor · ‖h₀‖ after each step.  The target
-is ``z = h₀ + δ`` where ``h₀`` is the unedited residual on the bare prompt.
+with δ_j projected back into the ball ‖δ_j‖ ≤ clamp_norm_factor · ‖h₀_j‖ after each step.  The
+target is ``z_j = h₀_j + δ_j``, ``h₀_j`` the unedited residual on the bare prompt.
+
+The requests share nothing but the forward pass: every step runs one padded batch holding every
+active request's rewrite and KL prompts, the loss is the sum of the requests' losses (each δ_j
+reaches only its own rows), and Adam keeps per-request state — so each request follows exactly the
+trajectory it would follow alone.  A request whose loss falls below ``v_loss_early_stop`` stops:
+its rows leave the batch and its δ is frozen.
 
 Each step runs only the prompts' suffixes against a key/value cache of their prefixes
-(:class:`_PrefixCache`), checked once per edit against a full forward.
+(:class:`_PrefixCache`), checked against a full forward when it is built.
 """
 from __future__ import annotations
 
@@ -19,13 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hf.arch import ArchSpec
 from ..config import MOSEConfig
+from ..hf.arch import ArchSpec
 from ..hf.hooks import edit_output
-from ..requests import EditRequest
 from ..hf.tokens import pad_batch, subject_last_index, target_ids
+from ..requests import EditRequest
 
 KL_TEMPLATE = "{} is a"
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8      # torch.optim.Adam's defaults, as MEMIT uses them
 
 
 @dataclass
@@ -36,170 +43,270 @@ class TargetResult:
     steps: int
 
 
-def compute_target(model, tok, arch: ArchSpec, layer: int, request: EditRequest,
-                   context_templates: list[list[str]], cfg: MOSEConfig) -> TargetResult:
-    device = next(model.parameters()).device
-    tgt = target_ids(tok, request.target_new)
-    flat = [t for group in context_templates for t in group]
+def prefix_cache_tolerance(dtype: torch.dtype) -> float:
+    """Largest relative logit difference between the cached and the full forward accepted as the
+    same computation: rounding in the model's dtype (a wrong cache is off by O(1))."""
+    return {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-3)
 
-    ids, lookup = [], []
-    for t in flat:                     # rewrite prompts: context + prompt + target[:-1]
-        i, p = subject_last_index(tok, t.replace("{}", request.template, 1), request.subject)
-        ids.append(i + tgt[:-1])
-        lookup.append(p)
-    n_rewrite = len(ids)
-    i, p = subject_last_index(tok, KL_TEMPLATE, request.subject)   # essence / KL prompt
-    ids.append(i)
-    lookup.append(p)
 
-    batch = pad_batch(tok, ids, device)
-    rows = torch.arange(len(ids), device=device)
-    cols = torch.tensor(lookup, device=device)
+class _Batch:
+    """The rows of every request: its rewrite prompts (context + prompt + target[:-1]) and its KL
+    prompt, with the positions the loss reads."""
 
-    # Logits are needed only where the loss reads them: the target positions of the rewrite
-    # prompts and the subject position of the KL prompt.
-    sel_rows, sel_cols = [], []
-    for b in range(n_rewrite):
-        end = len(ids[b])
-        sel_rows += [b] * len(tgt)
-        sel_cols += list(range(end - len(tgt), end))   # logits at j predict token j + 1
-    sel_rows.append(n_rewrite)
-    sel_cols.append(lookup[n_rewrite])
-    sel_rows_t = torch.tensor(sel_rows, device=device)
-    sel_cols_t = torch.tensor(sel_cols, device=device)
-    sel_labels = torch.tensor(tgt * n_rewrite, device=device)
+    def __init__(self, tok, requests: list[EditRequest], context_templates: list[list[str]]):
+        flat = [t for group in context_templates for t in group]
+        self.ids, self.lookup, self.row_request = [], [], []
+        self.sel_rows, self.sel_cols, self.labels = [], [], []
+        self.targets, self.n_rewrite = [], len(flat)
+        for j, req in enumerate(requests):
+            tgt = target_ids(tok, req.target_new)
+            self.targets.append(tgt)
+            for t in flat:
+                i, p = subject_last_index(tok, t.replace("{}", req.template, 1), req.subject)
+                row = len(self.ids)
+                self.ids.append(i + tgt[:-1])
+                self.lookup.append(p)
+                self.row_request.append(j)
+                end = len(self.ids[row])
+                self.sel_rows += [row] * len(tgt)
+                self.sel_cols += list(range(end - len(tgt), end))     # logits at c predict token c + 1
+                self.labels += tgt
+            i, p = subject_last_index(tok, KL_TEMPLATE, req.subject)
+            row = len(self.ids)
+            self.ids.append(i)
+            self.lookup.append(p)
+            self.row_request.append(j)
+            self.sel_rows.append(row)
+            self.sel_cols.append(p)
+            self.labels.append(-1)
+        self.n = len(requests)
 
-    d_model = model.config.hidden_size
-    delta = torch.zeros(d_model, dtype=torch.float32, device=device, requires_grad=True)
-
-    def bump(hidden: torch.Tensor) -> torch.Tensor:
-        add = torch.zeros_like(hidden)
-        add[rows, cols] = delta.to(hidden.dtype)
-        return hidden + add
-
-    runner = _PrefixCache(model, arch, layer, ids, lookup, sel_rows, sel_cols, tok)
-    h0 = runner.h0[0].float().clone()
-    if runner.usable:
-        def selected_logits() -> torch.Tensor:
-            return runner.logits(delta)
-    else:
-        block = arch.block(model, layer)
-
-        def selected_logits() -> torch.Tensor:
-            with edit_output(block, bump):
-                return model(**batch, use_cache=False).logits[sel_rows_t, sel_cols_t]
-
-    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
-    kl_init = None
-    nll_value, steps = float("nan"), 0
-    n_target = n_rewrite * len(tgt)
-    for step in range(cfg.v_num_grad_steps):
-        opt.zero_grad()
-        log_probs = torch.log_softmax(selected_logits().float(), dim=-1)
-        token_lp = log_probs[torch.arange(n_target, device=device), sel_labels]
-        nll = -token_lp.view(n_rewrite, len(tgt)).sum(1).div(len(tgt)).mean()
-        kl_lp = log_probs[n_target:]
-        if kl_init is None:
-            kl_init = kl_lp.detach().clone()
-        kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init, kl_lp, log_target=True, reduction="batchmean")
-        decay = cfg.v_weight_decay * (delta.norm() / h0.norm() ** 2)
-        loss = nll + kl + decay
-        nll_value, steps = nll.item(), step + 1
-        if loss.item() < cfg.v_loss_early_stop or step == cfg.v_num_grad_steps - 1:
-            break
-        loss.backward()
-        opt.step()
-        with torch.no_grad():      # project into the L2 ball around h0
-            max_norm = cfg.clamp_norm_factor * h0.norm()
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    z = (h0 + delta.detach()).to(torch.float32)
-    return TargetResult(z=z, h0=h0, nll=nll_value, steps=steps)
+    def rows_of(self, requests: list[int]) -> list[int]:
+        keep = set(requests)
+        return [r for r, j in enumerate(self.row_request) if j in keep]
 
 
 def compute_targets(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
-                    context_templates: list[list[str]], cfg: MOSEConfig, progress: bool = False) -> list[TargetResult]:
-    from tqdm.auto import tqdm
-    bar = tqdm(requests, desc="targets", unit="request", disable=not progress or len(requests) < 2, leave=False)
-    return [compute_target(model, tok, arch, layer, r, context_templates, cfg) for r in bar]
+                    context_templates: list[list[str]], cfg: MOSEConfig) -> list[TargetResult]:
+    """Targets of all ``requests`` optimised together (see the module doc)."""
+    device = next(model.parameters()).device
+    batch = _Batch(tok, requests, context_templates)
+    runner = _PrefixCache(model, arch, layer, batch, tok)
+    first_row = [batch.row_request.index(j) for j in range(batch.n)]
+    h0 = runner.h0[first_row].float()                                            # n × d
+    h0_norm = h0.norm(dim=1)
+    delta = torch.zeros_like(h0, requires_grad=True)
+    m, v = torch.zeros_like(h0), torch.zeros_like(h0)
+    adam_t = [0] * batch.n
+    active = list(range(batch.n))
+    done: dict[int, tuple[float, int]] = {}
+    kl_init: dict[int, torch.Tensor] = {}
+    max_norm = cfg.clamp_norm_factor * h0_norm
+    for step in range(cfg.v_num_grad_steps):
+        logits = runner.logits(delta)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        losses, keep = {}, []
+        for j, (rows, labels, kl_row) in runner.loss_positions().items():
+            lp = log_probs[rows, labels]
+            nll = -lp.view(batch.n_rewrite, -1).mean(1).mean()
+            kl_lp = log_probs[kl_row:kl_row + 1]
+            if j not in kl_init:
+                kl_init[j] = kl_lp.detach().clone()
+            kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[j], kl_lp, log_target=True, reduction="batchmean")
+            decay = cfg.v_weight_decay * (delta[j].norm() / h0_norm[j] ** 2)
+            loss = nll + kl + decay
+            if loss.item() < cfg.v_loss_early_stop or step == cfg.v_num_grad_steps - 1:
+                done[j] = (nll.item(), step + 1)
+            else:
+                losses[j] = loss
+                keep.append(j)
+        if not keep:
+            break
+        if delta.grad is not None:
+            delta.grad = None
+        torch.stack(list(losses.values())).sum().backward()
+        with torch.no_grad():
+            _adam_step(delta, delta.grad, m, v, adam_t, keep, cfg.v_lr)
+            for j in keep:
+                norm = delta[j].norm()
+                if norm > max_norm[j]:          # project into the L2 ball around h0
+                    delta[j].mul_(max_norm[j] / norm)
+        if len(keep) < len(active):
+            runner.select(keep)
+        active = keep
+    z = (h0 + delta.detach()).to(torch.float32)
+    return [TargetResult(z=z[j], h0=h0[j], nll=done[j][0], steps=done[j][1]) for j in range(batch.n)]
+
+
+def _adam_step(x: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: list[int],
+               rows: list[int], lr: float) -> None:
+    """torch.optim.Adam's update (defaults: betas 0.9/0.999, eps 1e-8, no weight decay) on the given
+    rows of ``x`` only, each row with its own step count ``t[row]``."""
+    b1, b2 = ADAM_BETAS
+    for j in rows:
+        t[j] += 1
+        m[j].mul_(b1).add_(grad[j], alpha=1 - b1)
+        v[j].mul_(b2).addcmul_(grad[j], grad[j], value=1 - b2)
+        denom = (v[j] / (1 - b2 ** t[j])).sqrt_().add_(ADAM_EPS)
+        x[j].addcdiv_(m[j], denom, value=-lr / (1 - b1 ** t[j]))
+
+
+def compute_target(model, tok, arch: ArchSpec, layer: int, request: EditRequest,
+                   context_templates: list[list[str]], cfg: MOSEConfig) -> TargetResult:
+    """One request's target (a batch of one)."""
+    return compute_targets(model, tok, arch, layer, [request], context_templates, cfg)[0]
+
+
+def _fork(cache):
+    """A cache that shares the prefix tensors but not their bookkeeping: a forward appends to its
+    layers by concatenation (new tensors), so the original prefix stays as it was."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    return out
 
 
 class _PrefixCache:
     """Runs each optimisation step on the prompts' *suffixes* only.
 
-    δ enters at the subject's last token (row i's position ``lookup[i]``), and attention is
-    causal, so no position before it depends on δ.  Each prompt's prefix ``ids[i][:lookup[i]]``
-    is run once (left-padded, no grad) into a key/value cache; every step then feeds only the
-    suffix ``ids[i][lookup[i]:]`` (a few tokens instead of the whole templated prompt) with δ
-    added at its first position after block ``layer``.  The full forward done here at δ = 0
-    checks the logits at every selected position and provides h₀; a family whose cached forward
-    does not reproduce them falls back to full forwards (``usable`` False).
-    """
+    δ enters at the subject's last token (row r's position ``lookup[r]``), and attention is causal,
+    so no position before it depends on δ.  Each prompt's prefix ``ids[r][:lookup[r]]`` is run once
+    (left-padded, no grad) into a key/value cache; every step then feeds only the suffixes (a few
+    tokens instead of the whole templated prompt) with δ added at their first position after block
+    ``layer``.  The full forward done here at δ = 0 checks the logits at every selected position
+    and provides h₀; a family whose cached forward does not reproduce them (beyond rounding in the
+    model's dtype) falls back to full forwards (``usable`` False).
 
-    def __init__(self, model, arch: ArchSpec, layer: int, ids: list[list[int]], lookup: list[int],
-                 sel_rows: list[int], sel_cols: list[int], tok):
-        self.model = model
+    ``select(requests)`` drops the rows of every other request (those that stopped early)."""
+
+    def __init__(self, model, arch: ArchSpec, layer: int, batch: _Batch, tok):
+        self.model, self.batch = model, batch
         self.block = arch.block(model, layer)
         self.lm_head = arch.get(model, arch.lm_head)
-        device = next(model.parameters()).device
+        self.device = next(model.parameters()).device
+        ids, lookup = batch.ids, batch.lookup
         n = len(ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         P = max(lookup)
-        S = max(len(x) - c for x, c in zip(ids, lookup))
-        prefix = torch.full((n, P), pad, dtype=torch.long)
+        prefix = torch.full((n, P), self.pad, dtype=torch.long)
         prefix_mask = torch.zeros((n, P), dtype=torch.long)
-        suffix = torch.full((n, S), pad, dtype=torch.long)
-        suffix_mask = torch.zeros((n, S), dtype=torch.long)
         for i, (x, c) in enumerate(zip(ids, lookup)):
             if c:
                 prefix[i, P - c:] = torch.tensor(x[:c])
                 prefix_mask[i, P - c:] = 1
-            suffix[i, :len(x) - c] = torch.tensor(x[c:])
-            suffix_mask[i, :len(x) - c] = 1
-        lookup_t = torch.tensor(lookup)
-        self.suffix = suffix.to(device)
-        self.mask = torch.cat([prefix_mask, suffix_mask], 1).to(device)
-        self.positions = (torch.arange(S).unsqueeze(0) + lookup_t.unsqueeze(1)).to(device)
-        self.rows = torch.tensor(sel_rows, device=device)
-        self.cols = (torch.tensor(sel_cols) - lookup_t[torch.tensor(sel_rows)]).to(device)
+        self.prefix_mask = prefix_mask.to(self.device)          # by original row
         self.cache = None
         with torch.no_grad():
             if P:
                 pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
-                self.cache = model(input_ids=prefix.to(device), attention_mask=prefix_mask.to(device),
-                                   position_ids=pre_pos.to(device), use_cache=True).past_key_values
-        # The reference full forward also yields h0 = residual after block `layer` at each
-        # prompt's subject position.
+                self.cache = model(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
+                                   position_ids=pre_pos.to(self.device), use_cache=True).cache
+        self.rows = torch.arange(n)
+        self._layout()
+        # The reference full forward also yields h0 = residual after block `layer` at each row's
+        # subject position.
         seen = {}
+        lookup_t = torch.tensor(lookup, device=self.device)
 
         def grab(hidden):
-            seen["h"] = hidden[torch.arange(n, device=device), lookup_t.to(device)].detach()
+            seen["h"] = hidden[torch.arange(n, device=self.device), lookup_t].detach()
             return hidden
+        self.full = pad_batch(tok, ids, self.device)
+        sel_rows = torch.tensor(batch.sel_rows, device=self.device)
+        sel_cols = torch.tensor(batch.sel_cols, device=self.device)
         with torch.no_grad():
             with edit_output(self.block, grab):
-                full = model(**pad_batch(tok, ids, device), use_cache=False)
-            ref = full.logits[self.rows, torch.tensor(sel_cols, device=device)].float()
-            mine = self._forward().float()
+                ref = model(**self.full, use_cache=False).logits[sel_rows, sel_cols].float()
+            mine = self._cached_forward(None).float()
         self.h0 = seen["h"]
         err = float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
-        self.usable = bool(err < 1e-3)
+        dtype = next(model.parameters()).dtype
+        self.usable = bool(err < prefix_cache_tolerance(dtype))
 
-    def _forward(self) -> torch.Tensor:
-        # The cache is appended to by each forward: give every step its own copy of the prefix.
-        cache = copy.deepcopy(self.cache) if self.cache is not None else None
-        # Unembed only the positions the loss reads (a vocabulary-wide GEMM per position).
-        handle = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][self.rows, self.cols],))
+    def _layout(self) -> None:
+        """Suffix tensors, positions and loss positions for the rows in ``self.rows``."""
+        b = self.batch
+        rows = self.rows.tolist()
+        S = max(len(b.ids[r]) - b.lookup[r] for r in rows)
+        suffix = torch.full((len(rows), S), self.pad, dtype=torch.long)
+        suffix_mask = torch.zeros((len(rows), S), dtype=torch.long)
+        for i, r in enumerate(rows):
+            x, c = b.ids[r], b.lookup[r]
+            suffix[i, :len(x) - c] = torch.tensor(x[c:])
+            suffix_mask[i, :len(x) - c] = 1
+        lookup_t = torch.tensor([b.lookup[r] for r in rows])
+        self.suffix = suffix.to(self.device)
+        self.mask = torch.cat([self.prefix_mask[self.rows.to(self.device)], suffix_mask.to(self.device)], 1)
+        self.positions = (torch.arange(S).unsqueeze(0) + lookup_t.unsqueeze(1)).to(self.device)
+        local = {r: i for i, r in enumerate(rows)}
+        sel = [(local[r], c - b.lookup[r], lab, r) for r, c, lab in zip(b.sel_rows, b.sel_cols, b.labels) if r in local]
+        self.sel_rows_local = torch.tensor([s[0] for s in sel], device=self.device)
+        self.sel_cols_suffix = torch.tensor([s[1] for s in sel], device=self.device)
+        self.sel_cols_full = torch.tensor([b.sel_cols[i] for i, r in enumerate(b.sel_rows) if r in local],
+                                          device=self.device)
+        self.row_request = torch.tensor([b.row_request[r] for r in rows], device=self.device)
+        # per request: (positions of its target tokens in the selected logits, labels, its KL position)
+        groups: dict[int, list] = {}
+        for pos, (_, _, lab, r) in enumerate(sel):
+            j = b.row_request[r]
+            g = groups.setdefault(j, [[], [], None])
+            if lab < 0:
+                g[2] = pos
+            else:
+                g[0].append(pos)
+                g[1].append(lab)
+        self._positions = {j: (torch.tensor(p, device=self.device), torch.tensor(l, device=self.device), k)
+                           for j, (p, l, k) in groups.items()}
+
+    def loss_positions(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
+        return self._positions
+
+    def select(self, requests: list[int]) -> None:
+        """Keep only the rows of ``requests``."""
+        keep = self.batch.rows_of(requests)
+        index = {r: i for i, r in enumerate(self.rows.tolist())}
+        local = torch.tensor([index[r] for r in keep], device=self.device)
+        if self.cache is not None:             # the cache's batch is ordered as self.rows
+            self.cache = _fork(self.cache)
+            self.cache.batch_select_indices(local)
+        self.rows = torch.tensor(keep)
+        self._layout()
+
+    def _cached_forward(self, delta: torch.Tensor | None) -> torch.Tensor:
+        cache = _fork(self.cache) if self.cache is not None else None
+        handle = self.lm_head.register_forward_pre_hook(
+            lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_suffix],))
         try:
-            out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
-                             past_key_values=cache, use_cache=cache is not None)
+            if delta is None:
+                out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
+                                 cache=cache, use_cache=cache is not None)
+            else:
+                add = delta[self.row_request]
+
+                def bump(hidden):
+                    extra = torch.zeros_like(hidden)
+                    extra[:, 0] = add.to(hidden.dtype)
+                    return hidden + extra
+                with edit_output(self.block, bump):
+                    out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
+                                     cache=cache, use_cache=cache is not None)
         finally:
             handle.remove()
         return out.logits
 
+    def _full_forward(self, delta: torch.Tensor) -> torch.Tensor:
+        rows = self.rows.to(self.device)
+        batch = {k: v[rows] for k, v in self.full.items()}
+        lookup = torch.tensor([self.batch.lookup[r] for r in self.rows.tolist()], device=self.device)
+        add = delta[self.row_request]
+
+        def bump(hidden):
+            extra = torch.zeros_like(hidden)
+            extra[torch.arange(len(rows), device=self.device), lookup] = add.to(hidden.dtype)
+            return hidden + extra
+        with edit_output(self.block, bump):
+            logits = self.model(**batch, use_cache=False).logits
+        return logits[self.sel_rows_local, self.sel_cols_full]
+
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
-        def add(hidden):
-            bump = torch.zeros_like(hidden)
-            bump[:, 0] = delta.to(hidden.dtype)
-            return hidden + bump
-        with edit_output(self.block, add):
-            return self._forward()
+        """Logits at the selected positions of the current rows, δ_j added to request j's rows."""
+        return self._cached_forward(delta) if self.usable else self._full_forward(delta)

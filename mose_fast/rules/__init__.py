@@ -1,39 +1,39 @@
-"""Update rules: one per editor, sharing keys, targets and statistics; only ``update`` differs.
+"""Update rules, one per editor, all behind the interface of ``base.Rule``; they share keys, targets
+and statistics and differ only in ``update``.
 
-``make_rule(method, cfg)`` builds the rule named by ``MOSEConfig.method`` with its hyperparameters
-from ``MOSEConfig.rule_hparams``."""
+``make_rule(cfg)`` builds the rule named by ``MOSEConfig.method`` with ``MOSEConfig.rule_hparams``."""
+from __future__ import annotations
+
+import torch
+
 from .alphaedit import AlphaEditRule
-from .base import AdditiveRule, UpdateResult
+from .base import AdditiveRule, Rule, UpdateResult
 from .memit import MEMITRule
-from .mose import MOSERule, Rotation
+from .mose import MOSE_OPTIONS, MOSERule, Rotation
 from .mose_input import MOSEInputRule
 from .prune import PRUNERule
 from .rect import RECTRule
 from .rome import ROMERule
 
-RULES = {"mose": MOSERule, "memit": MEMITRule, "rome": ROMERule, "alphaedit": AlphaEditRule,
-         "rect": RECTRule, "prune": PRUNERule}
+RULES: dict[str, type[Rule]] = {"mose": MOSERule, "memit": MEMITRule, "rome": ROMERule,
+                                "alphaedit": AlphaEditRule, "rect": RECTRule, "prune": PRUNERule}
 
 
-def make_rule(cfg):
-    import torch
-    if cfg.method not in RULES:
-        raise ValueError(f"unknown method {cfg.method!r}; available: {sorted(RULES)}")
+def rule_class(method: str, rule_hparams: dict | None = None) -> type[Rule]:
+    if method not in RULES:
+        raise ValueError(f"method {method!r} is not a rule; choose from {sorted(RULES)}")
+    if method == "mose" and (rule_hparams or {}).get("side", "output") == "input":
+        return MOSEInputRule
+    return RULES[method]
+
+
+def make_rule(cfg) -> Rule:
+    cls = rule_class(cfg.method, cfg.rule_hparams)
     if cfg.method == "mose":
-        # side "output" (the paper): W ← R·W, R ∈ O(d_out); side "input": W ← W·Q, Q ∈ O(d_in)
-        side = cfg.rule_hparams.get("side", "output")
-        if side not in ("output", "input"):
-            raise ValueError(f"mose rule_hparams side={side!r}: choose 'output' (W ← R·W) or 'input' (W ← W·Q)")
-        rule = MOSEInputRule if side == "input" else MOSERule
-        try:
-            return rule(cfg.lam, cfg.polar_method, torch.float64 if cfg.solve_dtype == "float64" else torch.float32,
-                        **cfg.rule_hparams)
-        except TypeError as e:
-            known = "retain, edit_memory, memory_cap, template_keys, side" if side == "input" else "retain, edit_memory, match_norms, side"
-            raise ValueError(f"bad rule_hparams for mose side={side} ({known}): {e}") from None
-    if cfg.method == "rome" and len(cfg.layers) != 1:
-        raise ValueError(f"ROME edits a single layer; got layers {cfg.layers}")
-    try:
-        return RULES[cfg.method](**cfg.rule_hparams)
-    except TypeError as e:
-        raise ValueError(f"bad rule_hparams for {cfg.method}: {e}") from None
+        dtype = torch.float64 if cfg.solve_dtype == "float64" else torch.float32
+        return cls(cfg.lam, cfg.polar_method, dtype, **cfg.rule_hparams)
+    return cls(**cfg.rule_hparams)
+
+
+__all__ = ["AdditiveRule", "AlphaEditRule", "MEMITRule", "MOSEInputRule", "MOSERule", "MOSE_OPTIONS", "PRUNERule",
+           "RECTRule", "ROMERule", "RULES", "Rotation", "Rule", "UpdateResult", "make_rule", "rule_class"]

@@ -9,17 +9,9 @@ with an absolute 1e-2).  With the cumulative Gram C_p = Σ K_p·K_pᵀ of earlie
 so Δ = Δ·P: keys in the dominant subspace of C0 (P·k0 = 0) map exactly as before."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from .base import AdditiveRule, UpdateResult
-
-
-@dataclass
-class AlphaEditUndo:
-    delta: torch.Tensor                 # Δ, taken back by W ← W − Δ
-    keys: torch.Tensor | None = None    # keys this edit adds to C_p (its last pass), taken back too
+from .base import AdditiveRule, Option, layer_tensors, non_negative, positive
 
 
 def null_space_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -36,10 +28,12 @@ def alphaedit_delta(P: torch.Tensor, C_p: torch.Tensor, K: torch.Tensor, resid: 
 
 class AlphaEditRule(AdditiveRule):
     name = "alphaedit"
+    OPTIONS = {"threshold": Option(1e-2, "null-space threshold relative to C0's largest eigenvalue, > 0", positive),
+               "l2": Option(10.0, "ridge on the update, ≥ 0", non_negative)}
 
-    def __init__(self, threshold: float = 1e-2, l2: float = 10.0):
-        super().__init__(threshold=threshold, l2=l2)
-        self.threshold, self.l2 = threshold, l2
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.threshold, self.l2 = self.hparams["threshold"], self.hparams["l2"]
         self.P: dict[int, torch.Tensor] = {}
         self.C_p: dict[int, torch.Tensor] = {}
 
@@ -47,31 +41,24 @@ class AlphaEditRule(AdditiveRule):
         super().prepare(layer, W, C0)
         if layer not in self.P:
             self.P[layer] = null_space_projector(self.C0[layer], self.threshold)
+        if layer not in self.C_p:
             self.C_p[layer] = torch.zeros_like(self.C0[layer])
+        else:
+            self.C_p[layer] = self.C_p[layer].to(self.C0[layer])
 
     def delta(self, layer, W, K, resid):
         return alphaedit_delta(self.P[layer], self.C_p[layer], K, resid, self.l2)
 
-    def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
-               remember: bool = True) -> UpdateResult:
-        """Δ as every additive rule; the undo also carries the keys ``after_edit`` will add to C_p
-        (the editor calls it once per edit, after the pass with ``remember``), so that undoing an
-        edit frees its keys and later edits are not held to it."""
-        res = super().update(layer, W, K, resid, remember)
-        res.undo = AlphaEditUndo(res.undo, K.detach().to("cpu", torch.float64).clone() if remember else None)
-        return res
+    def commit(self, layer, record):
+        K = record.keys.to(self.C_p[layer])
+        self.C_p[layer] += K @ K.T
 
-    def after_edit(self, layer, K):
-        self.C_p[layer] += K.to(self.C_p[layer]) @ K.to(self.C_p[layer]).T
+    def undo(self, layer, record):
+        K = record.keys.to(self.C_p[layer])
+        self.C_p[layer] -= K @ K.T
 
-    def revert(self, layer: int, W: torch.Tensor, undo: AlphaEditUndo) -> None:
-        super().revert(layer, W, undo.delta)
-        if undo.keys is not None:
-            K = undo.keys.to(self.C_p[layer])
-            self.C_p[layer] -= K @ K.T
+    def state_dict(self):
+        return {f"C_p.{l}": c for l, c in self.C_p.items()}
 
-    def snapshot(self):
-        return {l: c.clone() for l, c in self.C_p.items()}
-
-    def restore(self, snap):
-        self.C_p = snap
+    def load_state_dict(self, state):
+        self.C_p = layer_tensors(state, "C_p")

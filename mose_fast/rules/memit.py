@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import AdditiveRule
+from .base import AdditiveRule, Option, positive
 
 
 def memit_delta(C0: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, lam: float) -> torch.Tensor:
@@ -16,10 +16,11 @@ def memit_delta(C0: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, lam: flo
 
 class MEMITRule(AdditiveRule):
     name = "memit"
+    OPTIONS = {"mom2_update_weight": Option(15000.0, "λ on C0 in (λ·C0 + K·Kᵀ)⁻¹, > 0", positive)}
 
-    def __init__(self, mom2_update_weight: float = 15000.0):
-        super().__init__(mom2_update_weight=mom2_update_weight)
-        self.lam = mom2_update_weight
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.lam = self.hparams["mom2_update_weight"]
 
     def delta(self, layer, W, K, resid):
         return memit_delta(self.C0[layer], K, resid, self.lam)

@@ -1,11 +1,13 @@
-"""MOSE's update rule: W ← R·W with R the closed-form Procrustes rotation.
+"""MOSE, the paper's rule: W ← R·W with R the closed-form Procrustes rotation of the output space.
 
-The rule keeps, per layer, the retention Gram ``P = W·C0·Wᵀ`` (d_out × d_out, float64).  It is
-built once from C0 and afterwards updated exactly as ``P ← R·P·Rᵀ`` (since W' = R·W), so no
-d_in × d_in matrix is touched after the first edit of a layer and C0 can be dropped.
+    R = polar(M),   M = λ·P + V_E·A_Eᵀ,   P = W·C0·Wᵀ,   A_E = W·K_E,   V_E = A_E + resid
 
-A rotation is dense (``R``, from the full solve) or factored (``Q, Rk`` with
-R = I + Q·(Rk − I)·Qᵀ, from the subspace solve); both apply in place and both undo exactly.
+``P`` (d_out × d_out, float64) is built once per layer and follows every kept edit as
+P ← R·P·Rᵀ — the same matrix as recomputing W·C0·Wᵀ from the current weights, without touching
+anything of size d_in × d_in after the first edit.
+
+Also here, shared with the input-side rule (``mose_input.py``): the rotation record, the retention
+operator, the per-request edit weights and the choice between the exact and the Krylov solve.
 """
 from __future__ import annotations
 
@@ -16,69 +18,113 @@ import torch
 
 from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_
 from ..solve.procrustes import SUBSPACE_METHODS, SolveResult, solve_rotation, solve_subspace
-from .base import UpdateResult
+from .base import Option, Rule, UpdateResult, layer_tensors, positive
+
+# "auto" solves exactly (a dense SVD of the d × d matrix M) up to this dimension and with the
+# block-Krylov subspace solve above it: on the CPU the two cost the same near d = 1000, and from
+# there the SVD's O(d³) grows away from the Krylov solve's O(d²·k) (benchmarks/RESULTS.md).
+EXACT_SOLVE_MAX_DIM = 1024
+
+
+def resolve_polar_method(method: str, d: int) -> str:
+    return method if method != "auto" else ("svd" if d <= EXACT_SOLVE_MAX_DIM else "krylov")
 
 
 @dataclass
 class Rotation:
-    R: torch.Tensor | None = None     # dense d_out × d_out
-    Q: torch.Tensor | None = None     # factored: d_out × k orthonormal
-    Rk: torch.Tensor | None = None    # factored: k × k orthogonal
-    memory_added: torch.Tensor | None = None   # d_out × n outputs this edit added to the edit memory
+    """An orthogonal matrix, dense (``R``) or as I + Q·(Rk − I)·Qᵀ (``Q`` d × k orthonormal,
+    ``Rk`` k × k orthogonal)."""
+    R: torch.Tensor | None = None
+    Q: torch.Tensor | None = None
+    Rk: torch.Tensor | None = None
 
     def transpose(self) -> "Rotation":
         if self.R is not None:
             return Rotation(R=self.R.T.contiguous())
         return Rotation(Q=self.Q, Rk=self.Rk.T.contiguous())
 
-    def to(self, device) -> "Rotation":
-        f = (lambda t: None if t is None else t.to(device))
-        return Rotation(R=f(self.R), Q=f(self.Q), Rk=f(self.Rk), memory_added=f(self.memory_added))
+    def to(self, device=None, dtype=None) -> "Rotation":
+        f = (lambda t: None if t is None else t.to(device=device, dtype=dtype))
+        return Rotation(R=f(self.R), Q=f(self.Q), Rk=f(self.Rk))
 
     def left(self, X: torch.Tensor) -> torch.Tensor:
-        """R·X, out of place; O(d·k·m) in factored form (X: d × m).  The other products derive
-        from it: G·Rᵀ = (R·Gᵀ)ᵀ, R·P·Rᵀ = (R·(R·P)ᵀ)ᵀ."""
+        """R·X, out of place, in X's dtype; O(d·k·m) in factored form (X: d × m)."""
         if self.R is not None:
             return self.R.to(X) @ X
         Q, Rk = self.Q.to(X), self.Rk.to(X)
         return X + Q @ ((Rk - torch.eye(Rk.shape[0], dtype=X.dtype, device=X.device)) @ (Q.T @ X))
 
-    def rotate_right(self, G: torch.Tensor) -> torch.Tensor:
-        """G·Rᵀ (the cross Gram W0·C0·Wᵀ after W ← R·W)."""
-        return self.left(G.T).T
-
-    def apply_(self, W: torch.Tensor, compute_dtype: torch.dtype | None) -> None:
+    def dense(self) -> torch.Tensor:
         if self.R is not None:
-            orth_matmul_(W, self.R, compute_dtype=compute_dtype)
+            return self.R
+        return self.left(torch.eye(self.Q.shape[0], dtype=self.Q.dtype, device=self.Q.device))
+
+    def apply_left_(self, W: torch.Tensor) -> None:
+        """W ← R·W in place, the product formed in float64 on the CPU and in float32 (full
+        precision) elsewhere, rounded once to W's dtype; R is never rounded below float32."""
+        compute = None if W.dtype == torch.float64 else (torch.float64 if W.device.type == "cpu" else torch.float32)
+        rot = self.to(W.device)
+        if rot.R is not None:
+            orth_matmul_(W, rot.R if compute is None else rot.R.to(compute), compute_dtype=compute)
         else:
-            orth_matmul_factored_(W, self.Q, self.Rk, compute_dtype=compute_dtype)
+            orth_matmul_factored_(W, rot.Q, rot.Rk, compute_dtype=compute)
 
-    def rotate_gram(self, P: torch.Tensor) -> torch.Tensor:
-        """R·P·Rᵀ, symmetrised; O(d²·k) in factored form."""
-        P = self.left(self.left(P).T).T
-        return 0.5 * (P + P.T)
+    def apply_right_(self, W: torch.Tensor) -> None:
+        """W ← W·R in place ((W·R)ᵀ = Rᵀ·Wᵀ on the transposed view)."""
+        self.transpose().apply_left_(W.T)
 
-
-def check_options(lam: float, retain: str, edit_memory: float) -> None:
-    """The options both sides share (``MOSERule``, ``MOSEInputRule``)."""
-    if retain not in ("current", "original"):
-        raise ValueError(f"MOSE retain={retain!r}: choose 'current' (the paper) or 'original'")
-    if not edit_memory >= 0.0:
-        raise ValueError(f"MOSE edit_memory must be ≥ 0, got {edit_memory}")
-    if not lam >= 0.0:
-        raise ValueError(f"MOSE λ must be ≥ 0, got {lam}")
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.R, self.Q, self.Rk) if t is not None)
 
 
-def solve_polar(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float, polar_method: str,
-                dtype: torch.dtype, retention_trace: float | None) -> tuple[SolveResult, Rotation]:
-    """argmax tr(Rᵀ·(λ·P + V·Aᵀ)) over rotations: dense from the exact/iterative polar methods,
-    factored from the subspace ones."""
-    if polar_method in SUBSPACE_METHODS:
-        sub = solve_subspace(P, A, V, lam, dtype, retention_trace=retention_trace,
-                             **SUBSPACE_METHODS[polar_method])
+class RetentionOperator:
+    """The retention matrix of a MOSE solve, λ·G + μ·F·Fᵀ, applied as products and never formed
+    (G: d × d dense, F: d × m columns, μ = 0 or F None for no such term)."""
+
+    def __init__(self, G: torch.Tensor, lam: float, F: torch.Tensor | None = None, mu: float = 0.0):
+        self.G, self.lam, self.F, self.mu = G, float(lam), F, float(mu)
+        if self.F is not None and (self.F.shape[1] == 0 or self.mu == 0.0):
+            self.F = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.G.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.G.device
+
+    def __matmul__(self, X: torch.Tensor) -> torch.Tensor:
+        out = (self.G @ X.to(self.G.dtype)).to(X.dtype).mul_(self.lam)
+        if self.F is not None:
+            F = self.F.to(X)
+            out.addmm_(F, F.T @ X, alpha=self.mu)
+        return out
+
+    def trace(self) -> float:
+        t = self.lam * float(torch.trace(self.G))
+        if self.F is not None:
+            t += self.mu * float(self.F.pow(2).sum())
+        return t
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        P = self.G.to(dtype) * self.lam
+        if self.F is not None:
+            F = self.F.to(dtype)
+            P.addmm_(F, F.T, alpha=self.mu)
+        return P
+
+
+def solve_polar(P: RetentionOperator, A: torch.Tensor, V: torch.Tensor, polar_method: str, dtype: torch.dtype,
+                retention_trace: float) -> tuple[SolveResult, Rotation]:
+    """argmax tr(Rᵀ·(P + V·Aᵀ)) over rotations: dense from the exact/iterative polar methods,
+    factored from the subspace ones (which apply P only as products)."""
+    method = resolve_polar_method(polar_method, P.shape[0])
+    if method in SUBSPACE_METHODS:
+        sub = solve_subspace(P, A, V, 1.0, dtype, retention_trace=retention_trace, **SUBSPACE_METHODS[method])
         return (SolveResult(R=None, objective=sub.objective, objective_identity=sub.objective_identity,
                             orth_error=sub.orth_error), Rotation(Q=sub.Q, Rk=sub.Rk))
-    res = solve_rotation(P, A, V, lam, polar_method, dtype, retention_trace=retention_trace)
+    res = solve_rotation(P.dense(dtype), A, V, 1.0, method, dtype, retention_trace=retention_trace)
     return res, Rotation(R=res.R)
 
 
@@ -100,128 +146,102 @@ def weighted(A: torch.Tensor, V: torch.Tensor, edit_weights: torch.Tensor | None
     return A * root, V * root
 
 
-def forget_edit(memory: dict[int, torch.Tensor], layer: int, rot: Rotation) -> None:
-    """Take an undone edit's vectors back out of the edit memory (before rotating back)."""
-    if rot.memory_added is not None and layer in memory:
-        m = rot.memory_added.to(memory[layer])
-        memory[layer] = memory[layer] - m @ m.T
+def effective_lam(lam: float, unit: str, d: int) -> float:
+    """λ as the solve uses it.  With ``lam_unit`` "per_dim" the configured λ is per dimension of the
+    space the rotation acts in: the retention term weighs λ·tr(C)/d against an edit term of size
+    ‖k‖² ≈ tr(C) (C the retention Gram), so λ/d is what carries from one model width to another."""
+    return lam * d if unit == "per_dim" else lam
 
 
-class MOSERule:
-    """The MOSE rule, with three options studied in issue 4 (all off by default = the paper):
+LAM_UNITS = ("absolute", "per_dim")
 
-    * ``retain``: "current" keeps W·K0 of the model as it is now (the paper's λ‖R·W·K0 − W·K0‖²;
-      retention Gram P = W·C0·Wᵀ, updated P ← R·P·Rᵀ); "original" keeps the unedited model's
-      outputs, λ‖R·W·K0 − W0·K0‖², so drift on general text does not compound over edits
-      (cross Gram G = W0·C0·Wᵀ, updated G ← G·Rᵀ; M = λ·G + V·Aᵀ is still a Procrustes problem).
-    * ``edit_memory`` μ: also keep the current outputs on the keys of every earlier edit,
-      μ‖R·W·K_p − W·K_p‖² (the rotation analogue of AlphaEdit's K_p·K_pᵀ term), through
-      E = W·K_p·K_pᵀ·Wᵀ, updated E ← R·E·Rᵀ + (R·A)(R·A)ᵀ after each edit.
-    * ``match_norms``: rescale each target column to ‖A_E‖, since a rotation preserves ‖W·k‖ and
-      cannot meet a target of another norm; only its direction is fitted.
+# the options of method "mose"; each side's class accepts the ones that apply to it
+MOSE_OPTIONS = {
+    "side": Option("output", "'output' (W ← R·W, the paper) or 'input' (W ← W·Q)", lambda x: x in ("output", "input")),
+    "lam_unit": Option("absolute", "'absolute' or 'per_dim' (λ × the dimension the rotation acts in)",
+                       lambda x: x in LAM_UNITS),
+    "edit_memory": Option(0.0, "input side: weight μ ≥ 0 on keeping every earlier edit's keys in place",
+                          lambda x: isinstance(x, (int, float)) and x >= 0 and x == x and x != float("inf")),
+    "memory_cap": Option(None, "input side: cap c > 0 on the memory's weight, μ·tr(E) ≤ c·λ·tr(C0), needs edit_memory > 0",
+                         lambda x: x is None or positive(x)),
+}
 
-    The solve is M = λ·G + μ·E + V·Aᵀ in every case (one polar factor)."""
+
+@dataclass
+class OutputRecord:
+    rotation: Rotation          # on the host
+
+
+class MOSERule(Rule):
+    """The paper's rule (``rule_hparams: {"side": "output"}``): keep the current model's outputs on
+    the corpus keys, λ‖R·W·K0 − W·K0‖², and move the edit keys' outputs to their targets."""
     name = "mose"
-    supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
+    OPTIONS = MOSE_OPTIONS
+    supports_edit_weights = True
 
-    def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
-                 retain: str = "current", edit_memory: float = 0.0, match_norms: bool = False,
-                 side: str = "output"):
-        if side != "output":
-            raise ValueError(f"MOSERule rotates the output side; got side={side!r} (see MOSEInputRule)")
-        check_options(lam, retain, edit_memory)
-        self.side = side
-        self.lam = lam
-        self.polar_method = polar_method
-        self.solve_dtype = solve_dtype
-        self.retain = retain
-        self.edit_memory = float(edit_memory)
-        self.match_norms = bool(match_norms)
-        self.gram: dict[int, torch.Tensor] = {}      # P = W·C0·Wᵀ ("current") or G = W0·C0·Wᵀ ("original")
-        self.gram_trace: dict[int, float] = {}       # tr(W0·C0·W0ᵀ), invariant under rotations
-        self.memory: dict[int, torch.Tensor] = {}    # E = W·K_p·K_pᵀ·Wᵀ (edit_memory > 0)
+    def __init__(self, lam: float, polar_method: str = "auto", solve_dtype: torch.dtype = torch.float64, **hparams):
+        opts = self.check_options(hparams)
+        if opts["side"] != "output":
+            raise ValueError(f"MOSERule rotates the output side; got side={opts['side']!r} (see MOSEInputRule)")
+        if opts["edit_memory"] or opts["memory_cap"] is not None:
+            raise ValueError("rule_hparams.edit_memory / memory_cap are input-side options (side: 'input')")
+        if not (isinstance(lam, (int, float)) and lam >= 0):
+            raise ValueError(f"MOSE λ must be ≥ 0, got {lam!r}")
+        self.lam, self.lam_unit = float(lam), opts["lam_unit"]
+        self.polar_method, self.solve_dtype = polar_method, solve_dtype
+        self.gram: dict[int, torch.Tensor] = {}      # P = W·C0·Wᵀ, float64
 
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
-        """Build P = W·C0·Wᵀ for a layer (once)."""
-        if layer not in self.gram:
-            Wd = W.to(self.solve_dtype)
-            P = Wd @ C0.to(device=W.device, dtype=self.solve_dtype) @ Wd.T
-            self.gram[layer] = 0.5 * (P + P.T)
-            self.gram_trace[layer] = float(torch.trace(self.gram[layer]))
-            if self.edit_memory:
-                self.memory[layer] = torch.zeros_like(self.gram[layer])
+        if layer in self.gram:
+            self.gram[layer] = self.gram[layer].to(W.device, torch.float64)
+            return
+        Wd = W.to(torch.float64)
+        P = Wd @ C0.to(device=W.device, dtype=torch.float64) @ Wd.T
+        self.gram[layer] = 0.5 * (P + P.T)
 
-    def _retention(self, layer: int) -> tuple[torch.Tensor, float, float | None]:
-        """(retention matrix, its weight, objective constant) for the solver."""
-        if self.retain == "current" and not self.edit_memory:
-            return self.gram[layer], self.lam, None          # the paper's problem, unchanged
-        P = self.lam * self.gram[layer]
-        trace = self.lam * self.gram_trace[layer]
-        if self.edit_memory:
-            P = P + self.edit_memory * self.memory[layer]
-            trace += self.edit_memory * float(torch.trace(self.memory[layer]))
-        return P, 1.0, trace
-
-    def solve(self, layer: int, A: torch.Tensor, V: torch.Tensor) -> tuple[SolveResult, Rotation, float]:
-        t = time.perf_counter()
-        P, lam, trace = self._retention(layer)
-        res, rot = solve_polar(P, A, V, lam, self.polar_method, self.solve_dtype, trace)
-        return res, rot, time.perf_counter() - t
-
-    def apply(self, layer: int, W: torch.Tensor, rot: Rotation) -> float:
-        """W ← R·W in place (through the backend); the retention state follows.  Returns seconds."""
-        t = time.perf_counter()
-        # A float64 product costs little at CPU sizes and removes one rounding per edit; on the
-        # GPU the float32 kernel is used with R already orthonormal in float64.
-        compute = torch.float64 if W.device.type == "cpu" else torch.float32
-        rot = rot.to(W.device)
-        rot.apply_(W, compute if W.dtype != torch.float64 else None)
-        if self.retain == "current":
-            self.gram[layer] = rot.rotate_gram(self.gram[layer])
-        else:
-            self.gram[layer] = rot.rotate_right(self.gram[layer])
-        if layer in self.memory:
-            self.memory[layer] = rot.rotate_gram(self.memory[layer])
-        if W.is_cuda:
-            torch.cuda.synchronize(W.device)
-        return time.perf_counter() - t
+    def lam_for(self, layer: int) -> float:
+        return effective_lam(self.lam, self.lam_unit, self.gram[layer].shape[0])
 
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
-               remember: bool = True, edit_weights: torch.Tensor | None = None) -> UpdateResult:
-        """The editor's entry: A_E = W·K_E, V_E = A_E + resid; solve, rotate W in place.  With
-        ``remember`` (the edit's last pass) the edited outputs join the edit memory.
-        ``edit_weights`` w (n, > 0): the edit term becomes Σ_j w_j·v_j·a_jᵀ (see ``weighted``)."""
-        A = W.to(self.solve_dtype) @ K.to(W.device, self.solve_dtype)          # d_out × n
-        V = A + resid.to(W.device, self.solve_dtype)
-        if self.match_norms:
-            norms = V.norm(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
-            V = V * (A.norm(dim=0) / norms)
-        solved, rot, t_solve = self.solve(layer, *weighted(A, V, edit_weights))
-        t_apply = self.apply(layer, W, rot)
-        if remember and layer in self.memory:
-            # the edited outputs R·A on this edit's keys join the memory E (after E ← R·E·Rᵀ)
-            RA = rot.left(A)
-            self.memory[layer] = self.memory[layer] + RA @ RA.T
-            rot.memory_added = RA
+               edit_weights: torch.Tensor | None = None) -> UpdateResult:
+        t = time.perf_counter()
+        A = W.to(torch.float64) @ K.to(W.device, torch.float64)           # d_out × n
+        V = A + resid.to(W.device, torch.float64)
+        for name, x in (("keys", A), ("residual", V)):
+            if not torch.isfinite(x).all():
+                raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
+        A, V = weighted(A, V, edit_weights)
+        lam = self.lam_for(layer)
+        P = RetentionOperator(self.gram[layer], lam)
+        solved, rot = solve_polar(P, A, V, self.polar_method, self.solve_dtype, P.trace())
+        t_solve = time.perf_counter() - t
+        t = time.perf_counter()
+        with torch.no_grad():
+            rot.apply_left_(W)
+        if W.is_cuda:
+            torch.cuda.synchronize(W.device)
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
-                            orth_error=solved.orth_error, undo=rot.to("cpu"), seconds_solve=t_solve,
-                            seconds_apply=t_apply)
+                            orth_error=solved.orth_error, undo=OutputRecord(rot.to("cpu")),
+                            seconds_solve=t_solve, seconds_apply=time.perf_counter() - t)
 
-    def revert(self, layer: int, W: torch.Tensor, rot: Rotation) -> None:
-        """Undo a rotation: W ← Rᵀ·W and the retention state with it (memory: remove the edit's
-        outputs first, then rotate back)."""
-        forget_edit(self.memory, layer, rot)
-        self.apply(layer, W, rot.transpose())
+    def _rotate_gram(self, layer: int, rot: Rotation) -> None:
+        P = self.gram[layer]
+        with torch.no_grad():
+            rot.apply_left_(P)
+            rot.apply_right_(P)          # R·P·Rᵀ, in place
+        self.gram[layer] = 0.5 * (P + P.T)
 
-    def after_edit(self, layer: int, K: torch.Tensor) -> None:
-        """Nothing to record: P (and E, with edit memory) already carry all retention state."""
+    def commit(self, layer: int, record: OutputRecord) -> None:
+        self._rotate_gram(layer, record.rotation)
 
-    def snapshot(self) -> dict:
-        """{layer: P or G} plus {"E<layer>": E} with edit memory (flat, so run folders store it
-        as tensors S<key>; the no-memory layout is the one earlier run folders hold)."""
-        return {**{l: p.clone() for l, p in self.gram.items()},
-                **{f"E{l}": e.clone() for l, e in self.memory.items()}}
+    def undo(self, layer: int, record: OutputRecord) -> None:
+        self._rotate_gram(layer, record.rotation.transpose())
 
-    def restore(self, snap: dict) -> None:
-        self.gram = {k: v for k, v in snap.items() if isinstance(k, int)}
-        self.memory = {int(k[1:]): v for k, v in snap.items() if isinstance(k, str) and k.startswith("E")}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"P.{l}": p for l, p in self.gram.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = [k for k in state if not k.startswith("P.")]
+        if unknown:
+            raise ValueError(f"not a MOSE output-side state: {unknown}")
+        self.gram = layer_tensors(state, "P")

@@ -1,11 +1,10 @@
 """MOSE with the rotation on the input side: W ← W·Q, Q ∈ O(d_in).
 
-Why (issue 4, ``scripts/edit_frontier.py``): a left rotation R acts in the d_out-dim output
-space, which the outputs of ordinary text fill; it cannot move W·k_E without moving every corpus
-output that shares its direction, and it cannot change ‖W·k_E‖ at all.  A right rotation
-preserves exactly the same things (‖W‖_F and every singular value: W·Q has W's SVD with V
-rotated) but acts on the d_in-dim key space, where an edit key is rare in the corpus statistics —
-the freedom the additive editors (MEMIT, AlphaEdit) use through C0⁻¹·k.
+A left rotation R acts in the output space, which the outputs of ordinary text fill; it cannot
+move W·k_E without moving every corpus output that shares its direction, and it cannot change
+‖W·k_E‖ at all.  A right rotation preserves exactly the same things (‖W‖_F and every singular
+value: W·Q has W's SVD with V rotated) but acts on the key space, where an edit key is rare in the
+corpus statistics — the freedom the additive editors (MEMIT, AlphaEdit) use through C0⁻¹·k.
 
 The edit, per layer, in two closed-form steps:
 
@@ -15,29 +14,41 @@ The edit, per layer, in two closed-form steps:
    (the smaller root of a quadratic; if no move along null(W) reaches it, the one that comes
    closest, and the rest of the residual is left to the later layers as with any unmet edit).
 2. **Rotation.**  The orthogonal Procrustes problem in key space,
-       min_Q  λ‖Q·K0 − Y0‖²  +  μ‖Q·K_p − K_p‖²  +  ‖Q·K_E − K*‖²,
-   with Y0 = K0 ("current": keep this model's outputs) or Q_totᵀ·K0 ("original": keep the unedited
-   model's, Q_tot the product of the earlier rotations), K_p the keys of earlier edits.  Solved as
-   R = polar(λ·G + μ·E + K*·K_Eᵀ),  G = Y0·K0ᵀ/N (C0, or Q_totᵀ·C0),  E = Σ K_p·K_pᵀ  — the same
-   problem as the output-side solve, so ``solve_rotation`` / ``solve_subspace`` serve unchanged.
+       min_Q  λ‖Q·K0 − Q_totᵀ·K0‖²  +  μ‖Q·K_p − K_p‖²  +  ‖Q·K_E − K*‖²,
+   which keeps the unedited model's outputs on the corpus keys (Q_tot: the product of the earlier
+   rotations, so W·Q·Q_totᵀ = W0 on them) and every earlier edit's keys K_p where they are.
+   Solved as Q = polar(λ·G + μ·E + K*·K_Eᵀ), G = Q_totᵀ·C0, E = K_p·K_pᵀ.
 
-State per layer is d_in × d_in (C0, its Cholesky factor, G, E): 4·d_in² float64, about 75 MB at
-d_in = 1536.  The subspace methods ("krylov", "randomized") never form an SVD of d_in × d_in and
-apply Q as the rank-k update W ← W + (W·U)·(Rk − I)·Uᵀ; "svd" is the exact reference.
+State per layer (d = d_in):
+  * ``chol``   the float64 Cholesky factor of C0 + ρ·I — the one copy of C0 the rule keeps
+               (the preimage solves need float64: C0's eigenvalues span many decades);
+  * ``cross``  G = Q_totᵀ·C0, float64 for d ≤ 8192 and float32 above (a rotation's rounding in
+               G moves the retention term by ~1e-7 relative, far below what an edit changes);
+  * ``memory`` the earlier edits' keys as columns (d × edits), never the d × d matrix E;
+  * ``wwt``    W·Wᵀ (d_out × d_out), constant under W ← W·Q.
+The retention matrix λ·G + μ·E is applied as products inside the Krylov solve; only the exact
+solve (small d) forms it.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
-from .base import UpdateResult
-from .mose import Rotation, check_edit_weights, check_options, forget_edit, solve_polar, weighted
+from .base import Rule, UpdateResult, layer_tensors
+from .mose import (MOSE_OPTIONS, RetentionOperator, Rotation, effective_lam, solve_polar, weighted)
 
 # C0 of a SwiGLU/GELU key space has eigenvalues down to ~0; a ridge of 1e-8 of its mean
 # eigenvalue keeps the Cholesky factor finite without moving the preimage of any direction the
 # corpus actually uses.
 PREIMAGE_RIDGE = 1e-8
+# G is kept in float64 up to this width, in float32 above.
+CROSS_F64_MAX_DIM = 8192
+
+
+def cross_dtype(d: int) -> torch.dtype:
+    return torch.float64 if d <= CROSS_F64_MAX_DIM else torch.float32
 
 
 def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, C0_chol: torch.Tensor,
@@ -45,9 +56,10 @@ def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
     """K* (d_in × n): W·K* = W·K + resid where reachable, ‖K*[:, j]‖ = ‖K[:, j]‖ (see module doc).
 
     W: d_out × d_in, K: d_in × n, resid: d_out × n, C0_chol: Cholesky factor of C0 (+ ridge),
-    WWt = W·Wᵀ (invariant under right rotations, so computed once per layer)."""
+    WWt = W·Wᵀ (invariant under right rotations)."""
     Y = torch.cholesky_solve(W.T, C0_chol)                     # C0⁻¹·Wᵀ
     shifted = K + Y @ torch.linalg.solve(W @ Y, resid)         # K + corpus-cheapest preimage of resid
+    del Y
     # the part of each column in null(W): removing a fraction t of it changes the norm, not W·k
     in_null = shifted - W.T @ torch.linalg.solve(WWt, W @ shifted)
     a = in_null.pow(2).sum(0)                                  # ‖n‖²
@@ -58,214 +70,133 @@ def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
     return shifted - in_null * t
 
 
-class MOSEInputRule:
-    """MOSE with W ← W·Q (``rule_hparams: {"side": "input", ...}``); options as ``MOSERule``:
-    ``retain`` "current" | "original", ``edit_memory`` μ ≥ 0, and
+@dataclass
+class InputRecord:
+    rotation: Rotation                  # Q, on the host
+    keys: torch.Tensor | None           # the edit's keys (d_in × n, float64, host): join the memory
 
-    * ``memory_cap`` c (off by default): the memory E = Σ K_p·K_pᵀ grows with every edit while a
-      new edit's term K*·K_Eᵀ keeps weight 1, so after enough edits μ·E outweighs it and new edits
-      stop landing (issue 4: μ·tr(E)/λ·tr(C0) ≈ 60–100 after 300 edits, 157–273 after 800, when
-      only half the edits land).  With a cap the memory's weight is μ_eff = min(μ, c·λ·tr(C0)/tr(E)):
-      it grows with the edits until μ·tr(E) reaches c·λ·tr(C0), then stays there.
-    * ``template_keys`` "mean" (default) | "memory" | "all": which keys stand for a request.  "mean"
-      is MEMIT's, one key per request averaged over the context templates.  A paraphrase reaches
-      the subject through another context, so its key is one more sample of the same cloud; with
-      "memory" the edit memory keeps the cloud's second moment Σ_t ω_t·k_t·k_tᵀ (ω the templates'
-      weights in the mean) instead of k̄·k̄ᵀ, so later rotations keep every context's key in place,
-      not only the mean; "all" also fits the rotation on every context's key, Σ_t ω_t·k*_t·k_tᵀ
-      (k*_t: the reachable target of k_t for the request's residual).  Both need the per-template
-      keys, passed as ``update(..., per_template=(K_t, ω))`` (the editor does).
-    * ``null_space`` τ (off by default): rotate only inside U = span of C0's eigenvectors with
-      eigenvalue < τ × the largest (AlphaEdit's projector, relative threshold), Q = I + U·(Q_U − I)·Uᵀ.
-      Why: the soft retention λ·‖(Q − I)·K0‖² still lets every rotation move keys along the
-      directions in which the contexts of one subject differ (ordinary text varies along them), so
-      later edits erode earlier edits' paraphrases; with Q fixed on C0's dominant subspace a key's
-      output changes only through its component in U.  The target keys are then reached inside U
-      (k* − k ∈ U, ‖Uᵀ·k*‖ = ‖Uᵀ·k‖) and the Procrustes problem is the same one restricted to U:
-      argmax tr(Qᵀ·M) over such Q is Q_U = polar(Uᵀ·M·U).  Measured on SmolLM2 (README, batch 10):
-      the model is kept best of any run, but the edits generalise less (paraphrase 0.78 against 0.87
-      after 100 edits) — a subject's contexts share mostly dominant directions.
-    * ``preimage_ridge`` ρ (default 1e-8): the target keys' shift minimises dᵀ·(C0 + ρ·c̄·I)·d (c̄ the
-      mean eigenvalue of C0).  A larger ρ trades corpus-cheapness of the shift for a shorter one —
-      ρ → ∞ gives the minimum-norm preimage — and so a smaller rotation angle ‖d‖/‖k‖, which moves
-      the other keys of the subject's cloud (its paraphrases' keys) less off the edit's direction.
-      Measured on SmolLM2 (README, batch 10): ρ = 10 and 100 are no better than 1e-8 from 300 edits."""
+
+class MOSEInputRule(Rule):
+    """MOSE with W ← W·Q (``rule_hparams: {"side": "input", "edit_memory": μ, "memory_cap": c}``).
+
+    ``edit_memory`` μ keeps every earlier edit's keys where the edit put them; ``memory_cap`` c
+    bounds its weight: μ_eff = min(μ, c·λ·tr(C0)/tr(E)).  The memory grows with every edit while a
+    new edit's term keeps weight 1, so without a cap it eventually outweighs new edits, which then
+    stop landing; with the cap it grows until μ·tr(E) reaches c·λ·tr(C0) and then stays there."""
     name = "mose"
-    supports_edit_weights = True    # update(..., edit_weights=w): MOSEConfig.land_retries
-    TEMPLATE_KEYS = ("mean", "memory", "all")
+    OPTIONS = MOSE_OPTIONS
+    supports_edit_weights = True
 
-    def __init__(self, lam: float, polar_method: str = "svd", solve_dtype: torch.dtype = torch.float64,
-                 retain: str = "current", edit_memory: float = 0.0, side: str = "input",
-                 memory_cap: float | None = None, template_keys: str = "mean",
-                 null_space: float | None = None, preimage_ridge: float = PREIMAGE_RIDGE):
-        if side != "input":
-            raise ValueError(f"MOSEInputRule rotates the input side; got side={side!r}")
-        check_options(lam, retain, edit_memory)
-        if memory_cap is not None and not (memory_cap > 0.0 and edit_memory > 0.0):
-            raise ValueError(f"MOSE memory_cap must be > 0 and needs edit_memory > 0; got memory_cap={memory_cap}, "
-                             f"edit_memory={edit_memory}")
-        if template_keys not in self.TEMPLATE_KEYS:
-            raise ValueError(f"MOSE template_keys={template_keys!r}: choose one of {self.TEMPLATE_KEYS}")
-        if template_keys == "memory" and not edit_memory > 0.0:
-            raise ValueError("MOSE template_keys='memory' changes what the edit memory holds; it needs edit_memory > 0")
-        if null_space is not None and not 0.0 < null_space <= 1.0:
-            raise ValueError(f"MOSE null_space is a threshold relative to C0's largest eigenvalue, in (0, 1]; "
-                             f"got {null_space}")
-        if not preimage_ridge > 0.0 or preimage_ridge == float("inf"):
-            raise ValueError(f"MOSE preimage_ridge must be finite and > 0 (relative to C0's mean eigenvalue); got {preimage_ridge}")
-        self.side, self.template_keys = side, template_keys
-        self.preimage_ridge = float(preimage_ridge)
-        self.null_space = None if null_space is None else float(null_space)
-        self.lam, self.polar_method, self.solve_dtype = lam, polar_method, solve_dtype
-        self.retain, self.edit_memory = retain, float(edit_memory)
-        self.memory_cap = None if memory_cap is None else float(memory_cap)
-        self.C0: dict[int, torch.Tensor] = {}        # constant
-        self.C0_chol: dict[int, torch.Tensor] = {}   # constant: Cholesky factor of C0 + ridge
-        self.WWt: dict[int, torch.Tensor] = {}       # constant under W ← W·Q
-        self.cross: dict[int, torch.Tensor] = {}     # G = Q_totᵀ·C0 (retain "original" only)
-        self.memory: dict[int, torch.Tensor] = {}    # E = Σ K_p·K_pᵀ (edit_memory > 0)
-        self.basis: dict[int, torch.Tensor] = {}     # U, d_in × r (null_space only), constant
-        self.basis_chol: dict[int, torch.Tensor] = {}  # Cholesky factor of Uᵀ·C0·U (+ ridge), r × r
-        self.basis_WWt: dict[int, torch.Tensor] = {}   # (W·U)·(W·U)ᵀ, constant: W·U ← W·U·Q_U
+    def __init__(self, lam: float, polar_method: str = "auto", solve_dtype: torch.dtype = torch.float64, **hparams):
+        opts = self.check_options(hparams)
+        if opts["side"] != "input":
+            raise ValueError(f"MOSEInputRule rotates the input side; got side={opts['side']!r}")
+        if opts["memory_cap"] is not None and not opts["edit_memory"] > 0:
+            raise ValueError(f"rule_hparams.memory_cap = {opts['memory_cap']} needs edit_memory > 0")
+        if not (isinstance(lam, (int, float)) and lam >= 0):
+            raise ValueError(f"MOSE λ must be ≥ 0, got {lam!r}")
+        self.lam, self.lam_unit = float(lam), opts["lam_unit"]
+        self.edit_memory = float(opts["edit_memory"])
+        self.memory_cap = None if opts["memory_cap"] is None else float(opts["memory_cap"])
+        self.polar_method, self.solve_dtype = polar_method, solve_dtype
+        self.chol: dict[int, torch.Tensor] = {}
+        self.c0_trace: dict[int, float] = {}
+        self.wwt: dict[int, torch.Tensor] = {}
+        self.cross: dict[int, torch.Tensor] = {}
+        self.memory: dict[int, torch.Tensor] = {}     # d_in × (keys of every kept edit), float64
 
+    # --- state ------------------------------------------------------------------------------------
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
-        if layer in self.C0:
+        if layer in self.chol:
             return
-        C0 = C0.to(device=W.device, dtype=self.solve_dtype)
+        device, d = W.device, C0.shape[0]
+        C0 = C0.to(device=device, dtype=torch.float64)
         C0 = 0.5 * (C0 + C0.T)
-        Wd = W.to(self.solve_dtype)
-        ridge = self.preimage_ridge * float(torch.trace(C0)) / C0.shape[0]
-        if self.null_space is not None:     # checked before any state is kept: a refusal leaves none
-            evals, evecs = torch.linalg.eigh(C0)
-            small = evals < self.null_space * evals.max()
-            if not small.any():
-                raise ValueError(f"MOSE null_space={self.null_space}: no eigenvalue of C0 at layer {layer} is below "
-                                 "that fraction of the largest; nothing to rotate in")
-            U = evecs[:, small].contiguous()
-            WU = Wd @ U
-            self.basis[layer] = U
-            # Uᵀ·C0·U is diagonal (U: eigenvectors), so its Cholesky factor is √ of those eigenvalues
-            self.basis_chol[layer] = torch.diag((evals[small].clamp_min(0.0) + ridge).sqrt())
-            self.basis_WWt[layer] = WU @ WU.T
-        self.C0[layer] = C0
-        self.C0_chol[layer] = torch.linalg.cholesky(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype, device=C0.device))
-        self.WWt[layer] = Wd @ Wd.T
-        # state restored from a run folder (resume) is kept; fresh state otherwise
-        if self.retain == "original" and layer not in self.cross:
-            self.cross[layer] = C0.clone()
-        if self.edit_memory and layer not in self.memory:
-            self.memory[layer] = torch.zeros_like(C0)
+        trace = float(torch.trace(C0))
+        if layer not in self.cross:          # restored state (a resumed run) is kept
+            self.cross[layer] = C0.to(cross_dtype(d))
+        else:
+            self.cross[layer] = self.cross[layer].to(device)
+        if self.edit_memory:
+            kept = self.memory.get(layer)
+            self.memory[layer] = (torch.zeros(d, 0, dtype=torch.float64, device=device) if kept is None
+                                  else kept.to(device, torch.float64))
+        ridge = PREIMAGE_RIDGE * trace / d
+        C0.diagonal().add_(ridge)
+        self.chol[layer] = torch.linalg.cholesky(C0)
+        del C0
+        Wd = W.to(torch.float64)
+        self.wwt[layer] = Wd @ Wd.T
+        self.c0_trace[layer] = trace
+
+    def lam_for(self, layer: int) -> float:
+        return effective_lam(self.lam, self.lam_unit, self.chol[layer].shape[0])
 
     def memory_weight(self, layer: int) -> float:
         """μ, or with ``memory_cap`` c: min(μ, c·λ·tr(C0)/tr(E))."""
         mu = self.edit_memory
         if mu and self.memory_cap is not None:
-            held = float(torch.trace(self.memory[layer]))
-            limit = self.memory_cap * self.lam * float(torch.trace(self.C0[layer]))
+            held = float(self.memory[layer].pow(2).sum())
+            limit = self.memory_cap * self.lam_for(layer) * self.c0_trace[layer]
             if mu * held > limit:
                 mu = limit / held
         return mu
 
-    def _retention(self, layer: int) -> tuple[torch.Tensor, float]:
-        """(λ·G + μ·E, objective constant λ·tr(C0) + μ·tr(E)), both in U's coordinates with null_space."""
-        U = self.basis.get(layer)
-        inside = (lambda X: X) if U is None else (lambda X: U.T @ X @ U)
-        G = self.cross[layer] if self.retain == "original" else self.C0[layer]
-        P = self.lam * inside(G)
-        trace = self.lam * float(torch.trace(inside(self.C0[layer])))
-        if self.edit_memory:
-            mu = self.memory_weight(layer)
-            E = inside(self.memory[layer])
-            P = P + mu * E
-            trace += mu * float(torch.trace(E))
-        return P, trace
+    def retention(self, layer: int) -> tuple[RetentionOperator, float]:
+        """(λ·G + μ·E as an operator, the objective's constant λ·tr(C0) + μ·tr(E))."""
+        lam = self.lam_for(layer)
+        mu = self.memory_weight(layer) if self.edit_memory else 0.0
+        op = RetentionOperator(self.cross[layer], lam, self.memory.get(layer), mu)
+        const = lam * self.c0_trace[layer]
+        if op.F is not None:
+            const += mu * float(op.F.pow(2).sum())
+        return op, const
 
-    def _template_columns(self, layer: int, K: torch.Tensor, per_template) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(K_t as d_in × (n·T) columns, request j's template t at j·T + t; each column's weight ω_t; T)."""
-        if per_template is None:
-            raise ValueError(f"MOSE template_keys={self.template_keys!r} needs the per-template keys "
-                             "(update(..., per_template=(K_t, ω)))")
-        Kt, omega = per_template
-        Kt = Kt.to(K.device, self.solve_dtype)
-        omega = torch.as_tensor(omega).to(K.device, self.solve_dtype).reshape(-1)
-        if Kt.dim() != 3 or Kt.shape[:2] != K.shape or Kt.shape[2] != omega.numel():
-            raise ValueError(f"per-template keys must be d_in × n × T = {tuple(K.shape)} × T with T weights; got "
-                             f"{tuple(Kt.shape)} and {omega.numel()} weights")
-        if not (torch.isfinite(Kt).all() and torch.isfinite(omega).all() and (omega > 0).all()):
-            raise ValueError(f"non-finite per-template keys or template weights ≤ 0 at layer {layer}; refusing to rotate")
-        return Kt.reshape(K.shape[0], -1), omega.repeat(K.shape[1]), omega.numel()
-
+    # --- the edit ---------------------------------------------------------------------------------
     def update(self, layer: int, W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
-               remember: bool = True, edit_weights: torch.Tensor | None = None,
-               per_template: tuple[torch.Tensor, torch.Tensor] | None = None) -> UpdateResult:
-        """W ← W·Q towards the reachable key targets; with ``remember`` (the edit's last pass) the
-        edit's keys join the memory E (unweighted).  ``edit_weights`` w: the edit term becomes
-        Σ_j w_j·k*_j·k_jᵀ.  ``per_template`` (K_t: d_in × n × T, ω: T): every request's key in every
-        context template, for ``template_keys`` "memory" / "all" (ignored with "mean")."""
+               edit_weights: torch.Tensor | None = None) -> UpdateResult:
         t = time.perf_counter()
-        Wd = W.to(self.solve_dtype)
-        K = K.to(W.device, self.solve_dtype)
-        resid = resid.to(W.device, self.solve_dtype)
+        K = K.to(W.device, torch.float64)
+        resid = resid.to(W.device, torch.float64)
         for name, x in (("keys", K), ("residual", resid)):
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
-        remembered = K                          # E += remembered·rememberedᵀ
-        if self.template_keys != "mean":
-            columns, omega, n_templates = self._template_columns(layer, K, per_template)
-            remembered = columns * omega.sqrt()
-        if self.template_keys == "all":
-            # each context's key towards its own reachable target, weighted ω_t (× w_j of its request)
-            if edit_weights is not None:
-                omega = omega * check_edit_weights(edit_weights, K.shape[1]).to(omega).repeat_interleave(n_templates)
-            K, resid, edit_weights = columns, resid.repeat_interleave(n_templates, dim=1), omega
-        P, trace = self._retention(layer)
-        U = self.basis.get(layer)      # null_space: the same two steps in U's coordinates (module doc)
-        if U is None:
-            K_in, W_in, chol, WWt = K, Wd, self.C0_chol[layer], self.WWt[layer]
-        else:
-            K_in, W_in, chol, WWt = U.T @ K, Wd @ U, self.basis_chol[layer], self.basis_WWt[layer]
-        K_target = reachable_key_targets(W_in, K_in, resid, chol, WWt)
-        solved, rot = solve_polar(P, *weighted(K_in, K_target, edit_weights), 1.0, self.polar_method,
-                                  self.solve_dtype, trace)
-        if U is not None:   # Q = I + U·(Q_U − I)·Uᵀ; a factored Q_U = I + V·(Rk − I)·Vᵀ gives I + (U·V)·(Rk − I)·(U·V)ᵀ
-            rot = Rotation(Q=U, Rk=rot.R) if rot.R is not None else Rotation(Q=U @ rot.Q, Rk=rot.Rk)
+        K_target = reachable_key_targets(W.to(torch.float64), K, resid, self.chol[layer], self.wwt[layer])
+        P, const = self.retention(layer)
+        solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), self.polar_method, self.solve_dtype, const)
         t_solve = time.perf_counter() - t
-        t_apply = self.apply(layer, W, rot)
-        if remember and self.edit_memory:
-            self.memory[layer] = self.memory[layer] + remembered @ remembered.T
-            rot.memory_added = remembered
-        return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
-                            orth_error=solved.orth_error, undo=rot.to("cpu"), seconds_solve=t_solve,
-                            seconds_apply=t_apply)
-
-    def apply(self, layer: int, W: torch.Tensor, rot: Rotation) -> float:
-        """W ← W·Q in place (computed in float64: one rounding per edit) and G ← Qᵀ·G."""
         t = time.perf_counter()
-        rot = rot.to(W.device)
         with torch.no_grad():
-            Wd = W.to(torch.float64)
-            if rot.R is not None:
-                W.copy_((Wd @ rot.R.to(Wd)).to(W.dtype))
-            else:   # W·(I + U·(Rk − I)·Uᵀ) = W + (W·U)·(Rk − I)·Uᵀ
-                U, Rk = rot.Q.to(Wd), rot.Rk.to(Wd)
-                eye = torch.eye(Rk.shape[0], dtype=Wd.dtype, device=Wd.device)
-                W.copy_(torch.addmm(Wd, (Wd @ U) @ (Rk - eye), U.T).to(W.dtype))
-        if self.retain == "original":
-            self.cross[layer] = rot.transpose().left(self.cross[layer])     # Qᵀ·G
-        return time.perf_counter() - t
+            rot.apply_right_(W)
+        if W.is_cuda:
+            torch.cuda.synchronize(W.device)
+        record = InputRecord(rot.to("cpu"), K.to("cpu") if self.edit_memory else None)
+        return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
+                            orth_error=solved.orth_error, undo=record, seconds_solve=t_solve,
+                            seconds_apply=time.perf_counter() - t)
 
-    def revert(self, layer: int, W: torch.Tensor, rot: Rotation) -> None:
-        """W ← W·Qᵀ, G ← Q·G, and this edit's keys leave the memory."""
-        forget_edit(self.memory, layer, rot)
-        self.apply(layer, W, rot.transpose())
+    def commit(self, layer: int, record: InputRecord) -> None:
+        """G ← Qᵀ·G; the edit's keys join the memory."""
+        with torch.no_grad():
+            record.rotation.transpose().apply_left_(self.cross[layer])
+        if record.keys is not None and layer in self.memory:
+            self.memory[layer] = torch.cat([self.memory[layer], record.keys.to(self.memory[layer])], 1)
 
-    def after_edit(self, layer: int, K: torch.Tensor) -> None:
-        """Nothing to record: the memory was updated in ``update``."""
+    def undo(self, layer: int, record: InputRecord) -> None:
+        """G ← Q·G; the edit's keys (the last ones in the memory) leave it."""
+        with torch.no_grad():
+            record.rotation.apply_left_(self.cross[layer])
+        if record.keys is not None and layer in self.memory:
+            n = record.keys.shape[1]
+            self.memory[layer] = self.memory[layer][:, :self.memory[layer].shape[1] - n].contiguous()
 
-    def snapshot(self) -> dict:
-        return {**{f"G{l}": g.clone() for l, g in self.cross.items()},
-                **{f"E{l}": e.clone() for l, e in self.memory.items()}}
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {**{f"G.{l}": g for l, g in self.cross.items()},
+                **{f"K.{l}": k for l, k in self.memory.items()}}
 
-    def restore(self, snap: dict) -> None:
-        self.cross = {int(k[1:]): v for k, v in snap.items() if isinstance(k, str) and k.startswith("G")}
-        self.memory = {int(k[1:]): v for k, v in snap.items() if isinstance(k, str) and k.startswith("E")}
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = [k for k in state if not k.startswith(("G.", "K."))]
+        if unknown:
+            raise ValueError(f"not a MOSE input-side state: {unknown}")
+        self.cross = layer_tensors(state, "G")
+        self.memory = {l: k.to(torch.float64) for l, k in layer_tensors(state, "K").items()}

@@ -20,8 +20,8 @@ def prune_restrain(total: torch.Tensor, sigma_max_w0: float) -> torch.Tensor:
 class PRUNERule(MEMITRule):
     name = "prune"
 
-    def __init__(self, mom2_update_weight: float = 15000.0):
-        super().__init__(mom2_update_weight)
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
         self.sigma_max: dict[int, float] = {}
 
     def prepare(self, layer, W, C0):

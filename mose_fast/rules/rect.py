@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import Option
 from .memit import MEMITRule
 
 
@@ -16,11 +17,13 @@ def rect_sparsify(D: torch.Tensor, W: torch.Tensor, keep_ratio: float) -> torch.
 
 class RECTRule(MEMITRule):
     name = "rect"
+    OPTIONS = {**MEMITRule.OPTIONS,
+               "keep_ratio": Option(0.2, "share of Δ's entries kept, in (0, 1]",
+                                    lambda x: isinstance(x, (int, float)) and 0 < x <= 1)}
 
-    def __init__(self, mom2_update_weight: float = 15000.0, keep_ratio: float = 0.2):
-        super().__init__(mom2_update_weight)
-        self.hparams["keep_ratio"] = keep_ratio
-        self.keep_ratio = keep_ratio
+    def __init__(self, **hparams):
+        super().__init__(**hparams)
+        self.keep_ratio = self.hparams["keep_ratio"]
 
     def delta(self, layer, W, K, resid):
         return rect_sparsify(super().delta(layer, W, K, resid), W, self.keep_ratio)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 import torch
 
+from ..backends import full_precision_matmul
 from .polar import POLAR_METHODS, newton_schulz_step, polar_cupy, polar_svd
 
 
@@ -98,6 +99,21 @@ def _extend_basis(Q: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.cat([Q, new], 1)
 
 
+def _top_eigenvectors(P, rank: int, dtype: torch.dtype, device, niter: int = 2, oversample: int = 10) -> torch.Tensor:
+    """The top-``rank`` eigenvectors of a symmetric positive semidefinite operator from a Gaussian
+    sketch with ``niter`` power iterations (Halko et al. 2011, as ``torch.svd_lowrank`` does for a
+    matrix), using only products ``P @ X``."""
+    d = P.shape[0]
+    k = min(d, rank + oversample)
+    Y = P @ torch.randn(d, k, dtype=dtype, device=device)
+    for _ in range(niter):
+        Y = P @ torch.linalg.qr(Y)[0]
+    B = torch.linalg.qr(Y)[0]
+    evals, evecs = torch.linalg.eigh(B.T @ (P @ B))
+    return B @ evecs[:, evals.argsort(descending=True)[:rank]]
+
+
+@full_precision_matmul()   # no TF32 in the products that decide orthogonality
 def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float,
                    dtype: torch.dtype = torch.float64, krylov_depth: int = 0, random_rank: int = 0,
                    seed: int = 0, retention_trace: float | None = None) -> SubspaceSolve:
@@ -117,8 +133,11 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
         SVD) — the directions where retention weighs most.
     With S = everything, this is the exact solve.
     """
-    P, A, V = P.to(dtype), A.to(dtype), V.to(dtype)
-    for name, t in (("P", P), ("A_E", A), ("V_E", V)):
+    dense = isinstance(P, torch.Tensor)      # else an operator: P @ X, P.shape, P.trace(), P.device
+    if dense:
+        P = P.to(dtype)
+    A, V = A.to(dtype), V.to(dtype)
+    for name, t in ((("P", P),) if dense else ()) + (("A_E", A), ("V_E", V)):
         if not torch.isfinite(t).all():
             raise ValueError(f"non-finite values in {name}; refusing to rotate")
     if krylov_depth < 0 or random_rank < 0:
@@ -126,9 +145,11 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     Q = _orthonormal_basis(torch.cat([A, V], 1))
     if random_rank:
         rank = min(random_rank, P.shape[0])
-        with torch.random.fork_rng(devices=[P.device] if P.is_cuda else []):
+        cuda = P.device.type == "cuda"
+        with torch.random.fork_rng(devices=[P.device] if cuda else []):
             torch.manual_seed(seed)          # reproducible sketch; the caller's RNG is untouched
-            U_top, _, _ = torch.svd_lowrank(P, q=rank, niter=2)
+            U_top = (torch.svd_lowrank(P, q=rank, niter=2)[0] if dense
+                     else _top_eigenvectors(P, rank, A.dtype, A.device))
         Q = _extend_basis(Q, U_top)
     block = Q
     for _ in range(krylov_depth):            # block Arnoldi on P from the basis so far
@@ -144,7 +165,8 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     Rk = newton_schulz_step(polar_svd(Mk))
     eye_k = torch.eye(Rk.shape[0], dtype=dtype, device=Rk.device)
 
-    c = 0.0 if retention_trace is None else float(retention_trace - torch.trace(P))
+    trace = float(torch.trace(P)) if dense else P.trace()
+    c = 0.0 if retention_trace is None else float(retention_trace - trace)
 
     def obj(Rk_):   # λ·2·(c − tr(Rᵀ·P)) with tr(Rᵀ·P) = tr P + tr((Rk − I)ᵀ·Qᵀ·P·Q), plus the fit
         return float(lam * 2.0 * (c - ((Rk_ - eye_k) * QtPQ).sum()) + (Rk_ @ QtA - QtV).pow(2).sum())
@@ -152,6 +174,7 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
                          orth_error=orthogonality_error(Rk))
 
 
+@full_precision_matmul()   # no TF32 in the products that decide orthogonality
 def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float,
                    method: str = "svd", dtype: torch.dtype = torch.float64,
                    retention_trace: float | None = None) -> SolveResult:

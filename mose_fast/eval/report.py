@@ -1,0 +1,167 @@
+"""Reports of a run folder: the report dict, ``summary.md`` and ``plots.png``; and the summary of a
+short before/after run."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()} ({platform.machine()} host, {os.cpu_count()} cores)"
+    return f"{platform.machine()} CPU ({os.cpu_count()} cores), {torch.get_num_threads()} torch threads"
+
+
+def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: float,
+                 provenance: dict | None = None) -> dict:
+    base = evals[0]
+    stages = ("targets", "keys", "solve", "apply", "total")
+    prev = 0
+    for e in evals:
+        e["retention"] = {k: e["general"][k] / base["general"][k] for k in e["general"]}
+        # share of the edits since the previous evaluation that succeeded right after being made
+        # (journals written before this was recorded have no "landed": nan)
+        window = [x for j in journal if prev <= j["index"] < e["n_edits"] for x in (j.get("landed") or [])]
+        e["landed"] = statistics.mean(window) if window else float("nan")
+        prev = e["n_edits"]
+        e["stability_ratio"] = {l: {"fro": s["fro"] / base["stability"][l]["fro"],
+                                    "kappa": s["kappa"] / base["stability"][l]["kappa"]}
+                                for l, s in e["stability"].items()}
+    return {
+        **identity, "commit": git_commit(), "date": time.strftime("%F %T"), "machine": machine(),
+        **(provenance or {}),
+        "protocol": "probability comparison (MEMIT eval_utils_counterfact): mean-token NLL of ' '+answer; "
+                    "general: zero-shot label likelihood; perplexity on WikiText-2 test",
+        "n_edits": sum(len(j["case_ids"]) for j in journal),
+        "seconds_per_edit": {s: statistics.mean(j["seconds"][s] for j in journal) for s in stages} if journal else {},
+        "seconds_per_edit_median": {s: statistics.median(j["seconds"][s] for j in journal) for s in stages}
+        if journal else {},
+        "max_orth_error": max((l["orth_error"] for j in journal for l in j["layers"]), default=float("nan")),
+        "wall_seconds_this_session": wall,
+        "evaluations": evals,
+    }
+
+
+def _code_line(rep: dict) -> str:
+    """Which commit ran which edits (run.json records the start and every resume)."""
+    if not rep.get("started_commit"):
+        return ""
+    parts = [f"Edits run by commit {rep['started_commit']} (started {rep.get('started')})"]
+    parts += [f"from edit {r['n_done']} by commit {r['commit']} (resumed {r['at']})" for r in rep.get("resumes", [])]
+    line = "; ".join(parts) + "."
+    for x in rep.get("extended", []):
+        line += f" Extended from {x['from']} to {x['to']} planned edits at commit {x['commit']} ({x['at']})."
+    if rep.get("initial_eval_from"):
+        src = rep["initial_eval_from"]
+        line += (f" Row 0 (the unedited model, same cases and settings) is taken from {src['folder']} "
+                 f"(commit {src['commit']}).")
+    return line
+
+
+def markdown_summary(rep: dict) -> str:
+    cfg, st = rep["config"], rep["settings"]
+    ev = rep["evaluations"]
+    planned = len(rep["case_ids"])
+    status = "" if rep["n_edits"] >= planned else f" — **partial: {rep['n_edits']} of {planned} planned edits**"
+    name = cfg.get("preset") or rep["method"]
+    lines = [f"# {name} sequential editing: {rep['model']}{status}", "",
+             f"{rep['n_edits']} sequential edits (batch {st['batch_size']}), preset {name!r}, layers {cfg['layers']}; "
+             f"report written at commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
+             _code_line(rep),
+             f"Protocol: {rep['protocol']}.", "",
+             "| edits | efficacy | paraphrase | neighbourhood | Score | rewrite acc | rephrase acc | locality | " +
+             " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio | landed |",
+             "|---" * (10 + len(ev[0]["general"]) + 1) + "|"]
+    for e in ev:
+        m = e["edit"]
+        gen = " | ".join(f"{e['general'][k]:.3f} ({e['retention'][k]:.3f})" for k in e["general"])
+        fro = max(abs(r["fro"] - 1) for r in e["stability_ratio"].values())
+        kap = max(r["kappa"] for r in e["stability_ratio"].values())
+        t = e.get("edit_token", {})
+        tok_cols = " | ".join(f"{t.get(k, float('nan')):.3f}" for k in ("rewrite_acc", "rephrase_acc", "locality"))
+        lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
+                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} | {e.get('landed', float('nan')):.2f} |")
+    sp, med = rep["seconds_per_edit"], rep.get("seconds_per_edit_median", {})
+    if sp:
+        lines += ["", "Seconds per edit, median (mean): " +
+                  ", ".join(f"{k} {med.get(k, float('nan')):.2f} ({v:.2f})" for k, v in sp.items()) +
+                  f"; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.1e}."]
+    lines += ["", f"Row 0 scores the run's first {ev[0]['edit'].get('n', '')} cases before any edit; "
+              "row k the k cases edited so far, "
+              "after k edits. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
+              "(teacher-forced target-token accuracy; locality = agreement with the pre-edit argmax tokens). "
+              "Landed: share of the edits since the previous row that succeeded (efficacy) right after being made. "
+              "Retention = value / value before editing (perplexity: ratio, lower is better)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(rep: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ev = rep["evaluations"]
+    n = [e["n_edits"] for e in ev]
+    fig, ax = plt.subplots(1, 4, figsize=(18, 4))
+    for k in ("efficacy", "paraphrase", "neighborhood", "score"):
+        ax[0].plot(n, [e["edit"][k] for e in ev], marker="o", label=k)
+    ax[0].set(title="edit metrics (cases edited so far)", xlabel="edits", ylim=(0, 1.05))
+    ax[0].legend()
+    for k in ev[0]["general"]:
+        ax[1].plot(n, [e["retention"][k] for e in ev], marker="o", label=k)
+    ax[1].set(title="general capability (relative to unedited)", xlabel="edits")
+    ax[1].legend()
+    for l in ev[0]["stability"]:
+        ax[2].plot(n, [e["stability_ratio"][l]["fro"] for e in ev], marker=".", label=f"layer {l}")
+        ax[3].plot(n, [e["stability_ratio"][l]["kappa"] for e in ev], marker=".", label=f"layer {l}")
+    ax[2].set(title="‖W‖_F / ‖W0‖_F", xlabel="edits")
+    ax[3].set(title="κ₂(W) / κ₂(W0)", xlabel="edits")
+    ax[2].legend()
+    fig.suptitle(f"{rep['config'].get('preset') or rep['method']} on {rep['model']}: {rep['n_edits']} sequential edits")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def before_after_summary(rep: dict) -> str:
+    b, a = rep["before"], rep["after"]
+    cfg = rep["config"]
+    lines = [
+        f"# MOSE sequential editing: {rep['model']}", "",
+        f"{rep['n_edits']} sequential edits (batch 1), layers {cfg['layers']}, λ = {cfg['lam']}, "
+        f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
+        f"Protocol: {rep['protocol']}.", "",
+        "| metric | before | after |", "|---|---|---|",
+        f"| efficacy P(new) > P(true) | {b['efficacy']:.3f} | {a['efficacy']:.3f} |",
+        f"| paraphrase success | {b['paraphrase']:.3f} | {a['paraphrase']:.3f} |",
+        f"| neighbourhood success P(true) > P(new) | {b['neighborhood']:.3f} | {a['neighborhood']:.3f} |",
+        f"| Score (harmonic mean) | {b['score']:.3f} | {a['score']:.3f} |",
+        f"| mean NLL of target_new on rewrite prompt | {b['rewrite_nll_new']:.3f} | {a['rewrite_nll_new']:.3f} |", "",
+        f"Mean change of the neighbourhood prompts' NLL of their true answer: "
+        f"{rep['neighborhood_nll_true_change']:+.4f} nats.", "",
+        "| layer | ‖W‖_F after/before | κ₂ after/before | κ₂ before |", "|---|---|---|---|",
+    ]
+    for l, s in rep["stability"].items():
+        lines.append(f"| {l} | {s['fro_ratio']:.12f} | {s['kappa_ratio']:.12f} | {s['before']['kappa']:.2f} |")
+    sp = rep["seconds_per_edit"]
+    lines += ["", "Seconds per edit: " + ", ".join(f"{k} {v:.2f}" for k, v in sp.items()) +
+              f"; one-time setup (C0, templates) {rep['setup_seconds']:.0f} s; wall {rep['wall_seconds']:.0f} s; "
+              f"max ‖RᵀR − I‖_F = {rep['max_orth_error']:.2e}.", ""]
+    return "\n".join(lines)

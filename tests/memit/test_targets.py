@@ -1,0 +1,159 @@
+"""Target optimisation: the prefix-cached suffix forward equals full forwards; the batched
+optimisation equals one request at a time (float64); early stopping is per request."""
+import pytest
+import torch
+
+from conftest import FAMILIES, make_tiny_model, tiny_mose_config
+from mose_fast import EditRequest
+from mose_fast.hf.arch import resolve_arch
+from mose_fast.hf.hooks import edit_output
+from mose_fast.hf.tokens import pad_batch
+from mose_fast.memit import targets as T
+from mose_fast.memit.keys import generate_context_templates
+
+REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English French")
+REQS = [REQ,
+        EditRequest("{} plays the sport of", "Michael Jordan", "soccer"),
+        EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome"),
+        EditRequest("Apple was founded by", "Apple", "Bill Gates")]
+
+
+def _model(family="llama", dtype=torch.float32):
+    model, tok = make_tiny_model(family)
+    return model.to(dtype), tok
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_reproduces_full_forward(family):
+    """With δ_j added after block 1 at the subject position of request j's rows, the cached suffix
+    forward gives the full forward's logits at every selected position, also after some requests'
+    rows have left the batch, and a step does not consume the cache."""
+    model, tok = _model(family)
+    arch = resolve_arch(model)
+    templates = [["{}"], ["The cat. {}", "I think that {}"]]
+    batch = T._Batch(tok, REQS[:3], templates)
+    runner = T._PrefixCache(model, arch, 1, batch, tok)
+    assert runner.usable, family
+    delta = 0.5 * torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def reference(rows):
+        def add(hidden):
+            out = hidden.clone()
+            for i, r in enumerate(rows):
+                out[i, batch.lookup[r]] += delta[batch.row_request[r]]
+            return out
+        sel = [(rows.index(r), c) for r, c in zip(batch.sel_rows, batch.sel_cols) if r in rows]
+        with edit_output(arch.block(model, 1), add), torch.no_grad():
+            logits = model(**pad_batch(tok, [batch.ids[r] for r in rows]), use_cache=False).logits
+        return logits[torch.tensor([s[0] for s in sel]), torch.tensor([s[1] for s in sel])]
+
+    with torch.no_grad():
+        mine = runner.logits(delta)
+        torch.testing.assert_close(mine, reference(list(range(len(batch.ids)))), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(runner.logits(delta), mine)          # the cache is not consumed
+        runner.select([0, 2])                                           # request 1 stopped
+        torch.testing.assert_close(runner.logits(delta), reference(batch.rows_of([0, 2])), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.model
+def test_batched_targets_equal_one_request_at_a_time_in_float64():
+    """Each request's z, NLL and step count from one batch of four equal those of a batch of one
+    (float64 model: the only difference is the padding, so ≤ 1e-6), with and without the cache."""
+    model, tok = _model("llama", torch.float64)
+    arch = resolve_arch(model)
+    templates = generate_context_templates(model, tok, ("The", "I"), 3, seed=0)
+    cfg = tiny_mose_config(v_num_grad_steps=12, v_loss_early_stop=0.0)
+    together = T.compute_targets(model, tok, arch, 2, REQS, templates, cfg)
+    for req, mine in zip(REQS, together):
+        alone = T.compute_target(model, tok, arch, 2, req, templates, cfg)
+        assert mine.steps == alone.steps
+        torch.testing.assert_close(mine.z.double(), alone.z.double(), rtol=0, atol=1e-6)
+        assert mine.nll == pytest.approx(alone.nll, abs=1e-6)
+    assert len({round(float(t.z.norm()), 6) for t in together}) == 4     # four different targets
+
+
+@pytest.mark.model
+def test_a_request_stopping_early_leaves_the_others_targets_unchanged():
+    """The early-stop level is set between the lowest starting loss and the others: that request
+    stops at its first check and its rows leave the batch; every request's z, NLL and steps equal
+    those it gets alone (float64)."""
+    model, tok = _model("llama", torch.float64)
+    arch = resolve_arch(model)
+    templates = [["{}"], ["The cat. {}"]]
+    start = [T.compute_target(model, tok, arch, 2, r, templates, tiny_mose_config(v_num_grad_steps=1)).nll
+             for r in REQS]
+    order = sorted(range(len(REQS)), key=lambda j: start[j])
+    level = 0.5 * (start[order[0]] + start[order[1]])
+    cfg = tiny_mose_config(v_num_grad_steps=10, v_loss_early_stop=level)
+    alone = [T.compute_target(model, tok, arch, 2, r, templates, cfg) for r in REQS]
+    assert alone[order[0]].steps == 1 and max(a.steps for a in alone) > 2
+    together = T.compute_targets(model, tok, arch, 2, REQS, templates, cfg)
+    for mine, ref in zip(together, alone):
+        assert mine.steps == ref.steps
+        torch.testing.assert_close(mine.z.double(), ref.z.double(), rtol=0, atol=1e-6)
+        assert mine.nll == pytest.approx(ref.nll, abs=1e-6)
+
+
+@pytest.mark.model
+def test_per_request_adam_is_torch_adam():
+    """The by-hand per-request Adam takes the steps torch.optim.Adam takes (one request, a
+    quadratic loss stands in for the model: same update rule, bias correction and clamp-free)."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(2, 7, generator=g, dtype=torch.float64)
+    ref = torch.zeros(2, 7, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([ref], lr=0.3)
+    mine = torch.zeros(2, 7, dtype=torch.float64, requires_grad=True)
+    m, v, t = torch.zeros_like(mine), torch.zeros_like(mine), [0, 0]
+    for _ in range(6):
+        opt.zero_grad()
+        ((ref - target) ** 4).sum().backward()
+        opt.step()
+        mine.grad = None
+        ((mine - target) ** 4).sum().backward()
+        with torch.no_grad():
+            T._adam_step(mine, mine.grad, m, v, t, [0, 1], 0.3)
+    torch.testing.assert_close(mine.detach(), ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.model
+def test_target_same_with_and_without_cache(monkeypatch):
+    model, tok = _model("llama")
+    arch = resolve_arch(model)
+    cfg = tiny_mose_config(v_num_grad_steps=6)
+    templates = generate_context_templates(model, tok, ("The",), 3, seed=0)
+    fast = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, cfg)
+    real_init = T._PrefixCache.__init__
+
+    def disabled(self, *a, **k):
+        real_init(self, *a, **k)
+        self.usable = False
+    monkeypatch.setattr(T._PrefixCache, "__init__", disabled)
+    slow = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, cfg)
+    for f, s in zip(fast, slow):
+        assert f.steps == s.steps
+        torch.testing.assert_close(f.z, s.z, rtol=1e-4, atol=1e-5)
+        assert f.nll == pytest.approx(s.nll, rel=1e-4)
+    # the optimisation did something: the targets' NLL fell
+    one = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, tiny_mose_config(v_num_grad_steps=1))
+    assert all(f.nll < o.nll for f, o in zip(fast, one))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefix_cache_is_accepted_for_low_precision_models(dtype):
+    """The cached forward differs from the full one only by rounding in bf16/fp16: accepted."""
+    model, tok = _model("llama", dtype)
+    batch = T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]])
+    runner = T._PrefixCache(model, resolve_arch(model), 1, batch, tok)
+    assert runner.usable
+    assert T.prefix_cache_tolerance(dtype) < 0.1          # a wrong cache (O(1) off) is still refused
+
+
+@pytest.mark.model
+def test_target_respects_norm_clamp():
+    model, tok = _model("llama")
+    arch = resolve_arch(model)
+    cfg = tiny_mose_config(v_num_grad_steps=10, clamp_norm_factor=0.05, v_lr=5.0)
+    for res in T.compute_targets(model, tok, arch, 2, REQS[:2], [["{}"]], cfg):
+        assert float((res.z - res.h0).norm()) <= 0.05 * float(res.h0.norm()) * (1 + 1e-5)
