@@ -2,7 +2,9 @@
 
 In MOSE, ``B = V_E`` and ``A = A_E`` are d_out × n (n = keys in the edit) and ``P`` is the
 retention Gram, so M = λ·P + V_E·A_Eᵀ is one pass over P instead of a GEMM, a scale and an add.
-Operands may be bf16/fp16/fp32; accumulation is fp32; P and M are fp32.
+B and A may be bf16/fp16/fp32 (mixed precision by design); accumulation is fp32, P is read in its
+dtype and widened to fp32, M is fp32 — nothing is rounded below fp32 after the operands.  Any
+float64 operand sends the call to torch, which returns a float64 M.
 
 Stack, top to bottom:
   * ``crosscov_reference`` — float64 truth
@@ -12,7 +14,13 @@ Stack, top to bottom:
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+from mose_fast.backends import full_precision_matmul
+
+log = logging.getLogger(__name__)
 
 try:  # optional; nothing here touches CUDA at import
     import triton
@@ -34,9 +42,16 @@ def crosscov_reference(B, A, P=None, alpha: float = 1.0, beta: float = 1.0) -> t
     return M if P is None else M + beta * P.to(torch.float64)
 
 
-def crosscov_torch(B, A, P=None, alpha: float = 1.0, beta: float = 1.0, out_dtype=torch.float32) -> torch.Tensor:
+def _has_float64(*tensors) -> bool:
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
+def crosscov_torch(B, A, P=None, alpha: float = 1.0, beta: float = 1.0, out_dtype=None) -> torch.Tensor:
+    """torch.addmm path; M in ``out_dtype``, by default float64 if any operand is, else float32."""
     _check(B, A, P)
-    prod = (B.to(out_dtype) @ A.to(out_dtype).T)
+    out_dtype = out_dtype or (torch.float64 if _has_float64(B, A, P) else torch.float32)
+    with full_precision_matmul():
+        prod = (B.to(out_dtype) @ A.to(out_dtype).T)
     return prod.mul_(alpha) if P is None else torch.add(prod.mul_(alpha), P.to(out_dtype), alpha=beta)
 
 
@@ -71,10 +86,13 @@ if triton is not None:
 
 def crosscov_triton(B, A, P=None, alpha: float = 1.0, beta: float = 1.0,
                     BLOCK_M: int = 64, BLOCK_N: int = 64, BLOCK_K: int = 32) -> torch.Tensor:
-    """Triton launcher; returns a new fp32 M."""
+    """Triton launcher; returns a new fp32 M (float64 operands: ``crosscov_torch``'s float64 M)."""
     if triton is None:
         raise RuntimeError("triton is not installed (pip install 'mose-fast[triton]')")
     _check(B, A, P)
+    if _has_float64(B, A, P):
+        log.debug("crosscov: float64 operands go to the torch path")
+        return crosscov_torch(B, A, P, alpha, beta)
     if B.dtype != A.dtype:
         raise ValueError(f"B and A must share a dtype, got {B.dtype} and {A.dtype}")
     m, n, k = B.shape[0], A.shape[0], B.shape[1]
@@ -89,9 +107,10 @@ def crosscov_triton(B, A, P=None, alpha: float = 1.0, beta: float = 1.0,
 
 
 def crosscov(B, A, P=None, alpha: float = 1.0, beta: float = 1.0, backend: str | None = None) -> torch.Tensor:
-    """Public entry: fp32 ``α·B·Aᵀ + β·P`` through the chosen backend."""
+    """Public entry: ``α·B·Aᵀ + β·P`` through the chosen backend; fp32, or float64 (torch) when
+    any operand is float64."""
     from mose_fast.backends import choose
     backend = backend or choose("crosscov", B)
-    if backend == "triton":
+    if backend == "triton" and not _has_float64(B, A, P):
         return crosscov_triton(B, A, P, alpha, beta)
     return crosscov_torch(B, A, P, alpha, beta)

@@ -6,6 +6,13 @@ back.  The panel width is chosen so the workspace bytes are at most 1/8 of W's (
 second buffer and wider elements when the product is formed in a wider compute dtype).  R is
 an input, not workspace: pass it in the compute dtype to avoid a d_out × d_out cast copy.
 
+Precision: R is never rounded below float32.  A bf16 R is orthogonal only to ~2⁻⁸, and its
+diagonal entries near 1 round up to 1, so ‖W‖_F grows every edit; instead W is widened to
+float32 (or float64) panel by panel, multiplied by a float32/float64 R with float32 accumulation,
+and rounded once to W's dtype when stored.  Float32 products run under
+``full_precision_matmul`` (no TF32), and the Triton dot uses ``input_precision="ieee"``.  Float64
+W goes to the torch path (Triton's float64 dot is not supported everywhere it runs).
+
 Stack, top to bottom in this file:
   * ``orth_matmul_reference``  — out-of-place float64 truth
   * ``orth_matmul_panels_``    — torch panel loop, in place (CPU path, and GPU fallback)
@@ -14,9 +21,14 @@ Stack, top to bottom in this file:
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
+
+from mose_fast.backends import full_precision_matmul
+
+log = logging.getLogger(__name__)
 
 # Panels take at most 1/8 of W's bytes; 0.12 leaves headroom under that bound for the small
 # allocations every call makes besides the panels (views, allocator bookkeeping).
@@ -50,6 +62,11 @@ def panel_width(d_in: int, fraction: float = 1 / 8, w_itemsize: int = 4, compute
     return math.ceil(d_in / panels)
 
 
+def compute_dtype_for(w_dtype: torch.dtype, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype products are formed in: the one asked for (else W's), never below float32."""
+    return torch.promote_types(compute_dtype or w_dtype, torch.float32)
+
+
 def _check(W: torch.Tensor, R: torch.Tensor) -> None:
     if R.ndim != 2 or R.shape[0] != R.shape[1]:
         raise ValueError(f"R must be square, got {tuple(R.shape)}")
@@ -62,19 +79,23 @@ def _check(W: torch.Tensor, R: torch.Tensor) -> None:
 @torch.no_grad()
 def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.dtype | None = None,
                         workspace_fraction: float = WORKSPACE_FRACTION) -> torch.Tensor:
-    """W ← R·W in place (W may be a transposed view), panel by panel; returns W."""
+    """W ← R·W in place (W may be a transposed view), panel by panel; returns W.
+
+    The product is formed in ``compute_dtype`` (default W's dtype), raised to at least float32,
+    and rounded once to W's dtype when written back."""
     _check(W, R)
-    compute_dtype = compute_dtype or W.dtype
+    compute_dtype = compute_dtype_for(W.dtype, compute_dtype)
     needs_cast = compute_dtype != W.dtype
     p = panel_width(W.shape[1], workspace_fraction, W.element_size(), torch.empty((), dtype=compute_dtype).element_size())
     Rc = R.to(compute_dtype)
     ws = torch.empty((W.shape[0], p), dtype=compute_dtype, device=W.device)
-    for j in range(0, W.shape[1], p):
-        panel = W[:, j:j + p]
-        # a contiguous d_out × n view of the flat workspace, also for the narrower last panel
-        out = ws.view(-1)[:W.shape[0] * panel.shape[1]].view(W.shape[0], panel.shape[1])
-        torch.matmul(Rc, panel.to(compute_dtype) if needs_cast else panel, out=out)
-        panel.copy_(out)
+    with full_precision_matmul():
+        for j in range(0, W.shape[1], p):
+            panel = W[:, j:j + p]
+            # a contiguous d_out × n view of the flat workspace, also for the narrower last panel
+            out = ws.view(-1)[:W.shape[0] * panel.shape[1]].view(W.shape[0], panel.shape[1])
+            torch.matmul(Rc, panel.to(compute_dtype) if needs_cast else panel, out=out)
+            panel.copy_(out)
     return W
 
 
@@ -82,34 +103,42 @@ def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.d
 def orth_matmul_factored_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tensor,
                           compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W ← W + Q·((Rk − I)·(Qᵀ·W)) in place: R = I + Q·(Rk − I)·Qᵀ acting on a k-dimensional
-    subspace.  Workspace k × d_in; O(d_out·d_in·k) instead of O(d_out²·d_in)."""
+    subspace.  Workspace k × d_in; O(d_out·d_in·k) instead of O(d_out²·d_in).  Q and Rk are used
+    in ``compute_dtype`` (default W's dtype) raised to at least float32."""
     if Q.ndim != 2 or Q.shape[0] != W.shape[0] or Rk.shape != (Q.shape[1], Q.shape[1]):
         raise ValueError(f"need W (d × n), Q (d × k), Rk (k × k); got {tuple(W.shape)}, {tuple(Q.shape)}, "
                          f"{tuple(Rk.shape)}")
-    cd = compute_dtype or W.dtype
-    Qc = Q.to(cd)
-    left = Qc @ (Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device))   # d × k
-    if cd == W.dtype:
-        W.addmm_(left, Qc.T @ W)          # extra memory: the k × d_in product only
-        return W
-    # wider compute dtype: panel by panel, so no full-size cast of W is ever held
-    p = panel_width(W.shape[1], WORKSPACE_FRACTION, W.element_size(), torch.empty((), dtype=cd).element_size())
-    for j in range(0, W.shape[1], p):
-        panel = W[:, j:j + p]
-        wide = panel.to(cd)
-        panel.copy_(wide.addmm_(left, Qc.T @ wide))
+    cd = compute_dtype_for(W.dtype, compute_dtype)
+    with full_precision_matmul():
+        Qc = Q.to(cd)
+        left = Qc @ (Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device))   # d × k
+        if cd == W.dtype:
+            W.addmm_(left, Qc.T @ W)          # extra memory: the k × d_in product only
+            return W
+        # wider compute dtype: panel by panel, so no full-size cast of W is ever held
+        p = panel_width(W.shape[1], WORKSPACE_FRACTION, W.element_size(), torch.empty((), dtype=cd).element_size())
+        for j in range(0, W.shape[1], p):
+            panel = W[:, j:j + p]
+            wide = panel.to(cd)
+            panel.copy_(wide.addmm_(left, Qc.T @ wide))
     return W
 
 
 # --- Triton kernel -------------------------------------------------------------------------------
+
+# Operand precision of the float32 dot: "ieee" is exact float32 (the default); "tf32x3" splits
+# each operand into a TF32 high part and a TF32 low part and sums three tensor-core products
+# (about float32 accuracy at a fraction of the cost; measured by benchmarks/gpu_check.py).
+PRECISIONS = ("ieee", "tf32x3")
 
 if triton is not None:
     @triton.jit
     def _orth_matmul_kernel(R_ptr, W_ptr, WS_ptr, M, N, col0,
                             stride_rm, stride_rk, stride_wm, stride_wn, stride_sm, stride_sn,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                            IEEE_FP32: tl.constexpr):
-        """ws[:, n] = R·W[:, col0 + n] for one panel; fp32 accumulation, operands in W's dtype."""
+                            INPUT_PRECISION: tl.constexpr):
+        """ws[:, n] = R·W[:, col0 + n] for one panel: float32 R, W tiles widened to float32 in
+        registers, float32 accumulation into a float32 workspace."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,47 +150,63 @@ if triton is not None:
                         mask=(rm[:, None] < M) & (rk[None, :] < M), other=0.0)
             w = tl.load(W_ptr + rk[:, None] * stride_wm + (col0 + rn[None, :]) * stride_wn,
                         mask=(rk[:, None] < M) & (rn[None, :] < N), other=0.0)
-            # fp32 operands: full-precision dot, since TF32's 10-bit mantissa would break RᵀR = I
-            if IEEE_FP32:
-                acc = tl.dot(r, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(r, w, acc)
+            acc = tl.dot(r, w.to(tl.float32), acc, input_precision=INPUT_PRECISION)
         tl.store(WS_ptr + rm[:, None] * stride_sm + rn[None, :] * stride_sn,
                  acc.to(WS_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 def orth_matmul_triton_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: float = WORKSPACE_FRACTION,
-                        BLOCK_M: int = 64, BLOCK_N: int = 64, BLOCK_K: int = 32) -> torch.Tensor:
-    """Triton launcher: each panel is computed into the workspace, then copied over W."""
+                        BLOCK_M: int = 64, BLOCK_N: int = 64, BLOCK_K: int = 32,
+                        precision: str = "ieee") -> torch.Tensor:
+    """Triton launcher: each panel is computed into a float32 workspace, then copied over W, which
+    rounds it once (round to nearest even) to W's dtype.  R is used in float32 (a float64 R is
+    rounded to float32, a float32 R is used as given); float64 W goes to ``orth_matmul_panels_``.
+
+    The rounding is left to torch's copy rather than done in the kernel's store: Triton's
+    interpreter truncates float32 → bfloat16, and the copy rounds the same way on every device."""
     if triton is None:
         raise RuntimeError("triton is not installed (pip install 'mose-fast[triton]')")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     _check(W, R)
+    if W.dtype == torch.float64:
+        log.debug("orth_matmul: float64 W goes to the torch path")
+        return orth_matmul_panels_(W, R, workspace_fraction=workspace_fraction)
     d_out, d_in = W.shape
-    p = panel_width(d_in, workspace_fraction, W.element_size())
-    Rc = R.to(W.dtype).contiguous()
-    ws = torch.empty((d_out, p), dtype=W.dtype, device=W.device)
-    for j in range(0, d_in, p):
-        n = min(p, d_in - j)
-        grid = (triton.cdiv(d_out, BLOCK_M), triton.cdiv(n, BLOCK_N))
-        _orth_matmul_kernel[grid](Rc, W, ws, d_out, n, j,
-                                  Rc.stride(0), Rc.stride(1), W.stride(0), W.stride(1),
-                                  ws.stride(0), ws.stride(1),
-                                  BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-                                  IEEE_FP32=W.dtype == torch.float32)
-        W[:, j:j + n].copy_(ws[:, :n])
+    p = panel_width(d_in, workspace_fraction * W.element_size() / 4)    # one float32 panel
+    R32 = R.to(torch.float32).contiguous()
+    ws = torch.empty((d_out, p), dtype=torch.float32, device=W.device)
+    with full_precision_matmul():
+        for j in range(0, d_in, p):
+            n = min(p, d_in - j)
+            grid = (triton.cdiv(d_out, BLOCK_M), triton.cdiv(n, BLOCK_N))
+            _orth_matmul_kernel[grid](R32, W, ws, d_out, n, j,
+                                      R32.stride(0), R32.stride(1), W.stride(0), W.stride(1),
+                                      ws.stride(0), ws.stride(1),
+                                      BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+                                      INPUT_PRECISION=precision)
+            W[:, j:j + n].copy_(ws[:, :n])
     return W
 
 
 def orth_matmul_(W: torch.Tensor, R: torch.Tensor, backend: str | None = None,
                  compute_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Public entry: W ← R·W in place through the chosen backend ("torch", "triton" or "cuda")."""
+    """Public entry: W ← R·W in place through the chosen backend ("torch", "triton" or "cuda").
+
+    Every backend forms the product in float32 or wider with R never rounded below float32;
+    ``compute_dtype`` (float32 or float64) applies to the torch path.  Float64 W always takes
+    the torch path."""
     from mose_fast.backends import choose
     backend = backend or choose("orth_matmul", W)
-    if backend == "cuda":
-        from mose_fast.cuda_ext import orth_matmul_cuda_
-        if orth_matmul_cuda_(W, R, WORKSPACE_FRACTION) is not None:
-            return W
-        backend = "triton"   # the extension could not be built (logged): next best
-    if backend == "triton":
-        return orth_matmul_triton_(W, R)
-    return orth_matmul_panels_(W, R, compute_dtype=compute_dtype)
+    if W.dtype == torch.float64 and backend != "torch":
+        log.debug("orth_matmul: float64 W goes to the torch path, not %s", backend)
+        backend = "torch"
+    with full_precision_matmul():
+        if backend == "cuda":
+            from mose_fast.cuda_ext import orth_matmul_cuda_
+            if orth_matmul_cuda_(W, R, WORKSPACE_FRACTION) is not None:
+                return W
+            backend = "triton"   # the extension could not be built (logged): next best
+        if backend == "triton":
+            return orth_matmul_triton_(W, R)
+        return orth_matmul_panels_(W, R, compute_dtype=compute_dtype)

@@ -26,21 +26,37 @@ def load():
     try:
         from torch.utils.cpp_extension import load as build
         src = source_dir()
+        # no --use_fast_math: the panel GEMM accumulates in IEEE float32
         return build(name="mose_fast_csrc", sources=[str(src / "binding.cpp"), str(src / "orth_panel.cu")],
-                     extra_cuda_cflags=["-O3", "--use_fast_math"], verbose=False)
+                     extra_cuda_cflags=["-O3"], verbose=False)
     except Exception as e:   # no nvcc / ninja, or a compiler error: fall back, say so once
         log.warning("mose_fast CUDA extension unavailable (%s); using the torch/triton paths", e)
         return None
+
+
+def csrc_panel_width(d_in: int, w_itemsize: int, workspace_fraction: float, gemm: str = "cublas") -> int:
+    """Columns per workspace buffer of csrc's panel loop: two buffers of float32 products, each
+    with a float32 copy of the panel beside it when a half-precision W goes through cuBLAS, all
+    within ``workspace_fraction`` of W's bytes."""
+    from mose_fast.kernels.orth_matmul import panel_width
+    per_buffer = 2 if gemm == "cublas" and w_itemsize < 4 else 1
+    return max(1, panel_width(d_in, workspace_fraction * w_itemsize / (4 * 2 * per_buffer)))
 
 
 def orth_matmul_cuda_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: float,
                       gemm: str = "cublas") -> torch.Tensor | None:
     """W ← R·W in place through csrc: cuBLAS (``gemm="cublas"``) or the tiled kernel
     (``gemm="tiled"``) on column panels, two buffers within ``workspace_fraction`` of W's bytes;
-    None if the extension is unavailable."""
+    None if the extension is unavailable.  R goes in as float32 (never W's dtype), the product is
+    float32 with TF32 off, rounded once to W's dtype; float64 W goes to the torch path."""
+    from mose_fast.backends import full_precision_matmul
+    from mose_fast.kernels.orth_matmul import orth_matmul_panels_
+    if W.dtype == torch.float64:
+        log.debug("orth_matmul_cuda_: float64 W goes to the torch path")
+        return orth_matmul_panels_(W, R)
     ext = load()
     if ext is None:
         return None
-    from mose_fast.kernels.orth_matmul import panel_width
-    panel = max(1, panel_width(W.shape[1], workspace_fraction, W.element_size()) // 2)
-    return ext.orth_matmul_inplace(W, R.to(W.dtype).contiguous(), panel, gemm)
+    panel = csrc_panel_width(W.shape[1], W.element_size(), workspace_fraction, gemm)
+    with full_precision_matmul():
+        return ext.orth_matmul_inplace(W, R.to(torch.float32).contiguous(), panel, gemm)

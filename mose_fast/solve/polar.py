@@ -104,19 +104,34 @@ def newton_schulz_step(R: torch.Tensor, eye: torch.Tensor | None = None) -> torc
     return R @ (1.5 * eye - 0.5 * (R.T @ R))
 
 
+# cuSOLVER SVD drivers through CuPy, and what each returns as its third factor: cupy.linalg.svd
+# (cusolverDn<t>gesvd) returns (u, s, vh) with a = u·diag(s)·vh, like numpy; cupyx.cusolver.gesvdj
+# returns (u, s, v) with a = u·diag(s)·vᴴ.
+CUSOLVER_DRIVERS = {"gesvd": "vh", "gesvdj": "v"}
+
+
+def polar_from_cusolver(a, driver: str = "gesvd"):
+    """R = U·Vᴴ of a square array ``a`` (a CuPy array on the GPU) from the cuSOLVER driver named,
+    with the third factor read by that driver's convention.  Imports CuPy when called."""
+    if driver not in CUSOLVER_DRIVERS:
+        raise ValueError(f"unknown cuSOLVER driver {driver!r}; choose from {sorted(CUSOLVER_DRIVERS)}")
+    if driver == "gesvdj":
+        from cupyx.cusolver import gesvdj
+        u, _, third = gesvdj(a, full_matrices=True, overwrite_a=False)
+    else:
+        import cupy
+        u, _, third = cupy.linalg.svd(a, full_matrices=True)
+    vh = third.conj().T if CUSOLVER_DRIVERS[driver] == "v" else third
+    return u @ vh
+
+
 def polar_cupy(M: torch.Tensor, driver: str = "gesvd") -> torch.Tensor:
     """cuSOLVER through CuPy, zero-copy via DLPack: ``gesvd`` (QR-based) or ``gesvdj`` (Jacobi).
     CUDA tensors only; CuPy is the [gpu] extra."""
     if not M.is_cuda:
         raise ValueError("the cupy polar methods need a CUDA tensor")
     import cupy
-    m = cupy.from_dlpack(M.contiguous())
-    if driver == "gesvdj":
-        from cupyx.cusolver import gesvdj
-        u, _, vh = gesvdj(m, full_matrices=True, overwrite_a=False)
-    else:
-        u, _, vh = cupy.linalg.svd(m, full_matrices=True)     # cusolverDn<t>gesvd
-    return torch.from_dlpack(u @ vh)
+    return torch.from_dlpack(polar_from_cusolver(cupy.from_dlpack(M.contiguous()), driver))
 
 
 POLAR_METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
