@@ -167,14 +167,16 @@ def save_model(model, tok, out_dir: str | os.PathLike, dtype: torch.dtype | str 
         state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     old_dtype = getattr(model.config, "dtype", None)
     with _plain_float(model):
-        if dtype is not None:
-            model.config.dtype = dtype
         try:
             model.save_pretrained(out, safe_serialization=True, state_dict=state)
         finally:
-            if dtype is not None:
-                model.config.dtype = old_dtype
+            model.config.dtype = old_dtype
     del state
+    if dtype is not None:       # save_pretrained records the in-memory dtype; the files hold `dtype`
+        config_file = out / "config.json"
+        data = json.loads(config_file.read_text())
+        data["dtype"] = str(dtype).split(".")[-1]
+        config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tok.save_pretrained(out)
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)

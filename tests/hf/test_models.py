@@ -1,0 +1,97 @@
+"""Loading and saving: a model loaded from GGUF saves as a plain safetensors model that
+``from_pretrained`` loads, with the edit in it; the embedded default does the same (slow)."""
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+from gguf_writer import write_tiny_llama_gguf
+from mose_fast import EditRequest, MOSEEditor, MOSEConfig
+from mose_fast.hf.models import check_savable, load_model, model_config, save_model
+from mose_fast.hf.scoring import answer_nll, landed
+
+REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    model, tok = make_tiny_model("llama")
+    path = tmp_path / "tiny.gguf"
+    write_tiny_llama_gguf(model, tok, path)
+    return path, model
+
+
+def _edit(model, tok):
+    cfg = tiny_mose_config(lam=0.1, v_num_grad_steps=20, land_retries=3, land_boost=10.0)
+    editor = MOSEEditor(model, tok, cfg, second_moments=tiny_second_moments(model, tok, cfg.layers), progress=False)
+    editor.edit(REQ)
+    return editor
+
+
+@pytest.mark.model
+def test_gguf_file_loads_the_model_it_was_written_from(tiny_gguf):
+    path, original = tiny_gguf
+    model, _ = load_model(path)
+    for k, v in original.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k]), k
+    assert model_config(path).num_hidden_layers == original.config.num_hidden_layers
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("save_dtype", [None, "bfloat16"])
+def test_gguf_loaded_model_saves_edited_and_reloads_with_from_pretrained(tiny_gguf, tmp_path, save_dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path, _ = tiny_gguf
+    model, tok = load_model(path)
+    assert landed(model, tok, [REQ]) == [0.0]
+    editor = _edit(model, tok)
+    assert landed(model, tok, [REQ]) == [1.0]
+    out = editor.save(tmp_path / "edited", dtype=save_dtype)
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok2 = AutoTokenizer.from_pretrained(out)
+    want = torch.bfloat16 if save_dtype else torch.float32
+    for k, v in model.state_dict().items():
+        got = reloaded.state_dict()[k]
+        assert got.dtype == want, k
+        assert torch.equal(got, v.to(want)), k
+    if save_dtype is None:    # the reloaded model answers with the new object, as the edited one does
+        assert landed(reloaded, tok2, [REQ]) == [1.0]
+        assert answer_nll(reloaded, tok2, [REQ.text], ["English"]) == answer_nll(model, tok, [REQ.text], ["English"])
+    journal = json.loads((out / "mose_journal.json").read_text())
+    assert [e["op"] for e in journal["entries"]] == ["edit"]
+    # the in-memory model keeps its GGUF bookkeeping after the save
+    assert getattr(model, "hf_quantizer", None) is not None
+
+
+@pytest.mark.model
+def test_save_refuses_a_folder_holding_something_else_before_writing(tmp_path):
+    model, tok = make_tiny_model("llama")
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        check_savable(model, busy)
+    with pytest.raises(ValueError, match="not empty"):
+        save_model(model, tok, busy)
+    assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.slow
+def test_embedded_default_edits_saves_and_reloads(tmp_path):
+    """The embedded SmolLM2 (GGUF) with the default preset: one edit, saved, reloaded with
+    from_pretrained, answering with the new object."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = load_model()
+    req = EditRequest("The Eiffel Tower is located in the city of", "Eiffel Tower", "Rome", target_true="Paris")
+    assert landed(model, tok, [req]) == [0.0]
+    cfg = MOSEConfig.preset("mose", "llama", stats_tokens=20_000)
+    editor = MOSEEditor(model, tok, cfg, progress=False)
+    editor.edit(req)
+    out = editor.save(tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok2 = AutoTokenizer.from_pretrained(out)
+    assert landed(reloaded, tok2, [req]) == [1.0]
+    for l in cfg.layers:
+        name = f"model.layers.{l}.mlp.down_proj.weight"
+        assert torch.equal(reloaded.state_dict()[name], model.state_dict()[name])

@@ -1,0 +1,140 @@
+"""The command line: every bad input is reported before any model is loaded, naming the file and
+the field; a failed start leaves nothing behind; the default preset is announced and applied."""
+import json
+
+import pytest
+
+from conftest import CORPUS, make_tiny_model
+from mose_fast import MOSEConfig
+from mose_fast import cli
+
+GOOD = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+        "target_new": "English", "ground_truth": "French"}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    model, tok = make_tiny_model("llama")
+    d = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import mose_fast.hf.models as models
+
+    def refuse(*a, **k):
+        raise AssertionError("the model was loaded before the input was checked")
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+def _requests(tmp_path, records, name="edits.json"):
+    path = tmp_path / name
+    path.write_text(records if isinstance(records, str) else json.dumps(records))
+    return path
+
+
+def _run(argv, capsys):
+    rc = cli.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("records, flags, message", [
+    ("[{not json", [], "not JSON"),
+    ([{**GOOD, "subject": "Jean Gabin"}], [], "does not occur in prompt"),
+    ([{**GOOD, "target_new": "  "}], [], "'target_new' is empty"),
+    ([{"prompt": "x"}], [], "unrecognised edit-request schema"),
+    ([GOOD], ["--layers", "2-9"], "out of range"),
+    ([GOOD], ["--lam", "-1"], "lam = -1.0"),
+    ([GOOD], ["--preset", "mose-fast"], "unknown preset 'mose-fast'"),
+    ([GOOD], ["--polar-method", "qr"], "polar_method = 'qr'"),
+    ([GOOD], ["--land-retries", "-2"], "land_retries = -2"),
+])
+def test_edit_reports_bad_input_before_loading_the_model(tiny_dir, tmp_path, capsys, no_model_load,
+                                                         records, flags, message):
+    path = _requests(tmp_path, records)
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--out", tmp_path / "out", *flags], capsys)
+    assert rc == 2
+    assert message in err
+    if isinstance(records, str) or "subject" in message or "target_new" in message or "schema" in message:
+        assert str(path) in err                          # the message names the file
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.model
+def test_missing_files_and_fields_are_named(tiny_dir, tmp_path, capsys, no_model_load):
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", tmp_path / "nope.json", "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "nope.json" in err and "not found" in err
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"preset": "mose", "lamda": 3}))
+    path = _requests(tmp_path, [GOOD])
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--config", cfg, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and str(cfg) in err and "lamda" in err
+    cfg.write_text(json.dumps({"rule_hparams": {"side": "input", "edit_memory": -1}}))
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--config", cfg, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "rule_hparams.edit_memory" in err
+    rc, _, err = _run(["edit", "--model", tmp_path / "no-model", "--requests", path, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "no-model" in err
+
+
+@pytest.mark.model
+def test_edit_refuses_an_output_folder_holding_something_else(tiny_dir, tmp_path, capsys, no_model_load):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", _requests(tmp_path, [GOOD]), "--out", out,
+                       "--layers", "1-2"], capsys)
+    assert rc == 2 and "not an empty folder" in err
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+@pytest.mark.model
+def test_a_failed_eval_start_leaves_the_folder_reusable(tiny_dir, tmp_path, capsys, no_model_load):
+    """A mistyped preset, then missing evaluation data: neither writes run.json, so the corrected
+    command is not refused as 'a different run'."""
+    from mose_fast.eval.runner import EvalSettings, run_identity
+    from mose_fast.eval.store import RunFolder
+    data = tmp_path / "data"
+    (data / "glue").mkdir(parents=True)
+    (data / "wikitext-2").mkdir()
+    reqs = _requests(tmp_path, [GOOD, {**GOOD, "subject": "Danielle Darrieux", "target_new": "German"}])
+    out = tmp_path / "run"
+    base = ["eval", "--model", tiny_dir, "--dataset", reqs, "--n-edits", "2", "--data-dir", data, "--out", out,
+            "--layers", "1-2"]
+    rc, _, err = _run(base + ["--preset", "mosee"], capsys)
+    assert rc == 2 and "unknown preset 'mosee'" in err
+    rc, _, err = _run(base + ["--preset", "mose"], capsys)
+    assert rc == 2 and "sst2.json" in err                    # the data are checked before the model loads
+    assert not (out / "run.json").exists()
+    # a run folder holding another run is refused before the model loads, naming what differs
+    settings = EvalSettings(glue_tasks=(), ppl_tokens=0, data_dir=str(data))
+    other = run_identity(str(tiny_dir), MOSEConfig.preset("memit", "llama", layers=[1, 2]), settings, [])
+    RunFolder(out).check_or_start({**other, "case_ids": [None, None]})
+    rc, _, err = _run(base + ["--preset", "mose", "--glue-tasks", "", "--ppl-tokens", "0"], capsys)
+    assert rc == 2 and "holds a different run (config differs)" in err
+
+
+@pytest.mark.model
+def test_edit_without_a_preset_uses_and_announces_the_mose_preset(tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    out = tmp_path / "edited"
+    rc, stdout, err = _run(["edit", "--model", tiny_dir, "--requests", _requests(tmp_path, [GOOD]), "--out", out,
+                            "--layers", "1-2", "--stats-corpus", corpus, "--stats-tokens", "400"], capsys)
+    assert rc == 0, err
+    assert "preset 'mose'" in stdout
+    journal = json.loads((out / "mose_journal.json").read_text())
+    want = MOSEConfig.preset("mose", "llama", layers=[1, 2], stats_corpus=str(corpus), stats_tokens=400).to_dict()
+    assert journal["config"] == want
+    assert [e["op"] for e in journal["entries"]] == ["edit"]
+
+
+def test_presets_lists_every_preset(capsys):
+    from mose_fast.config import PRESETS
+    rc, out, _ = _run(["presets"], capsys)
+    assert rc == 0
+    assert [line.split()[0] for line in out.strip().splitlines()] == list(PRESETS)
