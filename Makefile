@@ -3,7 +3,7 @@
 PY ?= python3
 PIP = $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: setup demo test test-fast
+.PHONY: setup demo test test-fast gpu-check
 
 setup:
 	$(PIP) torch==2.13.0
@@ -18,3 +18,9 @@ test: setup
 
 test-fast:
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests -m "not slow"
+
+# On a CUDA machine (H100/H200) only: the GPU tests and a benchmark subset within 8 minutes, rows
+# appended to benchmarks/results.csv; refuses without CUDA.  Needs `pip install -e ".[gpu,test]"`.
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` lists what it would run.
+gpu-check:
+	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

@@ -39,27 +39,37 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu")
 
 
+def make_row(device_label: str, timing_ms, op, variant, shape, dtype, flop=None, nbytes=None, note="") -> dict:
+    """One results.csv row from (p20, p50, p80) in ms."""
+    p20, p50, p80 = timing_ms
+    return {"date": datetime.date.today().isoformat(), "commit": commit(), "device": device_label,
+            "op": op, "variant": variant, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
+            "p20_ms": f"{p20:.4f}", "p50_ms": f"{p50:.4f}", "p80_ms": f"{p80:.4f}",
+            "tflops": f"{flop / (p50 * 1e-3) / 1e12:.4f}" if flop else "",
+            "gbps": f"{nbytes / (p50 * 1e-3) / 1e9:.2f}" if nbytes else "", "note": note}
+
+
+def append_row(row: dict, path: Path = RESULTS) -> None:
+    """Append one row to the CSV (header first if the file is new)."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
 @pytest.fixture
 def record(device):
     """record(benchmark_or_quantiles, op=..., variant=..., shape=..., dtype=..., flop=..., bytes=...)"""
     def _record(timing, op, variant, shape, dtype, flop=None, nbytes=None, note=""):
         if isinstance(timing, (list, tuple)):      # do_bench quantiles in ms
-            p20, p50, p80 = timing
+            quantiles = timing
         else:                                      # pytest-benchmark fixture, seconds
             data = sorted(timing.stats.stats.data)
             q = lambda f: data[min(len(data) - 1, int(f * len(data)))] * 1e3
-            p20, p50, p80 = q(0.2), q(0.5), q(0.8)
-        row = {"date": datetime.date.today().isoformat(), "commit": commit(), "device": device_name(device),
-               "op": op, "variant": variant, "shape": shape, "dtype": str(dtype).replace("torch.", ""),
-               "p20_ms": f"{p20:.4f}", "p50_ms": f"{p50:.4f}", "p80_ms": f"{p80:.4f}",
-               "tflops": f"{flop / (p50 * 1e-3) / 1e12:.4f}" if flop else "",
-               "gbps": f"{nbytes / (p50 * 1e-3) / 1e9:.2f}" if nbytes else "", "note": note}
-        new = not RESULTS.exists()
-        with RESULTS.open("a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                w.writeheader()
-            w.writerow(row)
+            quantiles = (q(0.2), q(0.5), q(0.8))
+        append_row(make_row(device_name(device), quantiles, op, variant, shape, dtype, flop, nbytes, note))
     return _record
 
 

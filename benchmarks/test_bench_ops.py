@@ -12,7 +12,7 @@ import torch
 
 from conftest import time_cuda
 from mose_fast.kernels.crosscov import crosscov
-from mose_fast.kernels.orth_matmul import orth_matmul_
+from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_triton_
 from mose_fast.solve.procrustes import POLAR_METHODS, SUBSPACE_METHODS, solve_subspace
 
 pytestmark = pytest.mark.bench
@@ -81,21 +81,35 @@ def apply_shapes(device):
     return GPU_APPLY if device.type == "cuda" else CPU_APPLY
 
 
-@pytest.mark.parametrize("variant", ["in-place", "out-of-place matmul"])
+APPLY_VARIANTS = ["in-place", "in-place tf32x3", "out-of-place matmul"]
+
+
+@pytest.mark.parametrize("variant", APPLY_VARIANTS)
 @pytest.mark.parametrize("shape_index", range(9))
 def test_orth_apply(benchmark, device, record, variant, shape_index):
+    """In place with a float32 R (the default backend: Triton's IEEE fp32 dot on CUDA), Triton's
+    tf32x3 dot, and the out-of-place torch.matmul in W's dtype (R rounded to it: the speed of the
+    precision the in-place paths refuse)."""
     shapes = apply_shapes(device)
     if shape_index >= len(shapes):
         pytest.skip("shape only on CUDA")
+    if variant == "in-place tf32x3" and device.type != "cuda":
+        pytest.skip("Triton's tf32x3 dot is measured on CUDA")
     d, n = shapes[shape_index]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     W = torch.randn(d, n, device=device).to(dtype)
-    R = torch.linalg.qr(torch.randn(d, d, device=device))[0].to(dtype)
-    fn = (lambda: orth_matmul_(W, R)) if variant == "in-place" else (lambda: torch.matmul(R, W))
-    flop, nbytes = 2.0 * d * d * n, (2 * d * n + d * d) * W.element_size()
+    R = torch.linalg.qr(torch.randn(d, d, device=device))[0]          # float32
+    if variant == "in-place":
+        fn = lambda: orth_matmul_(W, R)
+    elif variant == "in-place tf32x3":
+        fn = lambda: orth_matmul_triton_(W, R, precision="tf32x3")
+    else:
+        R_w = R.to(dtype)
+        fn = lambda: torch.matmul(R_w, W)
+    flop, nbytes = 2.0 * d * d * n, 2 * d * n * W.element_size() + d * d * R.element_size()
     if device.type == "cuda":
         record(time_cuda(fn), "orth_apply", variant, f"{d}x{n}", dtype, flop, nbytes,
-               note="floor 0.92 ms for 5120x13824 at 790 TF/s")
+               note="floor 0.92 ms for 5120x13824 at 790 TF/s (bf16 operands)")
     else:
         benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
         record(benchmark, "orth_apply", variant, f"{d}x{n}", dtype, flop, nbytes)

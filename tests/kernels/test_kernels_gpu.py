@@ -108,7 +108,8 @@ def test_float64_goes_to_torch_gpu():
     expected = orth_matmul_panels_(W.clone(), R)
     for backend in ("triton", "cuda"):
         assert torch.equal(orth_matmul_(W.clone(), R, backend=backend), expected)
-    B, A = torch.randn(129, 5, device="cuda", dtype=torch.float64), torch.randn(67, 5, device="cuda", dtype=torch.float64)
+    B = torch.randn(129, 5, device="cuda", dtype=torch.float64)
+    A = torch.randn(67, 5, device="cuda", dtype=torch.float64)
     P = torch.randn(129, 67, device="cuda", dtype=torch.float64)
     assert torch.equal(crosscov_triton(B, A, P, 0.5, 10.0), crosscov_torch(B, A, P, 0.5, 10.0))
 
