@@ -18,9 +18,12 @@ setup(
     install_requires=[
         # torch 2.13.0: the CPU wheel on CPU-only machines (a bare `torch` pulls CUDA builds)
         "torch==2.13.0",
-        "transformers>=5.0,<6",
-        "accelerate>=1.0",      # transformers needs it to load GGUF files
-        "gguf>=0.10",
+        # the versions the test suite runs with: transformers' cache API and GGUF loader change
+        # between minor releases (`past_key_values` → `cache`), so newer ones are admitted only
+        # after the suite has run with them
+        "transformers==5.24.0",
+        "accelerate==1.15.0",   # device_map placement; transformers needs it to load GGUF files
+        "gguf==0.19.0",
         "safetensors>=0.4",
         "tqdm>=4.60",
         "numpy>=1.26",

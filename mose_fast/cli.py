@@ -273,6 +273,26 @@ def cmd_compare(args) -> int:
     return 0
 
 
+PUBLISHED_CONFIGS = {"llama2-13b": "llama2_13b_config", "llama3-8b": "llama3_8b_config"}
+
+
+def cmd_plan(args) -> int:
+    """The memory plan of a job, from the model's config alone (nothing is loaded)."""
+    from . import plan as planner
+    if args.model in PUBLISHED_CONFIGS:
+        config = getattr(planner, PUBLISHED_CONFIGS[args.model])()
+    else:
+        config = planner.load_config(args.model)
+    cfg = build_config(args, getattr(config, "model_type", None))
+    for name, v in (("--edits", args.edits), ("--batch", args.batch)):
+        if v < (0 if name == "--edits" else 1):
+            raise ValueError(f"{name} = {v}: must be ≥ {0 if name == '--edits' else 1}")
+    result = planner.plan(args.model, cfg, edits=args.edits, batch=args.batch, dtype=args.dtype or "bfloat16",
+                          device=args.device or "cuda", gpu_mem=args.gpu_mem, config=config)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.markdown())
+    return 0 if result.fits() is not False else 1
+
+
 def cmd_presets(args) -> int:
     from .config import presets
     width = max(len(k) for k in presets())
@@ -365,6 +385,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", help="';'-separated row labels (default: preset and its overrides)")
     p.add_argument("--out", required=True, help="folder for comparison.md and comparison.png")
     p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("plan", help="peak memory by stage of an editing job, from the model's config alone")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model directory, config.json, GGUF file, 'smollm2-135m', or a published config: "
+                        + ", ".join(PUBLISHED_CONFIGS))
+    p.add_argument("--preset", help="named configuration (default: mose)")
+    p.add_argument("--config", help="JSON file: a preset plus MOSEConfig fields")
+    p.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4-8")
+    p.add_argument("--edits", type=int, default=1000, help="edits already made (the edit memory's size)")
+    p.add_argument("--batch", type=int, default=1, help="requests per edit")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default bfloat16)")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="where the job runs (default cuda)")
+    p.add_argument("--gpu-mem", dest="gpu_mem", type=float, help="device memory in GiB: say whether the job fits")
+    p.add_argument("--json", action="store_true", help="the plan as JSON")
+    p.set_defaults(fn=cmd_plan)
     p = sub.add_parser("presets", help="list the named configurations")
     p.set_defaults(fn=cmd_presets)
     args = parser.parse_args(argv)

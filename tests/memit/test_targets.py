@@ -157,3 +157,16 @@ def test_target_respects_norm_clamp():
     cfg = tiny_mose_config(v_num_grad_steps=10, clamp_norm_factor=0.05, v_lr=5.0)
     for res in T.compute_targets(model, tok, arch, 2, REQS[:2], [["{}"]], cfg):
         assert float((res.z - res.h0).norm()) <= 0.05 * float(res.h0.norm()) * (1 + 1e-5)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_deprecated_transformers_arguments(family):
+    """The prefix cache goes through transformers' current cache API: no FutureWarning."""
+    import warnings
+    model, tok = _model(family)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        T.compute_targets(model, tok, resolve_arch(model), 1, REQS[:1], [["{}"], ["The cat. {}"]],
+                          tiny_mose_config(v_num_grad_steps=2))
+    assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]

@@ -1,0 +1,265 @@
+"""Memory plan of an editing job, from the model's config alone (a meta-device model: no weights).
+
+Each stage of a job holds the model's weights and whatever that stage adds; the plan gives, per
+stage, the bytes on the editing device (the GPU, or the CPU for a CPU job) with their parts, and
+the host memory the all-or-nothing copies and the undo history take:
+
+  weights     the parameters in their dtype
+  statistics  + per edited layer the float64 sum of k·kᵀ, one float32 batch Gram, the batch's
+              captured keys and the forward's activations (stopped after the deepest edited layer)
+  prepare     + the rule state being built from C0 (the largest point: the last layer's C0 and its
+              Cholesky factor beside every other layer's finished state)
+  rule state  + the rule's state after N edits (and float32 masters of bf16/fp16 edited matrices)
+  targets     + the batched target optimisation: the prefix key/value cache of every prompt row,
+              the activations autograd keeps for the layers after the last edited one, the logits
+  solve       + one layer's solve: float64 copies of W, C0⁻¹·Wᵀ, the Krylov basis or the dense M
+  snapshot    host memory: the edited matrices before the edit, and the undo history's copies
+
+The sizes are the tensors the code allocates (``rules/``, ``memit/``, ``editor.py``); activations
+are estimated from the model's widths and the prompt lengths of a CounterFact edit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+GiB = 2 ** 30
+# prompt lengths of a target optimisation row (CounterFact): context template + prompt prefix
+# before the subject's last token, and the suffix from it to the end of the target
+PREFIX_TOKENS, SUFFIX_TOKENS, TARGET_TOKENS = 24, 8, 3
+
+
+@dataclass
+class Stage:
+    name: str
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Plan:
+    model: str
+    preset: str
+    layers: list[int]
+    edits: int
+    batch: int
+    dtype: str
+    device: str
+    stages: list[Stage]
+    host: Stage
+    gpu_mem: float | None = None
+
+    @property
+    def peak(self) -> Stage:
+        return max(self.stages, key=lambda s: s.total)
+
+    def fits(self) -> bool | None:
+        return None if self.gpu_mem is None else self.peak.total <= self.gpu_mem * GiB
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "preset": self.preset, "layers": self.layers, "edits": self.edits,
+                "batch": self.batch, "dtype": self.dtype, "device": self.device,
+                "stages": {s.name: {"total": s.total, "parts": s.parts} for s in self.stages},
+                "host": {"total": self.host.total, "parts": self.host.parts},
+                "peak_stage": self.peak.name, "peak_bytes": self.peak.total, "gpu_mem_gib": self.gpu_mem,
+                "fits": self.fits()}
+
+    def markdown(self) -> str:
+        lines = [f"Memory plan: {self.model}, preset {self.preset!r}, layers {self.layers}, {self.edits} edits of "
+                 f"memory, batch {self.batch}, {self.dtype} weights, on {self.device}", "",
+                 "| stage | GiB | largest parts |", "|---|---|---|"]
+        for s in self.stages + [self.host]:
+            big = sorted(s.parts.items(), key=lambda kv: -kv[1])[:3]
+            parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in big if v)
+            lines.append(f"| {s.name} | {s.total / GiB:.2f} | {parts} |")
+        lines.append("")
+        verdict = "" if self.gpu_mem is None else (
+            f"; fits {self.gpu_mem:g} GiB" if self.fits() else f"; does NOT fit {self.gpu_mem:g} GiB")
+        lines.append(f"Peak: {self.peak.total / GiB:.2f} GiB at '{self.peak.name}'{verdict}.")
+        return "\n".join(lines)
+
+
+def meta_model(config):
+    """The model built on the meta device: shapes and parameter counts, no memory."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_config(model: str | Path):
+    """A transformers config from a model directory, a config.json, a GGUF file or 'smollm2-135m'."""
+    from transformers import AutoConfig
+    from .hf.models import model_config
+    path = Path(str(model))
+    if path.is_file() and path.suffix == ".json":
+        return AutoConfig.from_pretrained(str(path.parent)) if path.name == "config.json" else \
+            AutoConfig.for_model(**_read_json(path))
+    return model_config(model)
+
+
+def _read_json(path: Path) -> dict:
+    import json
+    d = json.loads(path.read_text())
+    if "model_type" not in d:
+        raise ValueError(f"{path}: a model config needs 'model_type'")
+    return d
+
+
+def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str = "bfloat16",
+         device: str = "cuda", gpu_mem: float | None = None, config=None) -> Plan:
+    """The memory plan of editing ``model`` with ``cfg`` (a MOSEConfig) after ``edits`` kept edits,
+    ``batch`` requests per edit, ``dtype`` weights, on ``device`` ("cuda" or "cpu")."""
+    from .hf.arch import resolve_arch
+    from .rules import rule_class
+    from .rules.mose_input import cross_dtype
+    from .solve.procrustes import SUBSPACE_METHODS
+    from .rules.mose import resolve_polar_method
+    config = config if config is not None else load_config(model)
+    meta = meta_model(config)
+    arch = resolve_arch(meta)
+    cfg.validate_for_model(arch.num_layers(meta))
+    s_w = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    n_params = sum(p.numel() for p in meta.parameters())
+    shapes = {l: tuple(arch.weight_view(meta, l).shape) for l in cfg.layers}     # (d_out, d_in)
+    hidden = config.hidden_size
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    n_layers = arch.num_layers(meta)
+    vocab = config.vocab_size
+    weights = n_params * s_w
+    low_precision = s_w < 4
+    masters = sum(o * i * 4 for o, i in shapes.values()) if (low_precision and cfg.master_weights) else 0
+    rule = rule_class(cfg.method, cfg.rule_hparams)
+    side = cfg.rule_hparams.get("side", "output") if cfg.method == "mose" else None
+    n_keys = edits * 1          # one key column per request kept in the edit memory
+
+    def state_of(l: int) -> dict[str, int]:
+        d_out, d_in = shapes[l]
+        if cfg.method == "mose" and side == "input":
+            parts = {"Cholesky factor of C0 (float64)": 8 * d_in * d_in,
+                     f"cross Gram G ({cross_dtype(d_in)})": torch.empty((), dtype=cross_dtype(d_in)).element_size() * d_in * d_in,
+                     "W·Wᵀ (float64)": 8 * d_out * d_out}
+            if cfg.rule_hparams.get("edit_memory"):
+                parts["edit memory (key columns, float64)"] = 8 * d_in * n_keys
+            return parts
+        if cfg.method == "mose":
+            return {"retention Gram P (float64)": 8 * d_out * d_out}
+        parts = {"C0 (float64)": 8 * d_in * d_in, "W0 (float64)": 8 * d_out * d_in}
+        if cfg.method == "alphaedit":
+            parts["null-space projector (float64)"] = 8 * d_in * d_in
+            parts["C_p (float64)"] = 8 * d_in * d_in
+        if cfg.method == "prune":
+            pass
+        return parts
+
+    def summed(label: str, per_layer) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for l in cfg.layers:
+            for k, v in per_layer(l).items():
+                out[f"{label}{k}"] = out.get(f"{label}{k}", 0) + v
+        return out
+
+    # --- statistics ---------------------------------------------------------------------------
+    tokens = cfg.stats_batch_size * cfg.stats_seq_len
+    d_ins = [shapes[l][1] for l in cfg.layers]
+    stats = Stage("statistics", {
+        "weights": weights,
+        "C0 sums (float64)": sum(8 * d * d for d in d_ins),
+        "batch Gram (float32)": 4 * max(d_ins) * max(d_ins),
+        "captured keys": sum(tokens * d * s_w for d in d_ins) + tokens * max(d_ins) * 4,
+        "forward activations": tokens * (4 * hidden + 3 * inter) * s_w
+                               + cfg.stats_batch_size * heads * cfg.stats_seq_len ** 2 * 4,
+    })
+    # --- prepare: the last layer's C0 being factored beside the other layers' states ---------------
+    last = cfg.layers[-1]
+    d_last = shapes[last][1]
+    others = {k: v for k, v in summed("", state_of).items()}
+    prepare_parts = {"weights": weights, "masters": masters}
+    if cfg.method == "mose" and side == "input":
+        prepare_parts["rule state (other layers)"] = sum(others.values()) - sum(state_of(last).values())
+        prepare_parts["C0 of the layer (float64)"] = 8 * d_last * d_last
+        prepare_parts["its Cholesky factor and G (new)"] = sum(v for k, v in state_of(last).items()
+                                                               if not k.startswith("edit memory"))
+        prepare_parts["C0 of layers not yet prepared"] = 0
+    else:
+        prepare_parts["C0 of every layer (float64)"] = sum(8 * d * d for d in d_ins)
+        prepare_parts["rule state"] = sum(others.values())
+    prepare = Stage("prepare", prepare_parts)
+    # --- rule state after N edits -----------------------------------------------------------------
+    resident = {"weights": weights, "masters (float32)": masters, **summed("", state_of)}
+    state = Stage("rule state", dict(resident))
+    # --- targets ------------------------------------------------------------------------------------
+    n_templates = 1 + len(cfg.context_template_prefixes)
+    rows = batch * (n_templates + 1)
+    after = n_layers - 1 - cfg.layers[-1]
+    kv_dim = kv_heads * head_dim
+    targets = Stage("targets", {
+        **resident,
+        "prefix key/value cache": rows * PREFIX_TOKENS * n_layers * 2 * kv_dim * s_w,
+        "autograd activations": rows * SUFFIX_TOKENS * after * (10 * hidden + 4 * inter) * s_w
+                                + rows * SUFFIX_TOKENS * (n_layers - after) * (4 * hidden + 2 * inter) * s_w,
+        "attention scores": rows * heads * SUFFIX_TOKENS * (PREFIX_TOKENS + SUFFIX_TOKENS) * 4 * max(after, 1),
+        "logits (float32, with log-softmax and grad)": 3 * rows * (TARGET_TOKENS + 1) * vocab * 4,
+    })
+    # --- solve (the largest layer) --------------------------------------------------------------------
+    d_out, d_in = max(shapes.values(), key=lambda s: s[0] * s[1])
+    n = batch
+    if cfg.method == "mose" and side == "input":
+        method = resolve_polar_method(cfg.polar_method, d_in)
+        solve_parts = {"W (float64)": 8 * d_out * d_in, "C0⁻¹·Wᵀ (float64)": 8 * d_in * d_out,
+                       "W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
+        if method in SUBSPACE_METHODS:
+            depth = SUBSPACE_METHODS[method].get("krylov_depth", 0) + 1
+            k = min(d_in, 2 * n * depth + SUBSPACE_METHODS[method].get("random_rank", 0))
+            solve_parts["Krylov basis and products (float64)"] = 3 * 8 * d_in * k
+        else:
+            solve_parts["dense M, U, Vᴴ, R (float64)"] = 4 * 8 * d_in * d_in
+            solve_parts["retention λ·G + μ·E formed (float64)"] = 8 * d_in * d_in
+    elif cfg.method == "mose":
+        s_solve = 8 if cfg.solve_dtype == "float64" else 4
+        solve_parts = {"dense M, U, Vᴴ, R": 4 * s_solve * d_out * d_out, "P in the solve dtype": s_solve * d_out * d_out}
+    else:
+        solve_parts = {"W (float64)": 8 * d_out * d_in, "update Δ (float64)": 8 * d_out * d_in,
+                       "solve of a d_in × d_in system (float64)": 8 * d_in * d_in}
+    solve = Stage("solve", {**resident, **solve_parts})
+    # --- host copies --------------------------------------------------------------------------------------
+    per_copy = sum(o * i * (4 if (low_precision and cfg.master_weights) else s_w) for o, i in shapes.values())
+    host = Stage("host copies (snapshot + undo history)", {
+        "this edit's snapshot": per_copy, f"undo history ({cfg.undo_history} edits)": cfg.undo_history * per_copy})
+    stages = [Stage("weights", {"weights": weights}), stats, prepare, state, targets, solve]
+    if device == "cpu":        # on the CPU the host copies sit in the same memory
+        for s in stages[3:]:
+            s.parts["host copies"] = host.total
+    return Plan(model=str(model), preset=cfg.preset or cfg.method, layers=list(cfg.layers), edits=edits,
+                batch=batch, dtype=dtype, device=device, stages=stages, host=host, gpu_mem=gpu_mem)
+
+
+def llama2_13b_config():
+    """LLaMA-2-13B's published config (for plans without the model on disk)."""
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False)
+
+
+def llama3_8b_config():
+    """LLaMA-3-8B's published config."""
+    from transformers import LlamaConfig
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                       rope_theta=500000.0, tie_word_embeddings=False)
+
+
+def human(n: int) -> str:
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2 ** 20:.1f} MiB"
+
+
+__all__ = ["Plan", "Stage", "plan", "load_config", "meta_model", "llama2_13b_config", "llama3_8b_config", "human"]
