@@ -58,6 +58,12 @@ class MOSEConfig:
     master_weights: bool = True          # float32 master copy of edited bf16/fp16 matrices
     preset: str | None = "mose"          # the preset this configuration started from
 
+    def __post_init__(self) -> None:
+        # the classmethod ``preset`` below shadows this field's default in the class body, so the
+        # dataclass takes the method for the default: put the intended default back
+        if callable(self.preset):
+            self.preset = DEFAULT_PRESET
+
     def validate(self, where: str = "config") -> None:
         """Everything that can be checked without a model; ValueError naming the field."""
         from .rules import rule_class

@@ -80,8 +80,13 @@ def tiny_llama():
 
 
 def tiny_mose_config(**kw):
+    """A small config for the tiny models.  Unless the caller says otherwise: the paper's rule (output
+    side, absolute λ = 1, exact SVD in float64, no re-solves) on layers 1-2; a method other than
+    MOSE gets no rule options (``rule_hparams={}``)."""
     from mose_fast import MOSEConfig
-    base = dict(layers=[1, 2], lam=1.0, stats_tokens=400, stats_seq_len=32, stats_batch_size=4,
+    mose = kw.get("method", "mose") == "mose"
+    base = dict(layers=[1, 2], lam=1.0, rule_hparams={"side": "output"} if mose else {}, polar_method="svd",
+                solve_dtype="float64", land_retries=0, stats_tokens=400, stats_seq_len=32, stats_batch_size=4,
                 v_num_grad_steps=8, context_template_length=3, context_template_prefixes=("The", "I"),
                 v_lr=0.5, clamp_norm_factor=4.0)
     base.update(kw)
@@ -95,31 +100,72 @@ def tiny_second_moments(model, tok, layers):
 
 
 def fail_at_solve_call(monkeypatch, editor, n: int, message: str) -> list:
-    """Make the editor's rule raise RuntimeError(message) at its n-th solve; returns the layers
-    solved so far (the failing one included)."""
-    real_solve, calls = editor.rule.solve, []
+    """Make the editor's rule raise RuntimeError(message) at its n-th update, after that update has
+    changed its layer's weights in place (so the failing layer must be put back too); returns the
+    layers updated so far (the failing one included)."""
+    real_update, calls = editor.rule.update, []
 
-    def failing_solve(layer, A, V):
+    def failing_update(layer, W, K, resid, edit_weights=None):
         calls.append(layer)
+        res = real_update(layer, W, K, resid, edit_weights=edit_weights)
         if len(calls) == n:
             raise RuntimeError(message)
-        return real_solve(layer, A, V)
-    monkeypatch.setattr(editor.rule, "solve", failing_solve)
+        return res
+    monkeypatch.setattr(editor.rule, "update", failing_update)
     return calls
 
 
 def editor_state(editor) -> tuple[dict, dict]:
     """Copies of the model's weights and the rule's state, to check an edit left both untouched."""
     return ({k: v.detach().clone() for k, v in editor.model.state_dict().items()},
-            {k: v.clone() for k, v in editor.rule.snapshot().items()})
+            {k: v.clone() for k, v in editor.rule.state_dict().items()})
 
 
 def assert_state_unchanged(editor, state: tuple[dict, dict]) -> None:
+    """Weights and rule state bit for bit as in ``editor_state``."""
     weights, rule_state = state
     for k, v in editor.model.state_dict().items():
         assert torch.equal(weights[k], v), k
-    after = editor.rule.snapshot()
-    assert set(after) == set(rule_state) and all(torch.equal(rule_state[k], after[k]) for k in rule_state)
+    after = editor.rule.state_dict()
+    assert set(after) == set(rule_state), (sorted(after), sorted(rule_state))
+    for k in rule_state:
+        assert after[k].shape == rule_state[k].shape and torch.equal(rule_state[k], after[k]), k
+
+
+# --- synthetic problems shared by the rule tests ---------------------------------------------------
+
+D_OUT, D_IN, N0, N = 12, 20, 400, 3
+
+
+def synthetic_problem(seed=0, low_rank_keys=False):
+    """(W, K0, C0 = K0·K0ᵀ/N0, K, resid) in float64: a d_out × d_in matrix, N0 corpus keys, N edit
+    keys and residuals.  ``low_rank_keys``: the corpus keys live in a 14-dim subspace (C0 has a
+    6-dim null space)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
+    if low_rank_keys:
+        basis = torch.linalg.qr(torch.randn(D_IN, 14, generator=g, dtype=torch.float64))[0]
+        K0 = basis @ torch.randn(14, N0, generator=g, dtype=torch.float64)
+    else:
+        K0 = torch.randn(D_IN, N0, generator=g, dtype=torch.float64)
+    C0 = K0 @ K0.T / N0
+    K = torch.randn(D_IN, N, generator=g, dtype=torch.float64)
+    resid = torch.randn(D_OUT, N, generator=g, dtype=torch.float64)
+    return W, K0, C0, K, resid
+
+
+def scipy_rotation(X, Y):
+    """argmin over orthogonal R of ‖R·X − Y‖_F, by SciPy on the stacked columns (float64)."""
+    import scipy.linalg
+    Rt, _ = scipy.linalg.orthogonal_procrustes(X.T.numpy(), Y.T.numpy())
+    return torch.from_numpy(Rt.T)
+
+
+def ridged_cholesky(C0):
+    """The Cholesky factor of C0 + ρ·I the input-side rule keeps (ρ = PREIMAGE_RIDGE · mean eigenvalue)."""
+    from mose_fast.rules.mose_input import PREIMAGE_RIDGE
+    ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
+    return torch.linalg.cholesky(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype))
 
 
 @pytest.fixture

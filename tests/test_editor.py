@@ -1,18 +1,24 @@
-"""Editor behaviour on tiny random models: adapters, all-or-nothing, undo, save, caches."""
+"""Editor behaviour on tiny random models: adapters on every family, all-or-nothing edits, undo
+bit for bit, state_dict round trip, save, float32 masters."""
 import json
 
 import pytest
 import torch
 
-from conftest import FAMILIES, make_tiny_model, tiny_mose_config, tiny_second_moments
+from conftest import (FAMILIES, assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
+                      tiny_mose_config, tiny_second_moments)
 from mose_fast import ARCHS, ArchSpec, EditRequest, MOSEEditor
 from mose_fast.hf.arch import is_conv1d, resolve_arch
-from mose_fast.eval.metrics import answer_nll
+from mose_fast.hf.scoring import answer_nll
 from mose_fast.memit.keys import block_outputs_at_subject
 from mose_fast.memit.targets import compute_target
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 REQ2 = EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")
+REQ3 = EditRequest("The capital of France is", "France", "Rome", target_true="Paris")
+# the rules the editor state tests run: the paper's rule, the input side with memory, an additive one
+RULE_CONFIGS = {"output": {}, "input": {"rule_hparams": {"side": "input", "edit_memory": 1.0}},
+                "alphaedit": {"method": "alphaedit", "rule_hparams": {"threshold": 0.05, "l2": 1.0}}}
 
 
 def make_editor(family="llama", **cfg):
@@ -64,29 +70,24 @@ def test_each_adapter_edits_its_tiny_model(family):
 
 
 @pytest.mark.model
-def test_failed_edit_leaves_weights_bit_identical(monkeypatch):
-    editor, model, tok = make_editor(layers=[0, 1, 2])
-    editor.edit(REQ2)   # a first, successful edit: the retention Grams exist and have moved
-    before = all_weights(model)
-    grams = {l: p.clone() for l, p in editor.rule.gram.items()}
-    real_solve = editor.rule.solve
-    calls = []
-
-    def failing_solve(layer, A, V):
-        calls.append(layer)
-        if len(calls) == 3:
-            raise RuntimeError("injected failure in the third layer")
-        return real_solve(layer, A, V)
-    monkeypatch.setattr(editor.rule, "solve", failing_solve)
+@pytest.mark.parametrize("rule", sorted(RULE_CONFIGS))
+def test_failed_edit_leaves_weights_and_rule_state_bit_identical(monkeypatch, rule):
+    """A failure in the third layer's update (after it wrote its weights) puts every layer back and
+    leaves the rule's state, the records and the undo history as after the first edit."""
+    editor, model, tok = make_editor(layers=[0, 1, 2], **RULE_CONFIGS[rule])
+    editor.edit(REQ2)   # a first, successful edit: the rule's state exists and has moved
+    state = editor_state(editor)
+    calls = fail_at_solve_call(monkeypatch, editor, 3, "injected failure in the third layer")
     with pytest.raises(RuntimeError, match="injected"):
         editor.edit(REQ)
     assert calls == [0, 1, 2]
-    after = all_weights(model)
-    for k in before:
-        assert torch.equal(before[k], after[k]), k
-    for l in grams:
-        assert torch.equal(grams[l], editor.rule.gram[l])
-    assert len(editor.records) == 1
+    assert_state_unchanged(editor, state)
+    assert len(editor.records) == 1 and editor.n_edits == 1
+    assert [e["op"] for e in editor.journal] == ["edit"]
+    monkeypatch.undo()
+    editor.undo(1)                        # the undo history holds the first edit only
+    with pytest.raises(ValueError, match="cannot undo"):
+        editor.undo(1)
 
 
 @pytest.mark.model
@@ -105,25 +106,54 @@ def test_bad_requests_raise_and_leave_model_untouched():
 
 @pytest.mark.model
 @pytest.mark.parametrize("method", ["svd", "subspace", "krylov", "polar_express"])
-def test_undo_restores_weights_and_gram(method):
+def test_undo_restores_weights_bit_for_bit_and_the_gram(method):
     editor, model, tok = make_editor(polar_method=method)
-    editor._prepare()
+    editor.prepare()
     W0 = {l: editor.arch.weight_view(model, l).clone() for l in editor.cfg.layers}
     P0 = {l: p.clone() for l, p in editor.rule.gram.items()}
     assert set(P0) == set(editor.cfg.layers)
     editor.edit(REQ)
+    W1 = {l: editor.arch.weight_view(model, l).clone() for l in editor.cfg.layers}
     editor.edit(REQ2)
     editor.undo(1)
+    for l in editor.cfg.layers:
+        assert torch.equal(editor.arch.weight_view(model, l), W1[l]), l
     editor.undo(1)
     for l in editor.cfg.layers:
-        W = editor.arch.weight_view(model, l)
-        # float32 rounding of 4 products: a few ulps of the largest entry
-        assert float((W - W0[l]).abs().max()) <= 8 * torch.finfo(torch.float32).eps * float(W0[l].abs().max())
+        assert torch.equal(editor.arch.weight_view(model, l), W0[l]), l
     with pytest.raises(ValueError, match="cannot undo"):
         editor.undo(1)
     assert not editor.records and [e["op"] for e in editor.journal] == ["edit", "edit", "undo", "undo"]
     for l, p in P0.items():
         torch.testing.assert_close(editor.rule.gram[l], p, rtol=1e-10, atol=1e-10 * float(p.abs().max()))
+
+
+@pytest.mark.model
+def test_undo_takes_the_edit_out_of_the_input_sides_state():
+    """Input side: undo puts the cross Gram back to C0 (Q·Qᵀ = I, to rounding) and the edit's keys
+    out of the memory (exactly: the columns are dropped)."""
+    editor, model, tok = make_editor(**RULE_CONFIGS["input"])
+    editor.prepare()
+    W0 = {l: editor.arch.weight_view(model, l).clone() for l in editor.cfg.layers}
+    G0 = {l: g.clone() for l, g in editor.rule.cross.items()}
+    editor.edit([REQ, REQ2])
+    assert all(editor.rule.memory[l].shape[1] == 2 for l in editor.cfg.layers)
+    editor.undo(1)
+    for l in editor.cfg.layers:
+        assert torch.equal(editor.arch.weight_view(model, l), W0[l]), l
+        assert editor.rule.memory[l].shape[1] == 0
+        torch.testing.assert_close(editor.rule.cross[l], G0[l], rtol=0, atol=1e-10 * float(G0[l].abs().max()))
+
+
+@pytest.mark.model
+def test_undo_history_is_bounded():
+    editor, model, tok = make_editor(undo_history=1)
+    editor.edit(REQ)
+    editor.edit(REQ2)
+    editor.undo(1)
+    with pytest.raises(ValueError, match="cannot undo 1 edit.*undo_history=1"):
+        editor.undo(1)
+    assert editor.n_edits == 2 and [r.index for r in editor.records] == [0]
 
 
 @pytest.mark.model
@@ -152,6 +182,33 @@ def test_edit_is_deterministic_given_seed():
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("rule", ["output", "input"])
+def test_state_dict_round_trip_continues_editing_alike(rule):
+    """A fresh editor on the unedited model, prepared and then given another editor's state_dict,
+    holds the same weights, rule state and edit count, and its next edit is the same bit for bit."""
+    a, model_a, _ = make_editor(**RULE_CONFIGS[rule])
+    a.edit(REQ)
+    a.edit(REQ2)
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    prefix = {"output": ["rule.P."], "input": ["rule.G.", "rule.K."]}[rule]
+    assert set(state) == {"n_edits"} | {f"{p}{l}" for l in a.cfg.layers for p in ["weight."] + prefix}
+    b, model_b, _ = make_editor(**RULE_CONFIGS[rule])
+    b.prepare()
+    b.load_state_dict(state)
+    assert b.n_edits == 2
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for name, v in model_a.state_dict().items():
+        assert torch.equal(v, model_b.state_dict()[name]), name
+    a.edit(REQ3)
+    b.edit(REQ3)
+    for l in a.cfg.layers:
+        assert torch.equal(a.weight(l), b.weight(l)), l
+    with pytest.raises(ValueError, match="not an editor state"):
+        b.load_state_dict({"n_edits": torch.tensor(1)})
+
+
+@pytest.mark.model
 def test_save_reloads_with_from_pretrained(tmp_path):
     from transformers import AutoModelForCausalLM
     editor, model, tok = make_editor()
@@ -160,6 +217,10 @@ def test_save_reloads_with_from_pretrained(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     for l in editor.cfg.layers:
         assert torch.equal(editor.arch.weight_view(reloaded, l), editor.arch.weight_view(model, l))
+    saved = reloaded.state_dict()
+    for name, v in model.state_dict().items():
+        assert torch.equal(saved[name], v), name
+    assert answer_nll(reloaded, tok, [REQ.text], [REQ.target_new]) == answer_nll(model, tok, [REQ.text], [REQ.target_new])
     journal = json.loads((out / "mose_journal.json").read_text())
     assert journal["config"]["layers"] == editor.cfg.layers
     assert journal["entries"][0]["requests"][0]["subject"] == "Danielle Darrieux"
@@ -167,14 +228,21 @@ def test_save_reloads_with_from_pretrained(tmp_path):
 
 
 @pytest.mark.model
-def test_bf16_weights_use_float32_master():
+def test_bf16_weights_use_float32_master_and_undo_restores_both():
     editor, model, tok = make_editor()
     model.to(torch.bfloat16)
+    W0 = {l: editor.arch.weight_view(model, l).clone() for l in editor.cfg.layers}
     editor.edit(REQ)
     for l in editor.cfg.layers:
         master = editor._master[l]
         assert master.dtype == torch.float32
         assert torch.equal(editor.arch.weight_view(model, l), master.to(torch.bfloat16))
+        assert not torch.equal(editor.arch.weight_view(model, l), W0[l])
+    assert {f"master.{l}" for l in editor.cfg.layers} <= set(editor.state_dict())
+    editor.undo()
+    for l in editor.cfg.layers:
+        assert torch.equal(editor.arch.weight_view(model, l), W0[l]), l
+        assert torch.equal(editor._master[l], W0[l].float()), l
 
 
 def test_unknown_family_is_a_clear_error():

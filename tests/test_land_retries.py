@@ -1,16 +1,15 @@
-"""Per-request edit weights and re-solving edits that did not land (``MOSEConfig.land_retries``,
-issue 4): the weighted rotation against SciPy's Procrustes on the stacked problem with each edit
-column scaled by √w, the memory left unweighted, and the editor's retry loop — it keeps the solve
-a direct edit with the final weights would give, bit for bit, and stays all-or-nothing."""
+"""Per-request edit weights and re-solving edits that did not land (``MOSEConfig.land_retries``):
+the weighted rotation against SciPy's Procrustes on the stacked problem with each edit column
+scaled by √w, the memory left unweighted, and the editor's retry loop — it keeps the solve a direct
+edit with the final weights would give, bit for bit, and stays all-or-nothing."""
 import pytest
 import torch
 
-from conftest import (assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
+from conftest import (N0, assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
+                      ridged_cholesky as _chol, scipy_rotation as _scipy_rotation, synthetic_problem as problem,
                       tiny_mose_config, tiny_second_moments)
-from test_mose_input import _chol, _dense
-from test_rules import N0, _scipy_rotation, problem
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
-from mose_fast.eval.metrics import landed
+from mose_fast.hf.scoring import landed
 from mose_fast.rules import MOSEInputRule, MOSERule
 from mose_fast.rules.mose_input import reachable_key_targets
 
@@ -31,7 +30,7 @@ def test_weighted_output_rotation_solves_the_weighted_stacked_problem(polar_meth
     X = torch.cat([(lam / N0) ** 0.5 * W0 @ K0, A * root], 1)
     Y = torch.cat([(lam / N0) ** 0.5 * W0 @ K0, V * root], 1)
     R = _scipy_rotation(X, Y)
-    torch.testing.assert_close(_dense(res.undo), R, atol=1e-9, rtol=0)
+    torch.testing.assert_close(res.undo.rotation.dense(), R, atol=1e-9, rtol=0)
     torch.testing.assert_close(W, R @ W0, atol=1e-10, rtol=0)
     # the weights matter: the unweighted solve is another rotation
     plain = MOSERule(lam, polar_method=polar_method)
@@ -43,7 +42,8 @@ def test_weighted_output_rotation_solves_the_weighted_stacked_problem(polar_meth
 
 @pytest.mark.parametrize("polar_method", ["svd", "krylov"])
 def test_weighted_input_rotation_solves_the_weighted_stacked_problem_and_remembers_unweighted(polar_method):
-    """Q = argmin λ‖Q·K0 − K0‖²/N + μ·0 + Σ_j w_j‖Q·k_j − k*_j‖²; the memory takes K·Kᵀ unweighted."""
+    """Q = argmin λ‖Q·K0 − K0‖²/N + μ·0 + Σ_j w_j‖Q·k_j − k*_j‖²; on commit the memory takes the
+    keys K unweighted."""
     W0, K0, C0, K, resid = problem(41)
     K, resid, lam, mu = K[:, :3], 0.3 * resid[:, :3], 3.0, 2.0
     rule = MOSEInputRule(lam, polar_method=polar_method, edit_memory=mu)
@@ -55,9 +55,11 @@ def test_weighted_input_rotation_solves_the_weighted_stacked_problem_and_remembe
     X = torch.cat([(lam / N0) ** 0.5 * K0, K * root], 1)
     Y = torch.cat([(lam / N0) ** 0.5 * K0, K_target * root], 1)
     Q = _scipy_rotation(X, Y)
-    torch.testing.assert_close(_dense(res.undo), Q, atol=1e-9, rtol=0)
+    torch.testing.assert_close(res.undo.rotation.dense(), Q, atol=1e-9, rtol=0)
     torch.testing.assert_close(W, W0 @ Q, atol=1e-10, rtol=0)
-    torch.testing.assert_close(rule.memory[0], K @ K.T, atol=1e-12, rtol=0)
+    assert rule.memory[0].shape == (K.shape[0], 0)          # update alone: the memory is as it was
+    rule.commit(0, res.undo)
+    assert torch.equal(rule.memory[0], K)
 
 
 @pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, 0.0, 1.0], [1.0, float("nan"), 1.0], [-1.0, 1.0, 1.0]])
@@ -73,7 +75,8 @@ def test_bad_rule_weights_are_refused_before_anything_moves(bad):
 
 def _editor(side, lam, **kw):
     model, tok = make_tiny_model("llama")
-    cfg = tiny_mose_config(lam=lam, rule_hparams={"side": side, "retain": "original", "edit_memory": 2.0}, **kw)
+    hparams = {"side": "input", "edit_memory": 2.0} if side == "input" else {"side": "output"}
+    cfg = tiny_mose_config(lam=lam, rule_hparams=hparams, **kw)
     return MOSEEditor(model, tok, cfg, second_moments=tiny_second_moments(model, tok, cfg.layers), progress=False)
 
 
@@ -96,13 +99,13 @@ def test_retries_keep_the_solve_a_direct_edit_with_the_final_weights_gives(side,
     direct.edit(REQ, edit_weights=record.edit_weights)
     for l in retried.cfg.layers:
         assert torch.equal(retried.weight(l), direct.weight(l)), l
-    a, b = retried.rule.snapshot(), direct.rule.snapshot()
+    a, b = retried.rule.state_dict(), direct.rule.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
-    # the undo stack holds the kept solve only: one undo is back at W0
+    # the undo stack holds the kept solve only: one undo is back at W0, bit for bit
     retried.undo(1)
     for l in retried.cfg.layers:
-        torch.testing.assert_close(retried.weight(l), W0[l], atol=1e-6, rtol=0)
+        assert torch.equal(retried.weight(l), W0[l]), l
 
 
 @pytest.mark.model
@@ -148,20 +151,21 @@ def test_editor_refuses_bad_weights_and_leaves_the_model_untouched():
 def test_land_retry_options_are_checked():
     for kw, match in (({"land_retries": -1}, "land_retries"), ({"land_retries": 1.5}, "land_retries"),
                       ({"land_boost": 1.0}, "land_boost"),
-                      ({"land_retries": 1, "method": "alphaedit"}, "MOSE rule")):
+                      ({"land_retries": 1, "method": "alphaedit", "rule_hparams": {}}, "MOSE rule")):
         with pytest.raises(ValueError, match=match):
             MOSEConfig(**kw).validate()
 
 
 def test_cli_flags_reach_the_config():
     import argparse
-    from types import SimpleNamespace
-    from mose_fast.cli import _add_common, _config
+    from mose_fast.cli import _add_model, build_config
     parser = argparse.ArgumentParser()
-    _add_common(parser)
-    model = SimpleNamespace(config=SimpleNamespace(model_type="llama"))
-    cfg = _config(parser.parse_args(["--land-retries", "2", "--land-boost", "8"]), model)
-    assert (cfg.land_retries, cfg.land_boost) == (2, 8.0)
-    assert _config(parser.parse_args([]), model).land_retries == 0
+    _add_model(parser)
+    cfg = build_config(parser.parse_args(["--land-retries", "3", "--land-boost", "8"]), "llama")
+    assert (cfg.land_retries, cfg.land_boost) == (3, 8.0)
+    assert build_config(parser.parse_args([]), "llama").land_retries == 2           # the mose preset's
+    assert build_config(parser.parse_args(["--preset", "mose-paper"]), "llama").land_retries == 0
     with pytest.raises(ValueError, match="land_boost"):
-        _config(parser.parse_args(["--land-retries", "1", "--land-boost", "0.5"]), model).validate()
+        build_config(parser.parse_args(["--land-retries", "1", "--land-boost", "0.5"]), "llama")
+    with pytest.raises(ValueError, match="land_retries.*MOSE rule"):
+        build_config(parser.parse_args(["--preset", "memit", "--land-retries", "1"]), "llama")

@@ -83,15 +83,38 @@ def test_schema_readers():
     assert m.template == "What university did {} attend?"
 
 
-def test_load_requests_json_and_errors(tmp_path):
+def test_load_requests_json_and_errors_name_the_file(tmp_path):
     p = tmp_path / "r.json"
     p.write_text(json.dumps([ROME, EASY, MEND]))
     assert len(load_requests(p)) == 3 and len(load_requests(p, limit=1, offset=2)) == 1
+    assert load_requests(p, limit=1, offset=2)[0].template == "What university did {} attend?"
     p.write_text(json.dumps([{"foo": 1}]))
-    with pytest.raises(ValueError, match="unrecognised edit-request schema"):
+    with pytest.raises(ValueError, match=f"requests file {p}: request #0: unrecognised edit-request schema"):
         load_requests(p)
     bad = dict(EASY)
     del bad["subject"]
-    p.write_text(json.dumps([bad]))
-    with pytest.raises(ValueError, match="lacks field 'subject'"):
+    p.write_text(json.dumps([EASY, bad]))
+    with pytest.raises(ValueError, match=f"requests file {p}: request #1 \\(easyedit schema\\) lacks field 'subject'"):
         load_requests(p)
+    p.write_text(json.dumps([EASY, EASY, EASY, bad]))
+    with pytest.raises(ValueError, match=f"requests file {p}: request #3 \\(easyedit schema\\) lacks field 'subject'"):
+        load_requests(p, offset=2)                      # numbered as in the file
+    p.write_text(json.dumps({"a": 1, "b": 2}) + "\n{broken")
+    with pytest.raises(ValueError, match=f"requests file {p}: not JSON .* line 2"):
+        load_requests(p)
+    p.write_text(json.dumps("a string"))
+    with pytest.raises(ValueError, match=f"requests file {p}: expected a JSON list"):
+        load_requests(p)
+    p.write_text(json.dumps([EASY]))
+    with pytest.raises(ValueError, match=f"requests file {p}: no requests"):
+        load_requests(p, offset=1)
+    with pytest.raises(ValueError, match=f"requests file {p}: limit"):
+        load_requests(p, limit=0)
+    with pytest.raises(FileNotFoundError, match="requests file .*missing.json not found"):
+        load_requests(tmp_path / "missing.json")
+
+
+def test_load_requests_reads_json_lines(tmp_path):
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in (ROME, EASY, MEND)) + "\n\n")
+    assert [r.subject for r in load_requests(p)] == ["Danielle Darrieux", "Danielle Darrieux", "Watts Humphrey"]

@@ -31,8 +31,10 @@ def run_label(rep: dict) -> str:
             for k, v in cfg.items():
                 if k in skip or base.get(k) == v:
                     continue
-                if k == "rule_hparams":
-                    parts += [f"{h}={_short(x)}" for h, x in v.items() if base.get(k, {}).get(h) != x]
+                if k == "rule_hparams":     # with the rule's defaults: an option left out differs too
+                    mine = _rule_options(cfg.get("method"), v)
+                    theirs = _rule_options(base.get("method"), base.get(k, {}))
+                    parts += [f"{h}={_short(x)}" for h, x in mine.items() if h not in theirs or theirs[h] != x]
                 else:
                     parts.append(f"{k}={_short(v)}")
             layers = cfg["layers"]
@@ -49,6 +51,15 @@ def run_label(rep: dict) -> str:
         parts.append(f"land_retries={cfg['land_retries']}×{cfg.get('land_boost', 4.0):g}")
     parts += tail
     return f"{cfg['method'].upper()} {_span(cfg['layers'])}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _rule_options(method, hparams: dict) -> dict:
+    """The rule's options with its defaults filled in (as stored when the rule does not know them)."""
+    from ..rules import rule_class
+    try:
+        return rule_class(method, hparams).check_options(hparams)
+    except ValueError:
+        return dict(hparams)
 
 
 def _short(v) -> str:

@@ -228,7 +228,7 @@ class MOSERule(Rule):
         P = self.gram[layer]
         with torch.no_grad():
             rot.apply_left_(P)
-            rot.apply_right_(P)          # R·P·Rᵀ, in place
+            rot.transpose().apply_right_(P)      # R·P·Rᵀ, in place (apply_right_ multiplies by R)
         self.gram[layer] = 0.5 * (P + P.T)
 
     def commit(self, layer: int, record: OutputRecord) -> None:

@@ -88,7 +88,7 @@ class MOSEInputRule(Rule):
     supports_edit_weights = True
 
     def __init__(self, lam: float, polar_method: str = "auto", solve_dtype: torch.dtype = torch.float64, **hparams):
-        opts = self.check_options(hparams)
+        opts = self.check_options({"side": "input", **hparams})     # this class's side unless told
         if opts["side"] != "input":
             raise ValueError(f"MOSEInputRule rotates the input side; got side={opts['side']!r}")
         if opts["memory_cap"] is not None and not opts["edit_memory"] > 0:
@@ -114,7 +114,7 @@ class MOSEInputRule(Rule):
         C0 = 0.5 * (C0 + C0.T)
         trace = float(torch.trace(C0))
         if layer not in self.cross:          # restored state (a resumed run) is kept
-            self.cross[layer] = C0.to(cross_dtype(d))
+            self.cross[layer] = C0.to(cross_dtype(d), copy=True)    # not C0 itself: the ridge goes on it below
         else:
             self.cross[layer] = self.cross[layer].to(device)
         if self.edit_memory:

@@ -1,4 +1,5 @@
-"""Metrics on hand-made models whose answers are known exactly."""
+"""Metrics and scoring on hand-made models whose answers are known exactly, and the scoring
+shortcuts against plain full-logits computations on tiny models."""
 import json
 import math
 from types import SimpleNamespace
@@ -8,9 +9,10 @@ import torch
 
 from conftest import tiny_tokenizer
 from mose_fast.eval import general
-from mose_fast.eval.metrics import answer_nll, score_cases, summarize
-from mose_fast.requests import EditRequest
+from mose_fast.eval.metrics import score_cases, summarize
+from mose_fast.hf.scoring import answer_nll, landed, logits_at
 from mose_fast.hf.tokens import target_ids
+from mose_fast.requests import EditRequest
 
 
 class ConstantModel(torch.nn.Module):
@@ -63,6 +65,15 @@ def test_model_preferring_new_object():
     model = ConstantModel(len(tok), favour(tok, ["English", "Bill Gates"]) - favour(tok, ["French", "Steve Jobs"]))
     s = summarize(score_cases(model, tok, REQS))
     assert (s["efficacy"], s["paraphrase"], s["neighborhood"]) == (1.0, 1.0, 0.0)
+
+
+def test_landed_is_efficacy_on_the_own_prompt():
+    tok = tiny_tokenizer()
+    new_fav = ConstantModel(len(tok), favour(tok, ["English", "Bill Gates"]) - favour(tok, ["French", "Steve Jobs"]))
+    true_fav = ConstantModel(len(tok), favour(tok, ["French", "Steve Jobs"]) - favour(tok, ["English", "Bill Gates"]))
+    assert landed(new_fav, tok, REQS) == [1.0, 1.0]
+    assert landed(true_fav, tok, REQS) == [0.0, 0.0]
+    assert landed(new_fav, tok, [REQS[0], EditRequest("X is", "X", "Y")]) is None     # no target_true
 
 
 def test_score_is_harmonic_mean():
@@ -133,3 +144,18 @@ def test_token_accuracy_protocol_on_constant_models():
     assert same["locality"] == 1.0
     post = token_scores(fav_new, tok, reqs, locality_reference=pre["locality_predictions"])
     assert (post["rewrite_acc"], post["rephrase_acc"], post["locality"]) == (1.0, 1.0, 0.0)
+
+
+@pytest.mark.model
+def test_logits_at_equals_the_full_logits_at_those_positions():
+    from conftest import make_tiny_model
+    from mose_fast.hf.tokens import pad_batch
+    model, tok = make_tiny_model("llama")
+    seqs = [tok("The capital of France is Paris")["input_ids"], tok("Rome")["input_ids"]]
+    batch = pad_batch(tok, seqs, "cpu")
+    rows, cols = torch.tensor([0, 0, 1]), torch.tensor([0, len(seqs[0]) - 1, len(seqs[1]) - 1])
+    with torch.no_grad():
+        full = model(**batch).logits
+        got = logits_at(model, batch, rows, cols)
+    assert got.shape == (3, full.shape[-1])
+    torch.testing.assert_close(got, full[rows, cols], atol=1e-5, rtol=1e-5)

@@ -1,4 +1,5 @@
-"""The resumable runner on a tiny model: a run killed mid-way continues with no lost or repeated edit."""
+"""The resumable runner on a tiny model: a run killed mid-way continues with no lost or repeated
+edit; nothing is written before the run is checked; reports, comparison and run labels."""
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
 from mose_fast import EditRequest, MOSEEditor
-from mose_fast.eval import runner
+from mose_fast.eval import runner, store
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French",
                     paraphrase_prompts=["Danielle Darrieux spoke"], neighborhood_prompts=["Paris is in"],
@@ -32,9 +33,9 @@ def tiny_settings(data_dir, eval_every: int) -> runner.EvalSettings:
     return runner.EvalSettings(eval_every=eval_every, glue_n=10, ppl_tokens=200, data_dir=str(data_dir))
 
 
-def setup(monkeypatch):
+def setup(monkeypatch, **config):
     model, tok = make_tiny_model("llama")
-    cfg = tiny_mose_config()
+    cfg = tiny_mose_config(**config)
     c0 = tiny_second_moments(model, tok, cfg.layers)
     real_init = MOSEEditor.__init__
 
@@ -149,19 +150,21 @@ def test_resume_refuses_a_different_run(tmp_path, data_dir, monkeypatch):
 
 
 @pytest.mark.model
-def test_run_made_before_a_config_field_existed_resumes_at_its_default(tmp_path, data_dir, monkeypatch):
-    """A folder whose stored config lacks a later field (here edit_passes) is the same run when the
-    field is at its default, and a different one otherwise."""
+def test_run_made_before_presets_resumes_and_a_missing_rule_field_is_another_run(tmp_path, data_dir, monkeypatch):
+    """A stored config without ``preset`` (bookkeeping: runs made before presets) is the same run;
+    a stored config without a field that changes the edits is not."""
     settings = tiny_settings(data_dir, eval_every=2)
     model, tok, cfg = setup(monkeypatch)
     runner.run_eval(model, tok, REQS[:2], cfg, tmp_path / "run", settings, "tiny", progress=False)
     run_file = tmp_path / "run" / "run.json"
     stored = json.loads(run_file.read_text())
-    del stored["config"]["edit_passes"]
+    del stored["config"]["preset"]
     run_file.write_text(json.dumps(stored))
     rep = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False, extend=True)
     assert rep["n_edits"] == 3
-    cfg.edit_passes = 2
+    stored = json.loads(run_file.read_text())
+    del stored["config"]["land_retries"]
+    run_file.write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="config differs"):
         runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
 
@@ -194,13 +197,13 @@ def test_report_from_a_partial_run_folder(tmp_path, data_dir, monkeypatch):
     monkeypatch.setattr(MOSEEditor, "edit", dying_edit)
     with pytest.raises(KeyboardInterrupt):
         runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
-    rep = runner.report_from_folder(tmp_path / "run")
+    rep = store.report_from_folder(tmp_path / "run")
     assert rep["n_edits"] == 2 and [e["n_edits"] for e in rep["evaluations"]] == [0, 1, 2]
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "partial: 2 of 5 planned edits" in summary
     assert (tmp_path / "run" / "plots.png").stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="not a run folder"):
-        runner.report_from_folder(tmp_path)
+        store.report_from_folder(tmp_path)
 
 
 @pytest.mark.model
@@ -280,14 +283,14 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
     from mose_fast.eval import compare
     settings = tiny_settings(data_dir, eval_every=1)
     reps = {}
-    for name, method, reqs in (("mose", "mose", REQS[:2]), ("memit", "memit", REQS[:3]), ("other", "mose", REQS[1:3])):
-        model, tok, cfg = setup(monkeypatch)
-        cfg.method = method
+    memit = {"method": "memit", "preset": "memit", "rule_hparams": {"mom2_update_weight": 100.0}}
+    for name, config, reqs in (("mose", {}, REQS[:2]), ("memit", memit, REQS[:3]), ("other", {}, REQS[1:3])):
+        model, tok, cfg = setup(monkeypatch, **config)
         reps[name] = runner.run_eval(model, tok, reqs, cfg, tmp_path / name, settings, "tiny", progress=False)
     cmp = compare.write_comparison([tmp_path / "mose", tmp_path / "memit"], tmp_path / "cmp")
     assert list(cmp["table"]) == [1, 2]                  # the points both runs reached (0: unedited model)
     only = compare.compare_runs([tmp_path / "mose", tmp_path / "memit"], at=[2, 3])
-    assert [r["label"][:5] for r in only["table"][3]] == ["MEMIT"]   # a table holds the runs evaluated there
+    assert [r["label"][:7] for r in only["table"][3]] == ["memit ("]   # a table holds the runs evaluated there
     for n in (1, 2):
         for row, name in zip(cmp["table"][n], ("mose", "memit")):
             e = reps[name]["evaluations"][n]
@@ -295,7 +298,8 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
             assert row["general"]["sst2"] == (e["general"]["sst2"], e["retention"]["sst2"])
             fro = [r["fro"] for r in e["stability_ratio"].values()]
             assert row["fro"] == max(fro, key=lambda x: abs(x - 1))
-    assert cmp["table"][2][0]["label"].startswith("MOSE") and cmp["table"][2][1]["label"].startswith("MEMIT")
+    assert cmp["table"][2][0]["label"].startswith("mose (") and cmp["table"][2][1]["label"].startswith("memit (")
+    assert "side=output" in cmp["table"][2][0]["label"]
     assert abs(cmp["table"][2][1]["fro"] - 1) > abs(cmp["table"][2][0]["fro"] - 1)   # additive grows, rotation keeps
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## after 2 sequential edits" in md and (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
@@ -305,26 +309,39 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
         compare.compare_runs([tmp_path / "mose", tmp_path / "memit"], at=[4])
 
 
-def test_run_label_tells_apart_runs_that_differ_in_any_rule_option_or_batch():
+def _label(cfg, batch_size=1):
     from mose_fast.eval.compare import run_label
+    return run_label({"config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, "settings": {"batch_size": batch_size}})
+
+
+def test_run_label_names_the_preset_and_every_setting_it_overrides():
+    from mose_fast.config import MOSEConfig
+    assert _label(MOSEConfig.preset("mose")) == "mose"
+    assert _label(MOSEConfig()) == "mose"
+    assert _label(MOSEConfig.preset("mose", lam=2.0, land_retries=0)) == "mose (lam=2, land_retries=0)"
+    assert _label(MOSEConfig.preset("memit", layers=[3, 4, 5]), batch_size=10) == "memit (layers L3-5, batch 10)"
+    assert _label(MOSEConfig.preset("mose-paper", polar_method="krylov")) == "mose-paper (polar_method=krylov)"
+    capped = MOSEConfig.preset("mose")
+    capped.rule_hparams = {**capped.rule_hparams, "memory_cap": 10.0}
+    assert _label(capped) == "mose (memory_cap=10)"
+    # rule options left out of an override take the rule's defaults, and the label says so
+    fewer = MOSEConfig.preset("mose", rule_hparams={"side": "input", "edit_memory": 100.0})
+    assert _label(fewer) == "mose (lam_unit=absolute, memory_cap=None)"
+    labels = {_label(c) for c in (MOSEConfig.preset("mose"), capped, fewer, MOSEConfig.preset("mose", lam=2.0))}
+    assert len(labels) == 4
+
+
+def test_run_label_of_a_run_made_before_presets_names_its_method_and_every_rule_option():
     base = {"method": "mose", "lam": 1000.0, "layers": [4, 5, 6, 7, 8],
             "rule_hparams": {"side": "input", "retain": "original", "edit_memory": 100.0}}
-    plain = run_label({"config": base, "settings": {"batch_size": 1}})
-    capped = run_label({"config": {**base, "rule_hparams": {**base["rule_hparams"], "memory_cap": 30.0}},
-                        "settings": {"batch_size": 1}})
-    batched = run_label({"config": base, "settings": {"batch_size": 10}})
-    assert plain == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100)"
-    assert capped == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, memory_cap=30)"
-    assert batched == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
-    retried = run_label({"config": {**base, "land_retries": 2, "land_boost": 4.0}, "settings": {"batch_size": 10}})
-    assert retried == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, land_retries=2×4, batch 10)"
-    for option, spelled in (({"null_space": 0.01}, "null_space=0.01"), ({"preimage_ridge": 10.0}, "preimage_ridge=10"),
-                            ({"template_keys": "all"}, "template_keys=all")):
-        other = run_label({"config": {**base, "rule_hparams": {**base["rule_hparams"], **option}},
-                           "settings": {"batch_size": 1}})
-        assert other == plain[:-1] + f", {spelled})"
-    assert run_label({"config": {"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}},
-                      "settings": {"batch_size": 10}}) == "ALPHAEDIT L4-8 (batch 10)"
+    assert _label(base) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100)"
+    capped = {**base, "rule_hparams": {**base["rule_hparams"], "memory_cap": 30.0}}
+    assert _label(capped) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, memory_cap=30)"
+    assert _label(base, 10) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
+    retried = {**base, "land_retries": 2, "land_boost": 4.0}
+    assert _label(retried, 10) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, land_retries=2×4, batch 10)"
+    assert _label({"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}}, 10) == \
+        "ALPHAEDIT L4-8 (batch 10)"
 
 
 @pytest.mark.model
@@ -354,3 +371,88 @@ def test_batch_run_journal_counts_cases_and_resumes_without_repeats(tmp_path, da
     for ev, lo, hi in zip(rep["evaluations"][1:], (0, 2, 4), (2, 4, 5)):
         window = [x for e in journal if lo <= e["index"] < hi for x in e["landed"]]
         assert len(window) == hi - lo and ev["landed"] == pytest.approx(sum(window) / len(window))
+
+
+def test_eval_settings_validate_checks_values_and_the_data_files(tmp_path, data_dir):
+    tiny_settings(data_dir, eval_every=2).validate()
+    for field, value in (("eval_every", 0), ("batch_size", 1.5), ("checkpoint_every", True)):
+        settings = tiny_settings(data_dir, eval_every=2)
+        setattr(settings, field, value)
+        with pytest.raises(ValueError, match=field):
+            settings.validate()
+    with pytest.raises(ValueError, match="glue task 'sst3'"):
+        runner.EvalSettings(glue_tasks=("sst3",), data_dir=str(data_dir)).validate()
+    with pytest.raises(FileNotFoundError, match="glue.*mrpc.json not found"):
+        runner.EvalSettings(glue_tasks=("mrpc",), data_dir=str(data_dir)).validate()
+    (data_dir / "wikitext-2" / "test.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="wikitext-2.*test.txt not found"):
+        tiny_settings(data_dir, eval_every=2).validate()
+    runner.EvalSettings(glue_n=10, ppl_tokens=0, data_dir=str(data_dir)).validate()     # no perplexity: no file
+
+
+@pytest.mark.model
+def test_nothing_is_written_before_settings_config_and_requests_are_checked(tmp_path, data_dir, monkeypatch):
+    model, tok, cfg = setup(monkeypatch)
+    out = tmp_path / "run"
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="sst2.json"):
+        runner.run_eval(model, tok, REQS[:2], cfg, out, tiny_settings(empty, 2), "tiny", progress=False)
+    bad_cfg = tiny_mose_config(lam=-1.0)
+    with pytest.raises(ValueError, match="lam"):
+        runner.run_eval(model, tok, REQS[:2], bad_cfg, out, tiny_settings(data_dir, 2), "tiny", progress=False)
+    with pytest.raises(ValueError, match="out of range"):
+        runner.run_eval(model, tok, REQS[:2], tiny_mose_config(layers=[1, 9]), out, tiny_settings(data_dir, 2), "tiny",
+                        progress=False)
+    with pytest.raises(ValueError, match="expected EditRequest"):
+        runner.run_eval(model, tok, [REQS[0], {"prompt": "x"}], cfg, out, tiny_settings(data_dir, 2), "tiny",
+                        progress=False)
+    assert not out.exists()
+    rep = runner.run_eval(model, tok, REQS[:2], cfg, out, tiny_settings(data_dir, 2), "tiny", progress=False)
+    assert rep["n_edits"] == 2 and (out / "run.json").is_file()
+
+
+@pytest.mark.model
+def test_checkpoint_every_saves_the_editor_state_and_a_resume_redoes_only_unsaved_edits(tmp_path, data_dir, monkeypatch):
+    """checkpoint_every = 2, one evaluation at the end: killed during the 4th edit, the state holds 2
+    edits (the 3rd is journaled but not saved); the resume redoes edits 3-5 once each and ends
+    where an uninterrupted run ends.  The state file is the editor's state_dict()."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    settings = runner.EvalSettings(eval_every=10, glue_n=10, ppl_tokens=200, data_dir=str(data_dir), checkpoint_every=2)
+    model, tok, cfg = setup(monkeypatch)
+    runner.run_eval(model, tok, REQS, cfg, tmp_path / "ref", settings, "tiny", progress=False)
+    ref_w = {l: model.model.layers[l].mlp.down_proj.weight.clone() for l in cfg.layers}
+
+    model, tok, cfg = setup(monkeypatch)
+    real_edit, calls, saved_at = MOSEEditor.edit, {"n": 0}, []
+
+    def dying_edit(self, reqs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_edit(self, reqs)
+    monkeypatch.setattr(MOSEEditor, "edit", dying_edit)
+    real_state_dict = MOSEEditor.state_dict
+    monkeypatch.setattr(MOSEEditor, "state_dict", lambda self: saved_at.append(self.n_edits) or real_state_dict(self))
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    assert saved_at == [2]                                      # saved once, after the 2nd edit
+    path = tmp_path / "run" / "state.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["n_done"] == "2"
+    saved = load_file(str(path))
+    assert set(saved) == {"n_edits", "weight.1", "weight.2", "rule.P.1", "rule.P.2"} and int(saved["n_edits"]) == 2
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in journal] == [0, 1, 2]
+    monkeypatch.setattr(MOSEEditor, "edit", real_edit)
+    monkeypatch.setattr(MOSEEditor, "state_dict", real_state_dict)
+
+    model, tok, cfg = setup(monkeypatch)
+    rep = runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in journal] == [0, 1, 2, 3, 4]
+    assert [e["n_edits"] for e in rep["evaluations"]] == [0, 5]
+    for l in cfg.layers:
+        assert torch.equal(model.model.layers[l].mlp.down_proj.weight, ref_w[l])
+        assert torch.equal(load_file(str(path))[f"weight.{l}"], ref_w[l])

@@ -1,19 +1,20 @@
-"""MOSE with the rotation on the input side (W ← W·Q, issue 4): the reachable key targets against
-an independent KKT solve, the rotation against SciPy's Procrustes on the stacked problem, the
-spectrum, undo and the run-folder state."""
+"""The MOSE rules on small synthetic problems.
+
+Output side (``MOSERule``, W ← R·W, the paper): keeps the current model's outputs on the corpus
+keys.  Input side (``MOSEInputRule``, W ← W·Q): keeps the unedited model's outputs (cross Gram
+G = Q_totᵀ·C0) and, with edit memory μ, every earlier edit's keys where they are.  Each rotation is
+checked against SciPy's orthogonal Procrustes on the stacked problem, the input side's reachable key
+targets against an independent KKT solve; then the Rule interface (update leaves the state alone,
+commit folds it in, undo takes it out, state_dict round trip), ``lam_unit`` and ``make_rule``."""
 import numpy as np
 import pytest
 import torch
 
-from test_rules import D_IN, D_OUT, N0, _scipy_rotation, problem
-from mose_fast.rules import MOSEInputRule, MOSERule, make_rule
-from mose_fast.rules.mose_input import PREIMAGE_RIDGE, reachable_key_targets
-from conftest import tiny_mose_config
-
-
-def _chol(C0):
-    ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
-    return torch.linalg.cholesky(C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype))
+from conftest import (D_IN, D_OUT, N0, ridged_cholesky as _chol, scipy_rotation as _scipy_rotation,
+                      synthetic_problem as problem, tiny_mose_config)
+from mose_fast.rules import MOSEInputRule, MOSERule, Rotation, make_rule
+from mose_fast.rules.mose import OutputRecord
+from mose_fast.rules.mose_input import PREIMAGE_RIDGE, InputRecord, reachable_key_targets
 
 
 def _kkt_shift(W, C0, r):
@@ -30,6 +31,79 @@ def _null_projector(W):
     N = Vh[int((S > 1e-12 * S[0]).sum()):].T
     return N @ N.T
 
+
+def _dense(record) -> torch.Tensor:
+    return record.rotation.dense()
+
+
+def _rotation(d, scale, seed):
+    S = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return torch.linalg.matrix_exp(scale * (S - S.T))
+
+
+# --- output side ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+def test_output_rotation_solves_the_stacked_procrustes_problem(polar_method):
+    """Two sequential edits, the first committed; the second rotation equals SciPy's on the stacked
+    problem [√(λ/N)·W1·K0 | A2] → [√(λ/N)·W1·K0 | V2] (retain the current model W1), the reported
+    objective is that problem's value at R, and the committed Gram is W·C0·Wᵀ of the edited W."""
+    W0, K0, C0, K, resid = problem(20)
+    lam = 3.0
+    rule = MOSERule(lam, polar_method=polar_method)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    rule.commit(0, rule.update(0, W, K[:, :1], resid[:, :1]).undo)
+    W1 = W.clone()
+    res = rule.update(0, W, K[:, 1:3], resid[:, 1:3])
+    assert isinstance(res.undo, OutputRecord)
+    R = _dense(res.undo)
+    torch.testing.assert_close(W, R @ W1, atol=1e-12, rtol=0)
+    w = (lam / N0) ** 0.5
+    A2 = W1 @ K[:, 1:3]
+    V2 = A2 + resid[:, 1:3]
+    X = torch.cat([w * W1 @ K0, A2], 1)
+    Y = torch.cat([w * W1 @ K0, V2], 1)
+    torch.testing.assert_close(R, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
+    assert res.objective == pytest.approx(float((R @ X - Y).pow(2).sum()), rel=1e-9)
+    assert res.objective_identity == pytest.approx(float((X - Y).pow(2).sum()), rel=1e-9)
+    assert res.objective < res.objective_identity
+    assert res.orth_error <= 1e-12
+    rule.commit(0, res.undo)
+    ref = W @ C0 @ W.T
+    torch.testing.assert_close(rule.gram[0], ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
+
+
+def test_with_nothing_to_edit_the_output_side_keeps_a_drifted_model_and_the_input_side_pulls_it_back():
+    """resid = 0 after the weights drifted by a committed rotation: the output side retains the
+    current model and leaves W alone; the input side retains the unedited model and rotates W back
+    towards W0 on the corpus keys (not all the way: the edit term asks to keep the drifted key)."""
+    W0, K0, C0, K, _ = problem(21)
+    zero = torch.zeros(D_OUT, 1, dtype=torch.float64)
+
+    out = MOSERule(10.0)
+    W = W0.clone()
+    out.prepare(0, W, C0)
+    drift = _rotation(D_OUT, 0.2, 1)
+    out.commit(0, OutputRecord(Rotation(R=drift)))       # as if an edit had rotated W by `drift`
+    W.copy_(drift @ W0)
+    before = float((W @ K0 - W0 @ K0).norm())
+    out.update(0, W, K[:, :1], zero)
+    assert float((W @ K0 - W0 @ K0).norm()) == pytest.approx(before, rel=1e-9)
+
+    inp = MOSEInputRule(10.0)
+    W = W0.clone()
+    inp.prepare(0, W, C0)
+    drift = _rotation(D_IN, 0.2, 2)
+    inp.commit(0, InputRecord(Rotation(R=drift), None))
+    torch.testing.assert_close(inp.cross[0], drift.T @ C0, atol=1e-12, rtol=0)   # G = Q_totᵀ·C0
+    W.copy_(W0 @ drift)
+    before = float((W @ K0 - W0 @ K0).norm())
+    inp.update(0, W, K[:, :1], zero)
+    assert float((W @ K0 - W0 @ K0).norm()) < 0.2 * before
+
+
+# --- input side: the reachable key targets --------------------------------------------------------
 
 def test_reachable_key_targets_meet_the_output_at_the_keys_norm():
     W, _, C0, K, resid = problem(30)
@@ -61,41 +135,56 @@ def test_unreachable_norm_falls_back_to_the_minimum_norm_preimage():
     torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
 
 
+def test_with_nothing_retained_the_input_rotation_puts_the_key_on_its_reachable_target():
+    """λ = 0, one key: Q·k is the KKT shift for dᵀ·(C0 + ρ·I)·d (ρ the rule's ridge) brought back
+    to ‖k‖ along null(W), and W·Q·k meets the target output."""
+    W0, _, C0, K, resid = problem(35)
+    k, r = K[:, :1], 0.3 * resid[:, :1]
+    ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
+    shifted = k + _kkt_shift(W0, C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype), r)
+    n = _null_projector(W0) @ shifted
+    roots = np.roots([float((n * n).sum()), -2 * float((n * shifted).sum()), float((shifted * shifted).sum() - (k * k).sum())])
+    want = shifted - min(roots.real, key=abs) * n
+    rule = MOSEInputRule(0.0)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    Q = _dense(rule.update(0, W, k, r).undo)
+    torch.testing.assert_close(W @ k, W0 @ k + r, atol=1e-9, rtol=0)
+    torch.testing.assert_close(Q @ k, want, atol=1e-9, rtol=0)
+
+
+# --- input side: the rotation ---------------------------------------------------------------------
+
 @pytest.mark.parametrize("polar_method", ["svd", "krylov"])
-@pytest.mark.parametrize("retain, mu", [("current", 0.0), ("original", 0.0), ("original", 2.0)])
-def test_input_rotation_solves_the_stacked_procrustes_problem(retain, mu, polar_method):
-    """Two sequential edits; the second rotation Q equals SciPy's on the stacked key-space problem
-    [√(λ/N)·K0 | √μ·K1 | K2] → [√(λ/N)·Y0 | √μ·K1 | K2*] (Y0 = K0, or Q1ᵀ·K0 to retain the unedited
-    model), W becomes W1·Q, and the singular values of W never move."""
+@pytest.mark.parametrize("mu", [0.0, 2.0])
+def test_input_rotation_solves_the_stacked_procrustes_problem(mu, polar_method):
+    """Two sequential edits, the first committed; the second rotation Q equals SciPy's on the
+    stacked key-space problem [√(λ/N)·K0 | √μ·K1 | K2] → [√(λ/N)·Q1ᵀ·K0 | √μ·K1 | K2*] (retain the
+    unedited model, and the first edit's key where it is), W becomes W1·Q, and the singular values
+    of W never move."""
     W0, K0, C0, K, resid = problem(32)
     resid = 0.3 * resid
     lam = 3.0
-    rule = MOSEInputRule(lam, polar_method=polar_method, retain=retain, edit_memory=mu)
+    rule = MOSEInputRule(lam, polar_method=polar_method, edit_memory=mu)
     W = W0.clone()
     rule.prepare(0, W, C0)
     first = rule.update(0, W, K[:, :1], resid[:, :1])
+    rule.commit(0, first.undo)
     W1 = W.clone()
     res = rule.update(0, W, K[:, 1:3], resid[:, 1:3])
+    assert isinstance(res.undo, InputRecord)
     Q1 = _dense(first.undo)
     Q = _dense(res.undo)
     torch.testing.assert_close(W, W1 @ Q, atol=1e-12, rtol=0)
     K2 = K[:, 1:3]
     K2_target = reachable_key_targets(W1, K2, resid[:, 1:3], _chol(C0), W0 @ W0.T)
     w = (lam / N0) ** 0.5
-    Y0 = Q1.T @ K0 if retain == "original" else K0
     X = torch.cat([w * K0, mu ** 0.5 * K[:, :1], K2], 1)
-    Y = torch.cat([w * Y0, mu ** 0.5 * K[:, :1], K2_target], 1)
+    Y = torch.cat([w * (Q1.T @ K0), mu ** 0.5 * K[:, :1], K2_target], 1)
     torch.testing.assert_close(Q, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
     assert res.objective == pytest.approx(float((Q @ X - Y).pow(2).sum()), rel=1e-9)
     assert res.objective < res.objective_identity == pytest.approx(float((X - Y).pow(2).sum()), rel=1e-9)
     torch.testing.assert_close(torch.linalg.svdvals(W), torch.linalg.svdvals(W0), atol=0, rtol=1e-12)
-
-
-def _dense(rot):
-    if rot.R is not None:
-        return rot.R
-    eye = torch.eye(rot.Q.shape[0], dtype=rot.Q.dtype)
-    return eye + rot.Q @ (rot.Rk - torch.eye(rot.Rk.shape[0], dtype=rot.Rk.dtype)) @ rot.Q.T
 
 
 def test_input_rotation_edits_where_the_output_rotation_cannot():
@@ -114,37 +203,6 @@ def test_input_rotation_edits_where_the_output_rotation_cannot():
 
 
 @pytest.mark.parametrize("polar_method", ["svd", "krylov"])
-def test_input_rotation_undo_and_snapshot(polar_method):
-    W0, _, C0, K, resid = problem(34)
-    rule = MOSEInputRule(3.0, polar_method=polar_method, retain="original", edit_memory=1.0)
-    W = W0.clone()
-    rule.prepare(0, W, C0)
-    rule.update(0, W, K[:, :1], 0.3 * resid[:, :1])
-    state = rule.snapshot()
-    assert set(state) == {"G0", "E0"} and float(state["E0"].norm()) > 0
-    W1 = W.clone()
-    res = rule.update(0, W, K[:, 1:2], 0.3 * resid[:, 1:2])
-    rule.revert(0, W, res.undo)
-    torch.testing.assert_close(W, W1, atol=1e-12, rtol=0)
-    torch.testing.assert_close(rule.cross[0], state["G0"], atol=1e-12, rtol=0)
-    torch.testing.assert_close(rule.memory[0], state["E0"], atol=1e-12, rtol=0)
-    # a run folder restores G and E before the first prepare(); prepare keeps them
-    fresh = MOSEInputRule(3.0, polar_method=polar_method, retain="original", edit_memory=1.0)
-    fresh.restore(state)
-    fresh.prepare(0, W1, C0)
-    assert fresh.cross[0] is state["G0"] and fresh.memory[0] is state["E0"]
-
-
-def test_make_rule_picks_the_side():
-    assert isinstance(make_rule(tiny_mose_config(rule_hparams={"side": "input"})), MOSEInputRule)
-    assert isinstance(make_rule(tiny_mose_config(rule_hparams={"side": "output"})), MOSERule)
-    with pytest.raises(ValueError, match="side='both'"):
-        make_rule(tiny_mose_config(rule_hparams={"side": "both"}))
-    with pytest.raises(ValueError, match="bad rule_hparams for mose side=input"):
-        make_rule(tiny_mose_config(rule_hparams={"side": "input", "match_norms": True}))
-
-
-@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
 def test_memory_cap_scales_the_memory_weight_once_it_binds(polar_method):
     """With memory_cap c the second edit solves the stacked problem with the memory column weighted
     √μ_eff, μ_eff = c·λ·tr(C0)/‖K1‖² (the cap binds: set to half of μ·tr(E)/λ·tr(C0)); a cap above
@@ -155,11 +213,14 @@ def test_memory_cap_scales_the_memory_weight_once_it_binds(polar_method):
     ratio = mu * float(K[:, :1].pow(2).sum()) / (lam * float(torch.trace(C0)))   # after the first edit
     rotations = {}
     for cap in (None, 2.0 * ratio, 0.5 * ratio):
-        rule = MOSEInputRule(lam, polar_method=polar_method, retain="original", edit_memory=mu, memory_cap=cap)
+        rule = MOSEInputRule(lam, polar_method=polar_method, edit_memory=mu, memory_cap=cap)
         W = W0.clone()
         rule.prepare(0, W, C0)
         first = rule.update(0, W, K[:, :1], resid[:, :1])     # empty memory: no cap acts
+        rule.commit(0, first.undo)
         W1 = W.clone()
+        if cap == 0.5 * ratio:
+            assert rule.memory_weight(0) == pytest.approx(mu / 2, rel=1e-12)
         rotations[cap] = (_dense(rule.update(0, W, K[:, 1:3], resid[:, 1:3]).undo), W1, _dense(first.undo))
     torch.testing.assert_close(rotations[2.0 * ratio][0], rotations[None][0], atol=1e-12, rtol=0)
     Q, W1, Q1 = rotations[0.5 * ratio]
@@ -182,102 +243,134 @@ def test_memory_cap_is_checked():
         make_rule(tiny_mose_config(rule_hparams={"side": "output", "memory_cap": 1.0}))
 
 
-def _split_spectrum_problem(seed):
-    """d_in = 40 keys whose second moment has 16 large eigenvalues (1–10) and 24 small ones
-    (1e-4–1e-3): with null_space = 1e-2 the rotation lives in a 24-dim U, more than d_out = 12,
-    so every residual is reachable inside U."""
-    g = torch.Generator().manual_seed(seed)
-    d_out, d_in, n0 = 12, 40, 800
-    W = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
-    basis = torch.linalg.qr(torch.randn(d_in, d_in, generator=g, dtype=torch.float64))[0]
-    scale = torch.cat([torch.linspace(1.0, 10.0, 16), torch.linspace(1e-4, 1e-3, 24)]).double().sqrt()
-    K0 = basis @ (scale[:, None] * torch.randn(d_in, n0, generator=g, dtype=torch.float64))
-    C0 = K0 @ K0.T / n0
-    K = basis @ (torch.ones(d_in, dtype=torch.float64)[:, None] * torch.randn(d_in, 3, generator=g, dtype=torch.float64))
-    resid = 0.3 * torch.randn(d_out, 3, generator=g, dtype=torch.float64)
-    return W, K0, C0, K, resid
+# --- the Rule interface: update, commit, undo, state_dict -------------------------------------------
 
-
-def _small_eigenspace(C0, threshold):
-    evals, evecs = np.linalg.eigh(C0.numpy())
-    small = evals < threshold * evals.max()
-    return torch.from_numpy(evecs[:, small]), torch.from_numpy(evals[small])
+def _rule(side, polar_method, lam=3.0):
+    if side == "output":
+        return MOSERule(lam, polar_method=polar_method)
+    return MOSEInputRule(lam, polar_method=polar_method, edit_memory=1.0)
 
 
 @pytest.mark.parametrize("polar_method", ["svd", "krylov"])
-@pytest.mark.parametrize("retain, mu", [("current", 0.0), ("original", 2.0)])
-def test_null_space_rotation_is_the_procrustes_solution_inside_U(retain, mu, polar_method):
-    """null_space = τ: the keys in C0's dominant subspace map exactly as before; the first edit
-    (λ = 0) meets its output exactly; the second rotation restricted to U equals SciPy's on the
-    stacked problem in U's coordinates; singular values never move."""
-    W0, K0, C0, K, resid = _split_spectrum_problem(40)
-    U, small_evals = _small_eigenspace(C0, 1e-2)
-    assert U.shape[1] == 24
-    lam = 3.0
-    rule = MOSEInputRule(lam, polar_method=polar_method, retain=retain, edit_memory=mu, null_space=1e-2)
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_update_leaves_the_state_commit_folds_it_in_and_undo_takes_it_out(side, polar_method):
+    W0, K0, C0, K, resid = problem(34)
+    rule = _rule(side, polar_method)
     W = W0.clone()
     rule.prepare(0, W, C0)
-    lam_saved, rule.lam = rule.lam, 0.0        # first edit: nothing to keep but the subspace
-    first = rule.update(0, W, K[:, :1], resid[:, :1])
-    rule.lam = lam_saved
-    torch.testing.assert_close(W @ K[:, :1], W0 @ K[:, :1] + resid[:, :1], atol=1e-9, rtol=0)
+    first = rule.update(0, W, K[:, :1], 0.3 * resid[:, :1])
+    rule.commit(0, first.undo)
+    state = {k: v.clone() for k, v in rule.state_dict().items()}
+    assert set(state) == ({"P.0"} if side == "output" else {"G.0", "K.0"})
+    if side == "input":         # the memory holds the kept edit's keys as columns
+        assert torch.equal(state["K.0"], K[:, :1])
     W1 = W.clone()
-    res = rule.update(0, W, K[:, 1:3], resid[:, 1:3])
-    Q1, Q = _dense(first.undo), _dense(res.undo)
-    torch.testing.assert_close(W, W1 @ Q, atol=1e-12, rtol=0)
-    dominant = torch.eye(40, dtype=torch.float64) - U @ U.T
-    torch.testing.assert_close(W @ dominant, W0 @ dominant, atol=1e-10, rtol=0)   # Q = I off U
-    torch.testing.assert_close(torch.linalg.svdvals(W), torch.linalg.svdvals(W0), atol=0, rtol=1e-12)
-    # the second edit's targets inside U: W1·U·(k*_U − k_U) = resid and ‖k*_U‖ = ‖k_U‖
-    K2_U = U.T @ K[:, 1:3]
-    chol = torch.diag((small_evals + PREIMAGE_RIDGE * float(torch.trace(C0)) / 40).sqrt())
-    K2_U_target = reachable_key_targets(W1 @ U, K2_U, resid[:, 1:3], chol, (W0 @ U) @ (W0 @ U).T)
-    torch.testing.assert_close(W1 @ U @ (K2_U_target - K2_U), resid[:, 1:3], atol=1e-9, rtol=0)
-    torch.testing.assert_close(K2_U_target.norm(dim=0), K2_U.norm(dim=0), atol=0, rtol=1e-12)
-    w = (lam / K0.shape[1]) ** 0.5
-    Y0 = Q1.T @ K0 if retain == "original" else K0
-    X = torch.cat([w * U.T @ K0, mu ** 0.5 * U.T @ K[:, :1], K2_U], 1)
-    Y = torch.cat([w * U.T @ Y0, mu ** 0.5 * U.T @ K[:, :1], K2_U_target], 1)
-    torch.testing.assert_close(U.T @ Q @ U, _scipy_rotation(X, Y), atol=1e-9, rtol=0)
-    assert res.objective == pytest.approx(float((U.T @ Q @ U @ X - Y).pow(2).sum()), rel=1e-9)
-    # undo takes W back
-    rule.revert(0, W, res.undo)
-    torch.testing.assert_close(W, W1, atol=1e-12, rtol=0)
+    res = rule.update(0, W, K[:, 1:2], 0.3 * resid[:, 1:2])
+    assert not torch.equal(W, W1)
+    after = rule.state_dict()
+    assert all(torch.equal(after[k], state[k]) for k in state)           # update: state untouched
+    R = _dense(res.undo)
+    rule.commit(0, res.undo)
+    if side == "output":        # P ← R·P·Rᵀ: W·C0·Wᵀ of the edited W
+        ref = W @ C0 @ W.T
+        torch.testing.assert_close(rule.gram[0], ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
+    else:                       # G ← Qᵀ·G; the keys join the memory
+        torch.testing.assert_close(rule.cross[0], R.T @ state["G.0"], atol=1e-12, rtol=0)
+        assert torch.equal(rule.memory[0], K[:, :2])
+    rule.undo(0, res.undo)
+    after = rule.state_dict()
+    for k in state:
+        torch.testing.assert_close(after[k], state[k], atol=1e-12 * float(state[k].abs().max()), rtol=0)
+    if side == "input":
+        assert torch.equal(after["K.0"], state["K.0"])
 
 
-def test_null_space_is_checked():
-    W, _, C0, _, _ = _split_spectrum_problem(41)
-    for bad in (0.0, -1e-2, 1.5, float("nan")):
-        with pytest.raises(ValueError, match="null_space"):
-            MOSEInputRule(1.0, null_space=bad)
-    rule = MOSEInputRule(1.0, null_space=1e-9)          # below every eigenvalue ratio: empty U
-    with pytest.raises(ValueError, match="nothing to rotate in"):
-        rule.prepare(0, W, C0)
-    assert not rule.C0 and not rule.basis
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_state_dict_round_trip_edits_alike(side):
+    """A resumed run prepares the rule on the unedited weights and then loads the saved state: its
+    next edit is the one the rule that made the state makes, bit for bit.  Loaded before prepare(),
+    the state is kept through it (the input side's W·Wᵀ is then formed from the edited W: equal up
+    to rounding)."""
+    W0, _, C0, K, resid = problem(36)
+    rule = _rule(side, "svd")
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    rule.commit(0, rule.update(0, W, K[:, :1], 0.3 * resid[:, :1]).undo)
+    state = {k: v.clone() for k, v in rule.state_dict().items()}
+    resumed, loaded_first = _rule(side, "svd"), _rule(side, "svd")
+    resumed.prepare(0, W0, C0)
+    resumed.load_state_dict(state)
+    loaded_first.load_state_dict(state)
+    loaded_first.prepare(0, W, C0)
+    for r in (resumed, loaded_first):
+        assert set(r.state_dict()) == set(state) and all(torch.equal(r.state_dict()[k], state[k]) for k in state)
+    Wa, Wb, Wc = W.clone(), W.clone(), W.clone()
+    rule.update(0, Wa, K[:, 1:3], 0.3 * resid[:, 1:3])
+    resumed.update(0, Wb, K[:, 1:3], 0.3 * resid[:, 1:3])
+    loaded_first.update(0, Wc, K[:, 1:3], 0.3 * resid[:, 1:3])
+    assert torch.equal(Wa, Wb)
+    torch.testing.assert_close(Wc, Wa, atol=1e-12, rtol=0)
+    assert not torch.equal(Wa, W)
+    other = MOSEInputRule(1.0) if side == "output" else MOSERule(1.0)
+    with pytest.raises(ValueError, match="not a MOSE"):
+        other.load_state_dict(state)
 
 
-@pytest.mark.parametrize("rho", [1.0, 100.0])
-def test_preimage_ridge_moves_the_target_key_by_the_ridged_kkt_shift(rho):
-    """preimage_ridge ρ: with λ = 0 one key is rotated exactly onto its target k*, which is the
-    KKT shift for dᵀ·(C0 + ρ·c̄·I)·d brought back to ‖k‖ along null(W); a larger ρ moves it less."""
-    W0, _, C0, K, resid = problem(35)
-    k, r = K[:, :1], 0.3 * resid[:, :1]
-    ridge = rho * float(torch.trace(C0)) / C0.shape[0]
-    shifted = k + _kkt_shift(W0, C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype), r)
-    n = _null_projector(W0) @ shifted
-    roots = np.roots([float((n * n).sum()), -2 * float((n * shifted).sum()), float((shifted * shifted).sum() - (k * k).sum())])
-    want = shifted - min(roots.real, key=abs) * n
-    moved = {}
-    for ridge_option in (rho, 1e-8):
-        rule = MOSEInputRule(0.0, preimage_ridge=ridge_option)
+# --- options -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("side", ["output", "input"])
+def test_lam_unit_per_dim_is_absolute_lam_times_the_rotated_dimension(side):
+    W0, _, C0, K, resid = problem(37)
+    lam, d = 0.25, (D_OUT if side == "output" else D_IN)
+    cls = MOSERule if side == "output" else MOSEInputRule
+    per_dim, absolute = cls(lam, lam_unit="per_dim"), cls(lam * d)
+    out = {}
+    for name, rule in (("per_dim", per_dim), ("absolute", absolute)):
         W = W0.clone()
         rule.prepare(0, W, C0)
-        Q = _dense(rule.update(0, W, k, r).undo)
-        torch.testing.assert_close(W @ k, W0 @ k + r, atol=1e-9, rtol=0)
-        moved[ridge_option] = float((Q @ k - k).norm())
-        if ridge_option == rho:
-            torch.testing.assert_close(Q @ k, want, atol=1e-9, rtol=0)
-    assert moved[rho] < moved[1e-8]
-    for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="preimage_ridge"):
-            MOSEInputRule(1.0, preimage_ridge=bad)
+        rule.update(0, W, K, 0.3 * resid)
+        out[name] = W
+    assert per_dim.lam_for(0) == absolute.lam_for(0) == lam * d
+    assert torch.equal(out["per_dim"], out["absolute"])
+    W = W0.clone()                                  # and it is not the absolute λ itself
+    plain = cls(lam)
+    plain.prepare(0, W, C0)
+    plain.update(0, W, K, 0.3 * resid)
+    assert float((W - out["absolute"]).abs().max()) > 1e-6
+
+
+def test_make_rule_picks_the_side_and_passes_the_options():
+    rule = make_rule(tiny_mose_config(lam=2.0, rule_hparams={"side": "input", "edit_memory": 0.5,
+                                                             "memory_cap": 3.0, "lam_unit": "per_dim"}))
+    assert isinstance(rule, MOSEInputRule)
+    assert (rule.lam, rule.edit_memory, rule.memory_cap, rule.lam_unit) == (2.0, 0.5, 3.0, "per_dim")
+    assert (rule.polar_method, rule.solve_dtype) == ("svd", torch.float64)
+    rule = make_rule(tiny_mose_config(rule_hparams={"side": "output"}, solve_dtype="float32"))
+    assert type(rule) is MOSERule and rule.solve_dtype == torch.float32
+    assert type(make_rule(tiny_mose_config(rule_hparams={}))) is MOSERule       # output is the rule's default
+    with pytest.raises(ValueError, match="side"):
+        make_rule(tiny_mose_config(rule_hparams={"side": "both"}))
+
+
+@pytest.mark.parametrize("option", ["retain", "match_norms", "template_keys", "null_space", "preimage_ridge"])
+def test_removed_options_are_refused_by_name(option):
+    for side in ("output", "input"):
+        with pytest.raises(ValueError, match=f"unknown option.*{option}"):
+            make_rule(tiny_mose_config(rule_hparams={"side": side, option: 1}))
+
+
+def test_bad_mose_options_raise():
+    with pytest.raises(ValueError, match="edit_memory"):
+        MOSEInputRule(1.0, edit_memory=-1.0)
+    with pytest.raises(ValueError, match="input-side options"):
+        MOSERule(1.0, edit_memory=1.0)
+    with pytest.raises(ValueError, match="lam_unit"):
+        MOSERule(1.0, lam_unit="per_token")
+    with pytest.raises(ValueError, match="λ must be ≥ 0"):
+        MOSERule(-1.0)
+    with pytest.raises(ValueError, match="λ must be ≥ 0"):
+        MOSEInputRule(-1.0)
+    with pytest.raises(ValueError, match="side='input'"):
+        MOSERule(1.0, side="input")
+    with pytest.raises(ValueError, match="side='output'"):
+        MOSEInputRule(1.0, side="output")
