@@ -9,6 +9,13 @@ The target-optimisation fields follow MEMIT's hparams (``v_lr``, ``v_num_grad_st
 in M = λ·G + V·Aᵀ; C0 is the *mean* second moment E[k kᵀ], so λ weighs the corpus like λ edit keys
 (with ``rule_hparams.lam_unit = "per_dim"``: λ × the width of the rotated space, see
 ``rules.mose.effective_lam``).
+
+``modules`` names what an edit rotates at each edited layer, visited in forward order: "attn.qk"
+(q_proj and k_proj by one shared rotation, ``rules/mose_attn.py``), "attn.v" (v_proj per kv
+head), "mlp.in" (the FFN input projections, by a polynomial expansion of the activation,
+``rules/mose_ffn_in.py``) and "mlp.down" (the FFN output projection with the rule ``method`` and
+``rule_hparams`` name — the default, and the only module the additive methods have).
+``module_hparams`` holds the other modules' rule options, e.g. ``{"mlp.in": {"poly_degree": 5}}``.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ class MOSEConfig:
     rule_hparams: dict = field(default_factory=lambda: {
         "side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0})
     polar_method: str = "auto"           # "auto": exact SVD for small d, block Krylov above
+    # what each edited layer rotates, any of "attn.qk", "attn.v", "mlp.in", "mlp.down" (the rule above)
+    modules: tuple[str, ...] = ("mlp.down",)
+    module_hparams: dict = field(default_factory=dict)   # {module: options} for the modules but mlp.down
     solve_dtype: str = "float64"         # dtype of the polar solve
     # Re-solve an edit whose requests did not land (P(new) > P(true) on their own prompt) with the
     # missed requests' edit term weighted land_boost times more, up to land_retries times.
@@ -83,6 +93,7 @@ class MOSEConfig:
         if not isinstance(self.rule_hparams, dict):
             bad("rule_hparams", "must be a JSON object")
         rule.check_options(self.rule_hparams, f"{where}: rule_hparams")
+        self._validate_modules(where)
         if self.method == "rome" and len(self.layers) != 1:
             bad("layers", "ROME edits a single layer")
         if not (isinstance(self.lam, (int, float)) and self.lam >= 0 and self.lam != float("inf")):
@@ -113,6 +124,34 @@ class MOSEConfig:
         if self.stats_corpus is not None and not Path(self.stats_corpus).is_file():
             bad("stats_corpus", "is not a file")
 
+    def _validate_modules(self, where: str) -> None:
+        from .rules import MODULE_RULES, MODULES
+
+        def bad(name, msg):
+            raise ValueError(f"{where}: {name} = {getattr(self, name)!r}: {msg}")
+        mods = self.modules
+        if isinstance(mods, str) or not isinstance(mods, (tuple, list)) or not mods:
+            bad("modules", f"must be a non-empty list of module names from {list(MODULES)}")
+        unknown = [m for m in mods if m not in MODULES]
+        if unknown:
+            bad("modules", f"unknown module(s) {unknown}; choose from {list(MODULES)}")
+        if len(set(mods)) != len(mods):
+            bad("modules", "names a module twice")
+        others = [m for m in mods if m != "mlp.down"]
+        if others and self.method != "mose":
+            bad("modules", f"{others} are MOSE rotations and need method 'mose' (method is {self.method!r})")
+        if not isinstance(self.module_hparams, dict):
+            bad("module_hparams", "must be a JSON object {module: {option: value}}")
+        for m, hp in self.module_hparams.items():
+            if m not in MODULE_RULES:
+                bad("module_hparams", f"{m!r} is not a module with its own options (choose from "
+                    f"{sorted(MODULE_RULES)}; mlp.down's are rule_hparams)")
+            if m not in mods:
+                bad("module_hparams", f"options for {m!r}, which modules does not select")
+            if not isinstance(hp, dict):
+                bad("module_hparams", f"the options of {m!r} must be a JSON object")
+            MODULE_RULES[m].check_options(hp, f"{where}: module_hparams[{m!r}]")
+
     def validate_for_model(self, n_layers: int, where: str = "config") -> None:
         """The checks that need the model's depth (read from its config, no weights loaded)."""
         bad = [l for l in self.layers if l >= n_layers]
@@ -123,6 +162,13 @@ class MOSEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["context_template_prefixes"] = list(self.context_template_prefixes)
+        d["modules"] = list(self.modules)
+        # at their defaults these two are left out, so a configuration that edits mlp.down alone
+        # reads (and identifies its run folders) exactly as before the other modules existed
+        if d["modules"] == ["mlp.down"]:
+            del d["modules"]
+        if not d["module_hparams"]:
+            del d["module_hparams"]
         return d
 
     @classmethod
@@ -164,8 +210,9 @@ class MOSEConfig:
             values["layers"] = [family["layers"][-1]]
         values["rule_hparams"] = dict(p.settings.get("rule_hparams", {}))
         values["preset"] = name
-        if "context_template_prefixes" in overrides:
-            overrides["context_template_prefixes"] = tuple(overrides["context_template_prefixes"])
+        for key in ("context_template_prefixes", "modules"):
+            if key in overrides and isinstance(overrides[key], list):
+                overrides[key] = tuple(overrides[key])
         values.update(overrides)
         cfg = cls(**values)
         cfg.validate(where)

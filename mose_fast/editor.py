@@ -3,10 +3,16 @@
 One edit (a batch of requests), MEMIT's multi-layer schedule with the configured rule's update:
 
     z       = target residual after the last edited layer           (memit/targets.py)
-    for layer l in layers (first to last), on the model as already edited:
-        K_E   = keys at l;  h = residual after the last layer        (memit/keys.py, one forward)
-        resid = (z − h) / (layers left)
-        rule.update(l, W_l, K_E, resid)                              W_l changes in place
+    for unit (l, m) in forward order, on the model as already edited:
+        K_E   = keys of m at l;  h = residual after the last layer   (memit/keys.py, one forward)
+        resid = (z − h) / (units left)
+        rules[m].update(l, W_{l,m}, K_E, resid)                      W_{l,m} changes in place
+
+The units are the (layer, module) pairs of ``MOSEConfig.layers`` × ``MOSEConfig.modules``, per layer
+in the order attn.qk, attn.v, mlp.in, mlp.down (``rules.MODULES``); with the default modules
+("mlp.down",) they are the layers and this is MEMIT's schedule.  Each module has its own rule
+object and state; the weights it writes (whole parameters, fused ones included) join the host
+copies and the undo history.
 
 The rules change only weights during an edit; their state takes the edit in ``commit`` once every
 layer is done (and, with ``land_retries``, once the edit is kept).  So an edit that raises anywhere
@@ -27,11 +33,11 @@ from tqdm.auto import tqdm
 
 from .config import MOSEConfig
 from .hf.arch import ArchSpec, resolve_arch
-from .memit.keys import block_outputs_at_subject, generate_context_templates, keys_and_outputs
-from .memit.stats import model_fingerprint, statistics_corpus, key_second_moments
+from .memit.keys import block_outputs_at_subject, generate_context_templates, keys_and_outputs, unit_keys_and_outputs
+from .memit.stats import model_fingerprint, statistics_corpus, key_second_moments, unit_statistics
 from .memit.targets import compute_targets
 from .requests import EditRequest
-from .rules import make_rule
+from .rules import MODULES, make_unit_rule
 from .rules.mose import check_edit_weights
 
 
@@ -47,6 +53,11 @@ class LayerRecord:
     seconds_solve: float
     seconds_apply: float
     attempt: int = 0            # which solve of the edit (MOSEConfig.land_retries)
+    module: str = "mlp.down"    # which of MOSEConfig.modules (norms: over all the module's matrices)
+    poly_remainder: float | None = None   # mlp.in: ‖ΔMLP_true − ΔMLP_poly‖ / ‖resid‖ at the edit keys
+    # ‖z − h‖ (mean over the requests) when this unit began: successive units' values show what each
+    # unit of the edit moved the last edited layer's output towards its target
+    gap: float | None = None
 
 
 @dataclass
@@ -97,21 +108,24 @@ def _host_copy(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class _Kept:
-    """What undo() needs of one edit: the weights before it and the rule's records."""
+    """What undo() needs of one edit: the weights before it (by layer for mlp.down, by parameter
+    name for the other modules) and the rules' records (by (module, layer))."""
     index: int
-    weights: dict[int, torch.Tensor]
-    records: dict[int, object]
+    weights: dict[int | str, torch.Tensor]
+    records: dict[tuple[str, int], object]
 
 
 class MOSEEditor:
     """Edits a causal LM in place with the rule ``config`` names (default: the ``mose`` preset).
 
-    ``second_moments`` ({layer: C0}) skips the statistics; ``data_dir`` is where the statistics
-    corpus (WikiText-2) is looked for when ``config.stats_corpus`` is not set."""
+    ``second_moments`` ({layer: C0}) skips the statistics of mlp.down, ``statistics``
+    ({module: {layer: {name: tensor}}}, as ``memit.stats.unit_statistics`` returns) those of the
+    other modules; ``data_dir`` is where the statistics corpus (WikiText-2) is looked for when
+    ``config.stats_corpus`` is not set."""
 
     def __init__(self, model, tok, config: MOSEConfig | None = None, arch: ArchSpec | dict | None = None,
                  second_moments: dict[int, torch.Tensor] | None = None, progress: bool = True,
-                 data_dir: str | Path | None = None):
+                 data_dir: str | Path | None = None, statistics: dict | None = None):
         self.model, self.tok = model, tok
         self.arch = resolve_arch(model, arch)
         self.cfg = config or MOSEConfig.preset("mose", getattr(model.config, "model_type", None))
@@ -121,8 +135,12 @@ class MOSEEditor:
             tok.pad_token = tok.eos_token
         self.progress = progress
         self.data_dir = data_dir
-        self.rule = make_rule(self.cfg)
+        self.modules = [m for m in MODULES if m in self.cfg.modules]        # forward order within a layer
+        self.rules = {m: make_unit_rule(self.cfg, m) for m in self.modules}
+        self.rule = self.rules["mlp.down"] if "mlp.down" in self.rules else None   # mlp.down's rule
         self._second_moments = dict(second_moments) if second_moments is not None else None
+        self._statistics = {m: dict(v) for m, v in statistics.items()} if statistics is not None else None
+        self._pmaster: dict[str, torch.Tensor] = {}        # float32 masters of the other modules' parameters
         self._templates: list[list[str]] | None = None
         self._corpus = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
@@ -159,6 +177,28 @@ class MOSEEditor:
                 self.cfg.stats_seq_len, self.cfg.stats_batch_size, self.cfg.stats_cache_dir, self.progress)
         return self._second_moments
 
+    def _unit_statistics(self, need: dict[str, list[int]]) -> dict[str, dict[int, dict]]:
+        """The statistics of the modules but mlp.down (and C0 with them when it is missing too, so
+        one forward pass computes everything that is not cached)."""
+        have = self._statistics or {}
+        missing = {m: [l for l in ls if l not in have.get(m, {})] for m, ls in need.items()}
+        missing = {m: ls for m, ls in missing.items() if ls}
+        c0_missing = ("mlp.down" in self.rules and
+                      (self._second_moments is None or
+                       any(l not in self._second_moments for l in self.cfg.layers if l not in self._prepared)))
+        if missing and c0_missing:
+            missing["mlp.down"] = [l for l in self.cfg.layers if l not in self._prepared]
+        if missing:
+            got = unit_statistics(self.model, self.tok, self.arch, missing, self.statistics_corpus(),
+                                  self.cfg.stats_tokens, self.cfg.stats_seq_len, self.cfg.stats_batch_size,
+                                  self.cfg.stats_cache_dir, self.progress)
+            if "mlp.down" in got:
+                self._second_moments = {**(self._second_moments or {}),
+                                        **{l: st["C0"] for l, st in got.pop("mlp.down").items()}}
+            have = {m: {**have.get(m, {}), **got.get(m, {})} for m in set(have) | set(got)}
+            self._statistics = have
+        return have
+
     def context_templates(self) -> list[list[str]]:
         if self._templates is None:
             self._templates = generate_context_templates(
@@ -171,20 +211,45 @@ class MOSEEditor:
         parameter itself (as a d_out × d_in view)."""
         return self._master.get(layer, self.arch.weight_view(self.model, layer))
 
+    def unit_params(self, layer: int, module: str) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor} a module's rule writes at ``layer`` (float32 masters where kept)."""
+        return {n: self._pmaster.get(n, t) for n, t in self.arch.unit_params(self.model, layer, module).items()}
+
+    def unit_weights(self, layer: int, module: str):
+        """What the module's rule reads and writes at ``layer``: views of the parameters, or of their
+        float32 masters (``hf.arch.unit_weights``)."""
+        from .hf.arch import unit_weights
+        return unit_weights(self.model, self.arch, layer, module, self._pmaster or None)
+
+    def units(self) -> list[tuple[int, str]]:
+        """The (layer, module) units of one edit, in forward order."""
+        return [(l, m) for l in self.cfg.layers for m in self.modules]
+
     def prepare(self) -> None:
-        """Statistics, the rule's per-layer state and the context templates (done by the first edit)."""
+        """Statistics, the rules' per-layer state and the context templates (done by the first edit)."""
         need = [l for l in self.cfg.layers if l not in self._prepared]
         if need:
-            C0 = self.second_moments()
+            others = [m for m in self.modules if m != "mlp.down"]
+            stats = self._unit_statistics({m: need for m in others}) if others else {}
+            if "mlp.down" in self.rules:
+                C0 = self.second_moments()
             for l in need:
-                W = self.arch.weight_view(self.model, l)
-                if self.cfg.master_weights and W.dtype in (torch.bfloat16, torch.float16) and l not in self._master:
-                    # rounding W to 8 mantissa bits after every rotation would random-walk the weights;
-                    # a float32 master keeps the error to one rounding of the exact product
-                    self._master[l] = W.float()
-                self.rule.prepare(l, self.weight(l), C0.pop(l))
+                if "mlp.down" in self.rules:
+                    W = self.arch.weight_view(self.model, l)
+                    if self.cfg.master_weights and W.dtype in (torch.bfloat16, torch.float16) and l not in self._master:
+                        # rounding W to 8 mantissa bits after every rotation would random-walk the weights;
+                        # a float32 master keeps the error to one rounding of the exact product
+                        self._master[l] = W.float()
+                    self.rule.prepare(l, self.weight(l), C0.pop(l))
+                for m in others:
+                    for name, t in self.arch.unit_params(self.model, l, m).items():
+                        if self.cfg.master_weights and t.dtype in (torch.bfloat16, torch.float16) \
+                                and name not in self._pmaster:
+                            self._pmaster[name] = t.float()
+                    self.rules[m].prepare(l, self.unit_weights(l, m), stats[m].pop(l))
                 self._prepared.add(l)
-            self._second_moments = None     # the rule keeps what it needs of C0
+            self._second_moments = None     # the rules keep what they need of the statistics
+            self._statistics = None
         self.context_templates()
 
     # --- editing -------------------------------------------------------------------------------
@@ -206,7 +271,7 @@ class MOSEEditor:
         1); ``MOSEConfig.land_retries`` raises the weights of requests that did not land."""
         requests = self.validate(requests)
         if edit_weights is not None:
-            if not self.rule.supports_edit_weights:
+            if not all(r.supports_edit_weights for r in self.rules.values()):
                 raise ValueError(f"edit_weights need a MOSE rule; this editor's rule is {self.cfg.method!r}")
             edit_weights = check_edit_weights(edit_weights, len(requests))
         t_setup = time.perf_counter()
@@ -215,13 +280,16 @@ class MOSEEditor:
         seconds_setup = time.perf_counter() - t_setup
         t_start = time.perf_counter()
         layers = self.cfg.layers
-        before = {l: _host_copy(self.weight(l)) for l in layers}
+        before = {l: _host_copy(self.weight(l)) for l in layers} if "mlp.down" in self.rules else {}
+        for l, m in self.units():
+            if m != "mlp.down":
+                before.update({n: _host_copy(t) for n, t in self.unit_params(l, m).items() if n not in before})
         was_training = self.model.training
         grad_flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval().requires_grad_(False)
         record = EditRecord(index=self.n_edits, case_ids=[r.case_id for r in requests])
-        pending: dict[int, object] = {}
-        committed: list[int] = []
+        pending: dict[tuple[str, int], object] = {}
+        committed: list[tuple[str, int]] = []
         try:
             t = time.perf_counter()
             targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
@@ -235,7 +303,7 @@ class MOSEEditor:
                     pending.clear()
                 record.attempts = attempt + 1
                 record.edit_weights = None if weights is None else weights.tolist()
-                unmet_before = self._pass_layers(requests, templates, z, weights, record, pending, attempt)
+                unmet_before = self._pass_units(requests, templates, z, weights, record, pending, attempt)
                 if attempt == self.cfg.land_retries:
                     break
                 ok = self._landed(requests)
@@ -247,12 +315,12 @@ class MOSEEditor:
             after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
             record.target_unmet = ((z - after.to(z)).norm(dim=1)
                                    / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
-            for l in layers:
-                self.rule.commit(l, pending[l])
-                committed.append(l)
+            for l, m in self.units():
+                self.rules[m].commit(l, pending[(m, l)])
+                committed.append((m, l))
         except BaseException:
-            for l in reversed(committed):
-                self.rule.undo(l, pending[l])
+            for m, l in reversed(committed):
+                self.rules[m].undo(l, pending[(m, l)])
             self._put_weights(before)
             raise
         finally:
@@ -268,43 +336,88 @@ class MOSEEditor:
         self.journal.append({"op": "edit", "requests": [r.to_dict() for r in requests], **record.to_dict()})
         return record
 
-    def _pass_layers(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
-                     record: EditRecord, pending: dict, attempt: int) -> torch.Tensor:
-        """One pass over the edited layers towards z; returns ‖z − h‖ per request before it."""
+    def _pass_units(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
+                    record: EditRecord, pending: dict, attempt: int) -> torch.Tensor:
+        """One pass over the edit's units towards z; returns ‖z − h‖ per request before it."""
         layers = self.cfg.layers
+        units = self.units()
         unmet_before = None
-        for i, layer in enumerate(layers):
+        for i, (layer, module) in enumerate(units):
             t = time.perf_counter()
-            K, current = keys_and_outputs(self.model, self.tok, self.arch, layer, layers[-1], requests, templates)
+            if module == "mlp.down":
+                K, current = keys_and_outputs(self.model, self.tok, self.arch, layer, layers[-1], requests, templates)
+            else:
+                K, current = unit_keys_and_outputs(self.model, self.tok, self.arch, layer, module, layers[-1],
+                                                   requests, templates)
             gap = z - current.to(z)
             if unmet_before is None:
                 unmet_before = gap.norm(dim=1)
-            resid = gap / (len(layers) - i)                                      # n × d
+            resid = gap / (len(units) - i)                                       # n × d
             t_keys = time.perf_counter() - t
+            gap_now = float(gap.norm(dim=1).mean())
+            if module != "mlp.down":
+                self._update_unit(layer, module, K, resid, weights, record, pending, attempt, t_keys, gap_now)
+                continue
             W = self.weight(layer)
             norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
             res = self.rule.update(layer, W, K.T.to(W.device, torch.float64), resid.T.to(W.device),
                                    **({} if weights is None else {"edit_weights": weights}))
             if layer in self._master:
                 self.arch.weight_view(self.model, layer).copy_(W)
-            pending[layer] = res.undo
+            pending[(module, layer)] = res.undo
             record.layers.append(LayerRecord(
                 layer=layer, objective=res.objective, objective_identity=res.objective_identity,
                 orth_error=res.orth_error, weight_norm_before=norm_before,
                 weight_norm_after=float(torch.linalg.matrix_norm(W.to(torch.float64))),
                 seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
-                attempt=attempt))
+                attempt=attempt, gap=gap_now))
         return unmet_before
+
+    def _update_unit(self, layer: int, module: str, K, resid: torch.Tensor, weights: torch.Tensor | None,
+                     record: EditRecord, pending: dict, attempt: int, t_keys: float, gap: float) -> None:
+        """One unit of a module other than mlp.down: its rule rotates its matrices in place (views of
+        the parameters or their masters; a master's parameter is then rounded from it)."""
+        Wu = self.unit_weights(layer, module)
+
+        def norm() -> float:
+            return float(sum(torch.linalg.matrix_norm(w.to(torch.float64)) ** 2 for w in Wu.matrices().values()) ** 0.5)
+        norm_before = norm()
+        if not isinstance(K, torch.Tensor):           # attn.qk: a QKKeys
+            K.q, K.J = K.q.to(resid.device), K.J.to(resid.device)
+            keys = K
+        else:
+            keys = K.T.to(torch.float64)
+        res = self.rules[module].update(layer, Wu, keys, resid.T.to(torch.float64),
+                                        **({} if weights is None else {"edit_weights": weights}))
+        with torch.no_grad():
+            for name, t in self.arch.unit_params(self.model, layer, module).items():
+                if name in self._pmaster:
+                    t.copy_(self._pmaster[name])
+        pending[(module, layer)] = res.undo
+        record.layers.append(LayerRecord(
+            layer=layer, objective=res.objective, objective_identity=res.objective_identity,
+            orth_error=res.orth_error, weight_norm_before=norm_before, weight_norm_after=norm(),
+            seconds_keys=t_keys, seconds_solve=res.seconds_solve, seconds_apply=res.seconds_apply,
+            attempt=attempt, module=module, poly_remainder=getattr(res, "poly_remainder", None), gap=gap))
 
     def _landed(self, requests: list[EditRequest]) -> list[float] | None:
         """P(new) > P(true) on each request's own prompt (None when a request has no target_true)."""
         from .hf.scoring import landed
         return landed(self.model, self.tok, requests)
 
-    def _put_weights(self, weights: dict[int, torch.Tensor]) -> None:
-        """Write host copies of edited matrices back (masters and the parameters they round to)."""
+    def _put_weights(self, weights: dict[int | str, torch.Tensor]) -> None:
+        """Write host copies of edited matrices back (masters and the parameters they round to):
+        by layer for mlp.down, by parameter name for the other modules."""
+        params = None
         with torch.no_grad():
             for l, w in weights.items():
+                if isinstance(l, str):
+                    if params is None:
+                        params = dict(self.model.named_parameters())
+                    if l in self._pmaster:
+                        self._pmaster[l].copy_(w)
+                    params[l].data.copy_(w)
+                    continue
                 self.weight(l).copy_(w)
                 if l in self._master:
                     self.arch.weight_view(self.model, l).copy_(self._master[l])
@@ -324,8 +437,8 @@ class MOSEEditor:
                              f"(undo_history={self.cfg.undo_history})")
         for _ in range(n):
             kept = self._undo.pop()
-            for layer in reversed(list(kept.records)):
-                self.rule.undo(layer, kept.records[layer])
+            for module, layer in reversed(list(kept.records)):
+                self.rules[module].undo(layer, kept.records[(module, layer)])
             self._put_weights(kept.weights)
             self.records = [r for r in self.records if r.index != kept.index]
             self.journal.append({"op": "undo", "index": kept.index})
@@ -335,26 +448,53 @@ class MOSEEditor:
         """The edited matrices, their float32 masters and the rule's state, as named tensors (plus
         ``n_edits``): what a checkpoint needs to continue editing where this editor is."""
         out: dict[str, torch.Tensor] = {"n_edits": torch.tensor(self.n_edits)}
-        for l in self.cfg.layers:
-            out[f"weight.{l}"] = self.arch.weight_view(self.model, l)
-            if l in self._master:
-                out[f"master.{l}"] = self._master[l]
-        out.update({f"rule.{k}": v for k, v in self.rule.state_dict().items()})
+        if "mlp.down" in self.rules:
+            for l in self.cfg.layers:
+                out[f"weight.{l}"] = self.arch.weight_view(self.model, l)
+                if l in self._master:
+                    out[f"master.{l}"] = self._master[l]
+            out.update({f"rule.{k}": v for k, v in self.rule.state_dict().items()})
+        for l, m in self.units():
+            if m == "mlp.down":
+                continue
+            for name, t in self.arch.unit_params(self.model, l, m).items():
+                out[f"param.{name}"] = t
+                if name in self._pmaster:
+                    out[f"param_master.{name}"] = self._pmaster[name]
+        for m in self.modules:
+            if m != "mlp.down":
+                out.update({f"rule.{m}.{k}": v for k, v in self.rules[m].state_dict().items()})
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Continue from ``state_dict()``: weights, masters and the rule's state (the undo history is
         not part of it)."""
-        missing = [f"weight.{l}" for l in self.cfg.layers if f"weight.{l}" not in state]
+        down = "mlp.down" in self.rules
+        missing = [f"weight.{l}" for l in self.cfg.layers if down and f"weight.{l}" not in state]
+        others = [(l, m) for l, m in self.units() if m != "mlp.down"]
+        params = {n: t for l, m in others for n, t in self.arch.unit_params(self.model, l, m).items()}
+        missing += [f"param.{n}" for n in params if f"param.{n}" not in state]
         if missing or "n_edits" not in state:
-            raise ValueError(f"not an editor state for layers {self.cfg.layers}: missing {missing or ['n_edits']}")
+            raise ValueError(f"not an editor state for layers {self.cfg.layers} and modules {self.modules}: "
+                             f"missing {missing or ['n_edits']}")
         with torch.no_grad():
-            for l in self.cfg.layers:
+            for l in self.cfg.layers if down else ():
                 W = self.arch.weight_view(self.model, l)
                 W.copy_(state[f"weight.{l}"])
                 if f"master.{l}" in state:
                     self._master[l] = state[f"master.{l}"].to(W.device, torch.float32).clone()
-        self.rule.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("rule.")})
+            for n, t in params.items():
+                t.copy_(state[f"param.{n}"])
+                if f"param_master.{n}" in state:
+                    self._pmaster[n] = state[f"param_master.{n}"].to(t.device, torch.float32).clone()
+        prefixes = tuple(f"rule.{m}." for m in self.modules if m != "mlp.down")
+        if down:
+            self.rule.load_state_dict({k[5:]: v for k, v in state.items()
+                                       if k.startswith("rule.") and not k.startswith(prefixes)})
+        for m in self.modules:
+            if m != "mlp.down":
+                p = f"rule.{m}."
+                self.rules[m].load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
         self.n_edits = int(state["n_edits"])
         self._undo.clear()
 
@@ -363,6 +503,18 @@ class MOSEEditor:
     def spectrum(self, layer: int) -> dict[str, float]:
         """‖W‖_F, σ_max, σ_min and κ₂ of an edited matrix (float64)."""
         return spectrum(self.arch.weight_view(self.model, layer))
+
+    @torch.no_grad()
+    def unit_spectra(self) -> dict[str, dict[str, float]]:
+        """``spectrum`` of every matrix the modules but mlp.down rotate, by "module.layer.matrix"
+        (e.g. "attn.qk.4.q", "mlp.in.4.gate"), read from the parameters."""
+        from .hf.arch import unit_weights
+        out = {}
+        for l, m in self.units():
+            if m != "mlp.down":
+                for name, W in unit_weights(self.model, self.arch, l, m).matrices().items():
+                    out[f"{m}.{l}.{name}"] = spectrum(W)
+        return out
 
     def save(self, out_dir: str | Path, dtype: torch.dtype | str | None = None) -> Path:
         """Write the edited model (safetensors that ``from_pretrained`` loads, also for a model loaded

@@ -156,6 +156,10 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
         # and the report count in); the editor's own record index counts edit calls, i.e. batches
         entry = {**rec.to_dict(), "index": n_done, "edit_call": rec.index, "case_ids": [r.case_id for r in batch],
                  "landed": landed(editor.model, editor.tok, batch)}
+        if due(n_done + len(batch)) and editor.modules != ["mlp.down"]:
+            # ‖W‖_F, σ_max, σ_min, κ₂ of every matrix the other modules rotate (the evaluation's
+            # stability columns cover mlp.down), at the evaluation points
+            entry["unit_spectra"] = editor.unit_spectra()
         folder.append_journal(entry)
         journal.append(entry)
         n_done += len(batch)

@@ -3,12 +3,17 @@
 A key is the input of the FFN output projection at the subject's last token, averaged over the
 context templates: first within each group of templates, then across groups (so the bare
 ``"{}"`` group weighs as much as all generated prefixes together, as in MEMIT).
+
+The other modules' keys (``unit_keys_and_outputs``) are averaged the same way: "attn.v" the
+attention output projection's input u, "mlp.in" the FFN input x, "attn.qk" the pre-rotary query
+and the Jacobian of the attention output with respect to it (``rules.mose_attn.attention_at``,
+recomputed from the captured q/k/v and checked against the model's own attention output).
 """
 from __future__ import annotations
 
 import torch
 
-from ..hf.arch import ArchSpec
+from ..hf.arch import ArchSpec, attention_geometry, qkv_modules, rotary_cos_sin, split_qkv
 from ..hf.hooks import capture_inputs, capture_outputs, run_until
 from ..requests import EditRequest
 from ..hf.tokens import pad_batch, subject_last_index
@@ -97,6 +102,77 @@ def keys_and_outputs(model, tok, arch: ArchSpec, layer: int, out_layer: int, req
     return K, h[bare, torch.tensor(positions, device=h.device)[bare]]
 
 
+# the recomputed attention output may differ from the model's by rounding (the model's own attention
+# may run in float32 or bf16); beyond this relative difference it is another computation
+ATTENTION_MISMATCH_LIMIT = {torch.float64: 1e-6, torch.float32: 1e-3}
+
+
+@torch.no_grad()
+def unit_keys_and_outputs(model, tok, arch: ArchSpec, layer: int, module: str, out_layer: int,
+                          requests: list[EditRequest], context_templates: list[list[str]]):
+    """``keys_and_outputs`` for any module of ``MOSEConfig.modules``: (keys, h) from one forward over
+    every request in every template, stopped after block ``out_layer``.  Keys: "mlp.down" the mean
+    key (n × d_in), "attn.v" the mean o_proj input (n × d_q), "mlp.in" the mean FFN input
+    (n × d_model), "attn.qk" a ``rules.mose_attn.QKKeys``."""
+    if module == "mlp.down":
+        return keys_and_outputs(model, tok, arch, layer, out_layer, requests, context_templates)
+    flat = [t for group in context_templates for t in group]
+    if flat[0] != "{}":
+        raise ValueError(f"the first context template must be the bare prompt '{{}}', got {flat[0]!r}")
+    if out_layer < layer:
+        raise ValueError(f"out_layer {out_layer} precedes the key layer {layer}")
+    ids, positions = _subject_batch(tok, requests, flat)
+    device = next(model.parameters()).device
+    block = arch.block(model, out_layer)
+    inputs, outputs = {}, {"h": block}
+    if module in ("attn.v", "attn.qk"):
+        arch.require(module, "attn_out")
+        inputs["u"] = arch.sub(model, layer, arch.attn_out)
+    if module == "attn.qk":
+        outputs.update({"p." + w: m for w, m in qkv_modules(model, arch, layer).items()})
+    elif module == "mlp.in":
+        inputs["x"] = arch.sub(model, layer, arch.mlp_in[0])
+    elif module != "attn.v":
+        raise ValueError(f"unknown module {module!r}")
+    with capture_inputs(inputs) as seen_in, capture_outputs(outputs) as seen_out:
+        run_until(model, block, **pad_batch(tok, ids, device))
+    h = seen_out["h"][0]
+    bare = torch.arange(0, len(ids), len(flat), device=h.device)
+    h_bare = h[bare, torch.tensor(positions, device=h.device)[bare]]
+    n = len(requests)
+    if module in ("attn.v", "mlp.in"):
+        x = seen_in["u" if module == "attn.v" else "x"][0]
+        rows = x[torch.arange(len(ids), device=x.device), torch.tensor(positions, device=x.device)]
+        return mean_key(rows.view(n, len(flat), -1), context_templates), h_bare
+    from ..rules.mose_attn import QKKeys, attention_at
+    geom = attention_geometry(model, arch, layer)
+    qkv = split_qkv(arch, geom, {w[2:]: seen_out[w][0] for w in seen_out if w.startswith("p.")})
+    u = seen_in["u"][0]
+    width = max(positions) + 1
+    if geom.rot:
+        cos, sin = rotary_cos_sin(model, arch, torch.arange(width))
+    else:
+        cos = sin = torch.zeros(width, 0, dtype=torch.float64)
+    qs, Js, mismatch = [], [], 0.0
+    for b, p in enumerate(positions):
+        o, J = attention_at(qkv["q"][b, p].view(geom.n_heads, geom.head_dim),
+                            qkv["k"][b, :p + 1].view(p + 1, geom.n_kv, geom.head_dim),
+                            qkv["v"][b, :p + 1].view(p + 1, geom.n_kv, geom.head_dim),
+                            cos.to(u.device), sin.to(u.device), geom)
+        ref = u[b, p].to(torch.float64)
+        mismatch = max(mismatch, float((o.reshape(-1) - ref).norm() / ref.norm().clamp_min(1e-30)))
+        qs.append(qkv["q"][b, p].to(torch.float64))
+        Js.append(J.reshape(-1))
+    limit = ATTENTION_MISMATCH_LIMIT.get(u.dtype, 5e-2)
+    if mismatch > 10 * limit:
+        raise ValueError(f"attn.qk at layer {layer}: the recomputed attention output differs from the model's "
+                         f"by {mismatch:.1e} (relative); this attention variant is not supported")
+    q = mean_key(torch.stack(qs).view(n, len(flat), -1), context_templates)
+    J = mean_key(torch.stack(Js).view(n, len(flat), -1), context_templates)
+    return QKKeys(q=q.T.contiguous(), J=J.view(n, geom.n_heads, geom.head_dim, geom.head_dim),
+                  mismatch=mismatch), h_bare
+
+
 @torch.no_grad()
 def compute_keys(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
                  context_templates: list[list[str]]) -> torch.Tensor:
@@ -122,5 +198,5 @@ def block_outputs_at_subject(model, tok, arch: ArchSpec, layer: int, requests: l
     block = arch.block(model, layer)
     with capture_outputs({"h": block}) as seen:
         run_until(model, block, **pad_batch(tok, ids, device))
-    hidden = seen["h"][0]
-    return hidden[torch.arange(len(ids), device=device), torch.tensor(positions, device=device)]
+    hidden = seen["h"][0]          # on the block's device (a model placed over several devices)
+    return hidden[torch.arange(len(ids), device=hidden.device), torch.tensor(positions, device=hidden.device)]

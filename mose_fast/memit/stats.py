@@ -1,8 +1,16 @@
-"""Second moment of the FFN output projection's inputs, ``C0 = E[k kᵀ]``, over a text corpus.
+"""Second moment of the FFN output projection's inputs, ``C0 = E[k kᵀ]``, over a text corpus —
+and, in the same forward pass, the statistics of the other edited modules (``MOSEConfig.modules``):
+
+    "mlp.down"  C0  = E[k kᵀ], k the FFN output projection's input
+    "attn.v"    Cu  = E[u uᵀ], u the attention output projection's input (d_q × d_q)
+    "attn.qk"   Cqk = E[k kᵀ] + Σ_s E[q_s q_sᵀ] in the kv space (d_kv × d_kv): k the k_proj output,
+                q_s the query slot s (q heads g·G + s of every kv head g), both before the rotary map
+    "mlp.in"    Cx  = E[x xᵀ], x the FFN input; and a histogram of the FFN pre-activations (the
+                gate / single input projection's output, bias included), for the polynomial fit
 
 Streamed in fixed-length windows, the forward pass stopped after the deepest requested layer, each
 batch's Gram formed in float32 (float64 for a float64 model) and added into a float64 sum, and
-cached on disk as safetensors.
+cached on disk as safetensors, one file per (statistic, layer).
 
 The corpus is the configured text file, else WikiText-2 in the data folder, else — nothing beside
 the checkout — text the model writes itself from a fixed set of varied openings under a fixed seed
@@ -25,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..hf.arch import ArchSpec
-from ..hf.hooks import capture_inputs, run_until
+from ..hf.hooks import capture_inputs, capture_outputs, run_until
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = "mose_fast.C0.v1"
@@ -214,16 +222,146 @@ def _token_windows(tok, texts: list[str], n_tokens: int, seq_len: int) -> list[l
     return windows
 
 
+class StreamingHistogram:
+    """A histogram of a stream of values with fixed-width bins on an absolute grid (bin j holds
+    [j·w, (j+1)·w)), grown as values arrive; per bin the count and the sum of the values, so the
+    bins' means are exact.  The width is set from the first batch (its range / ``bins``) and doubled
+    (neighbouring bins merged) whenever more than ``max_bins`` would be needed.  Kept on the device
+    of the values (float64)."""
+
+    def __init__(self, bins: int = 4096, max_bins: int = 1 << 16):
+        self.bins, self.max_bins = bins, max_bins
+        self.width: float | None = None
+        self.lo = 0                                     # absolute index of counts[0]
+        self.counts = torch.zeros(0, dtype=torch.float64)
+        self.sums = torch.zeros(0, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1).to(torch.float64)
+        x = x[torch.isfinite(x)]
+        if not x.numel():
+            return
+        if self.counts.device != x.device:
+            self.counts, self.sums = self.counts.to(x.device), self.sums.to(x.device)
+        if self.width is None:
+            span = float(x.max() - x.min())
+            self.width = span / self.bins if span > 0 else max(abs(float(x[0])), 1.0) * 1e-3
+            self.lo = int(torch.floor(x.min() / self.width))
+        idx = torch.floor(x / self.width).long()
+        lo, hi = min(self.lo, int(idx.min())), max(self.lo + len(self.counts) - 1, int(idx.max()))
+        while hi - lo + 1 > self.max_bins:
+            self._coarsen()
+            idx = torch.div(idx, 2, rounding_mode="floor")
+            lo, hi = min(self.lo, int(idx.min())), max(self.lo + len(self.counts) - 1, int(idx.max()))
+        if lo < self.lo or hi >= self.lo + len(self.counts):
+            pad_lo, pad_hi = self.lo - lo, hi - (self.lo + len(self.counts) - 1)
+            z = lambda n: torch.zeros(n, dtype=torch.float64, device=x.device)
+            self.counts = torch.cat([z(pad_lo), self.counts, z(pad_hi)])
+            self.sums = torch.cat([z(pad_lo), self.sums, z(pad_hi)])
+            self.lo = lo
+        self.counts.index_add_(0, idx - self.lo, torch.ones_like(x))
+        self.sums.index_add_(0, idx - self.lo, x)
+
+    def _coarsen(self) -> None:
+        dev = self.counts.device
+        j = torch.div(torch.arange(self.lo, self.lo + len(self.counts), device=dev), 2, rounding_mode="floor")
+        new_lo = int(j[0]) if len(j) else self.lo // 2
+        n = int(j[-1]) - new_lo + 1 if len(j) else 0
+        counts = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, j - new_lo, self.counts)
+        sums = torch.zeros(n, dtype=torch.float64, device=dev).index_add_(0, j - new_lo, self.sums)
+        self.counts, self.sums, self.lo, self.width = counts, sums, new_lo, self.width * 2
+
+    def points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin means, counts) of the non-empty bins."""
+        keep = self.counts > 0
+        return self.sums[keep] / self.counts[keep], self.counts[keep]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        means, counts = self.points()
+        return {"hist_means": means, "hist_counts": counts}
+
+
+def _gram(y: torch.Tensor) -> torch.Tensor:
+    # one batch's Gram in float32 (a few thousand rows), the running sum in float64
+    y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
+    return y.T @ y
+
+
+class _Stat:
+    """The running sums of one module's statistics at one layer."""
+
+    def __init__(self, model, arch: ArchSpec, module: str, layer: int):
+        self.module, self.layer = module, layer
+        self.sums: dict[str, torch.Tensor] = {}
+        self.hist: StreamingHistogram | None = None
+        self.inputs: dict[str, torch.nn.Module] = {}
+        self.outputs: dict[str, torch.nn.Module] = {}
+        tag = f"{module}|{layer}|"
+        if module == "mlp.down":
+            self.inputs[tag + "k"] = arch.mlp_out_module(model, layer)
+        elif module == "attn.v":
+            arch.require(module, "attn_out")
+            self.inputs[tag + "u"] = arch.sub(model, layer, arch.attn_out)
+        elif module == "attn.qk":
+            from ..hf.arch import attention_geometry, qkv_modules
+            self.geom = attention_geometry(model, arch, layer)
+            self.outputs.update({tag + w: m for w, m in qkv_modules(model, arch, layer).items()})
+        elif module == "mlp.in":
+            first = arch.sub(model, layer, arch.mlp_in[0])
+            self.inputs[tag + "x"] = first
+            self.outputs[tag + "pre"] = first
+            self.hist = StreamingHistogram()
+        else:
+            raise ValueError(f"no statistics for module {module!r}")
+        self.arch, self.tag = arch, tag
+
+    def add(self, seen_in: dict, seen_out: dict, keep: torch.Tensor, take: int) -> None:
+        def rows(t):
+            return t.reshape(-1, t.shape[-1])[keep.to(t.device)][:take]
+
+        def acc(name, y):
+            g = _gram(y)
+            if name not in self.sums:
+                self.sums[name] = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
+            self.sums[name].add_(g)
+        t = self.tag
+        if self.module == "mlp.down":
+            acc("C0", rows(seen_in[t + "k"][0]))
+        elif self.module == "attn.v":
+            acc("Cu", rows(seen_in[t + "u"][0]))
+        elif self.module == "attn.qk":
+            from ..hf.arch import split_qkv
+            outs = split_qkv(self.arch, self.geom, {w: seen_out[t + w][0] for w in ("q", "k", "v", "qkv")
+                                                    if t + w in seen_out})
+            g = self.geom
+            q = rows(outs["q"]).reshape(-1, g.n_kv, g.groups, g.head_dim).transpose(1, 2).reshape(-1, g.d_kv)
+            acc("Cqk", rows(outs["k"]))
+            acc("Cqk", q)
+        elif self.module == "mlp.in":
+            acc("Cx", rows(seen_in[t + "x"][0]))
+            self.hist.add(rows(seen_out[t + "pre"][0]))
+
+    def result(self, count: int) -> dict[str, torch.Tensor]:
+        out = {k: s / count for k, s in self.sums.items()}
+        if self.hist is not None:
+            out.update(self.hist.state())
+        return out
+
+
 @torch.no_grad()
-def compute_second_moments(model, tok, arch: ArchSpec, layers: list[int], texts: list[str],
-                           n_tokens: int, seq_len: int = 256, batch_size: int = 8,
-                           progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
-    """``{layer: E[k kᵀ]}`` (float64) over the first ``n_tokens`` tokens, and the count used."""
+def compute_unit_statistics(model, tok, arch: ArchSpec, units: dict[str, list[int]], texts: list[str],
+                            n_tokens: int, seq_len: int = 256, batch_size: int = 8,
+                            progress: bool = True) -> tuple[dict[str, dict[int, dict[str, torch.Tensor]]], int]:
+    """``{module: {layer: {name: tensor}}}`` over the first ``n_tokens`` tokens of ``texts`` for
+    each module and its layers (see the module doc), in one forward pass per batch; and the count."""
     device = next(model.parameters()).device
     windows = _token_windows(tok, texts, n_tokens, seq_len)
-    modules = {str(l): arch.mlp_out_module(model, l) for l in layers}
-    deepest = arch.block(model, max(layers))
-    sums: dict[int, torch.Tensor] = {}
+    stats = [_Stat(model, arch, m, l) for m, layers in units.items() for l in layers]
+    if not stats:
+        return {}, 0
+    inputs = {k: v for s in stats for k, v in s.inputs.items()}
+    outputs = {k: v for s in stats for k, v in s.outputs.items()}
+    deepest = arch.block(model, max(s.layer for s in stats))
     count = 0
     bar = tqdm(total=n_tokens, desc="key statistics C0", unit="tok", disable=not progress)
     t0 = time.perf_counter()
@@ -239,32 +377,80 @@ def compute_second_moments(model, tok, arch: ArchSpec, layers: list[int], texts:
             mask[i, :len(w)] = 1
         keep = mask.reshape(-1).bool()
         take = min(int(keep.sum()), n_tokens - count)
-        with capture_inputs(modules) as seen:
+        with capture_inputs(inputs) as seen_in, capture_outputs(outputs) as seen_out:
             run_until(model, deepest, input_ids=ids.to(device), attention_mask=mask.to(device))
-        for l in layers:
-            k = seen[str(l)][0]
-            k = k.reshape(-1, k.shape[-1])[keep.to(k.device)][:take]
-            # one batch's Gram in float32 (a few thousand keys), the running sum in float64
-            k = k.to(torch.float64 if k.dtype == torch.float64 else torch.float32)
-            if l not in sums:
-                sums[l] = torch.zeros(k.shape[1], k.shape[1], dtype=torch.float64, device=k.device)
-            sums[l].add_(k.T @ k)
+        for s in stats:
+            s.add(seen_in, seen_out, keep, take)
         count += take
         bar.update(take)
     bar.close()
     if count == 0:
         raise ValueError("statistics corpus produced no tokens")
     seconds = time.perf_counter() - t0
-    log.info("key statistics: %d tokens in %.1f s (%.0f tokens/s), layers %s", count, seconds,
-             count / max(seconds, 1e-9), layers)
-    return {l: s / count for l, s in sums.items()}, count
+    log.info("key statistics: %d tokens in %.1f s (%.0f tokens/s), %s", count, seconds,
+             count / max(seconds, 1e-9), units)
+    out: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    for s in stats:
+        out.setdefault(s.module, {})[s.layer] = s.result(count)
+    return out, count
+
+
+@torch.no_grad()
+def compute_second_moments(model, tok, arch: ArchSpec, layers: list[int], texts: list[str],
+                           n_tokens: int, seq_len: int = 256, batch_size: int = 8,
+                           progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+    """``{layer: E[k kᵀ]}`` (float64) over the first ``n_tokens`` tokens, and the count used."""
+    stats, count = compute_unit_statistics(model, tok, arch, {"mlp.down": list(layers)}, texts, n_tokens,
+                                           seq_len, batch_size, progress)
+    return {l: s["C0"] for l, s in stats.get("mlp.down", {}).items()}, count
+
+
+# the statistic each module's cache files are named by ("C0" as it always was)
+STAT_KIND = {"mlp.down": "C0", "attn.v": "Cu", "attn.qk": "Cqk", "mlp.in": "Cx"}
+
+
+def unit_statistics(model, tok, arch: ArchSpec, units: dict[str, list[int]],
+                    corpus: str | os.PathLike | Iterable[str], n_tokens: int = 100_000,
+                    seq_len: int = 256, batch_size: int = 8, cache_dir: str | os.PathLike | None = None,
+                    progress: bool = True,
+                    fingerprint: str | None = None) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+    """The statistics of each (module, layer), from the disk cache when its key matches, else all
+    the missing ones computed in one pass and cached."""
+    texts = read_corpus(corpus)
+    chash = corpus_hash(texts)
+    fingerprint = fingerprint or model_fingerprint(model)
+    cache = default_cache_dir_for(cache_dir)
+    device = next(model.parameters()).device
+    out: dict[str, dict[int, dict[str, torch.Tensor]]] = {m: {} for m in units}
+    missing: dict[str, list[int]] = {}
+    for m, layers in units.items():
+        for l in layers:
+            meta = _cache_meta(fingerprint, l, chash, n_tokens, seq_len, STAT_KIND[m])
+            found = _load_cached(cache / _cache_name(meta), meta, whole=True)
+            if found is None:
+                missing.setdefault(m, []).append(l)
+            else:
+                out[m][l] = {k: v.to(device) for k, v in found.items()}
+    if missing:
+        computed, count = compute_unit_statistics(model, tok, arch, missing, texts, n_tokens, seq_len,
+                                                  batch_size, progress)
+        cache.mkdir(parents=True, exist_ok=True)
+        for m, per_layer in computed.items():
+            for l, st in per_layer.items():
+                meta = _cache_meta(fingerprint, l, chash, n_tokens, seq_len, STAT_KIND[m])
+                meta["tokens_used"] = str(count)
+                save_file({k: v.cpu().contiguous() for k, v in st.items()}, str(cache / _cache_name(meta)),
+                          metadata=meta)
+                out[m][l] = st
+    return out
 
 
 def key_second_moments(model, tok, arch: ArchSpec, layers: list[int],
                        corpus: str | os.PathLike | Iterable[str], n_tokens: int = 100_000,
                        seq_len: int = 256, batch_size: int = 8, cache_dir: str | os.PathLike | None = None,
                        progress: bool = True, fingerprint: str | None = None) -> dict[int, torch.Tensor]:
-    """``C0`` for each layer, from the disk cache when its key matches, else computed and cached."""
+    """``C0`` for each layer, from the disk cache when its key matches, else computed and cached
+    (the same files ``unit_statistics`` reads and writes for "mlp.down")."""
     texts = read_corpus(corpus)
     chash = corpus_hash(texts)
     fingerprint = fingerprint or model_fingerprint(model)
@@ -291,17 +477,21 @@ def key_second_moments(model, tok, arch: ArchSpec, layers: list[int],
     return out
 
 
-def _cache_meta(fingerprint: str, layer: int, chash: str, n_tokens: int, seq_len: int) -> dict[str, str]:
-    return {"format": CACHE_FORMAT, "model": fingerprint, "layer": str(layer), "corpus": chash,
+def _cache_meta(fingerprint: str, layer: int, chash: str, n_tokens: int, seq_len: int,
+                kind: str = "C0") -> dict[str, str]:
+    fmt = CACHE_FORMAT if kind == "C0" else f"mose_fast.{kind}.v1"
+    return {"format": fmt, "model": fingerprint, "layer": str(layer), "corpus": chash,
             "n_tokens": str(n_tokens), "seq_len": str(seq_len)}
 
 
 def _cache_name(meta: dict[str, str]) -> str:
     key = "|".join(meta[k] for k in ("format", "model", "layer", "corpus", "n_tokens", "seq_len"))
-    return f"C0_L{meta['layer']}_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
+    kind = meta["format"].split(".")[1]
+    return f"{kind}_L{meta['layer']}_{hashlib.sha256(key.encode()).hexdigest()[:24]}.safetensors"
 
 
-def _load_cached(path: Path, meta: dict[str, str]) -> torch.Tensor | None:
+def _load_cached(path: Path, meta: dict[str, str], whole: bool = False):
+    """The cached C0 (``whole``: every tensor of the file, by name), or None."""
     if not path.is_file():
         return None
     try:
@@ -311,7 +501,8 @@ def _load_cached(path: Path, meta: dict[str, str]) -> torch.Tensor | None:
         if any(stored.get(k) != v for k, v in meta.items()):
             log.warning("statistics cache %s does not match this model/corpus/count; recomputing", path)
             return None
-        return load_file(str(path))["C0"]
+        tensors = load_file(str(path))
+        return tensors if whole else tensors["C0"]
     except Exception as e:  # a truncated or foreign file is recomputed, not trusted
         log.warning("statistics cache %s unreadable (%s); recomputing", path, e)
         return None
