@@ -48,7 +48,7 @@ def default_data_dir() -> Path:
     env = os.environ.get("MOSE_DATA_DIR")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]      # the checkout (mose_fast/memit/stats.py)
     return here.parent / "shared" / "data"
 
 

@@ -208,7 +208,7 @@ class _PrefixCache:
         lookup_t = torch.tensor(lookup, device=self.device)
 
         def grab(hidden):
-            seen["h"] = hidden[torch.arange(n, device=self.device), lookup_t].detach()
+            seen["h"] = hidden[torch.arange(n, device=hidden.device), lookup_t.to(hidden.device)].detach()
             return hidden
         self.full = pad_batch(tok, ids, self.device)
         sel_rows = torch.tensor(batch.sel_rows, device=self.device)
@@ -217,7 +217,7 @@ class _PrefixCache:
             with edit_output(self.block, grab):
                 ref = model(**self.full, use_cache=False).logits[sel_rows, sel_cols].float()
             mine = self._cached_forward(None).float()
-        self.h0 = seen["h"]
+        self.h0 = seen["h"].to(self.device)
         err = float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
         dtype = next(model.parameters()).dtype
         self.usable = bool(err < prefix_cache_tolerance(dtype))
@@ -284,7 +284,7 @@ class _PrefixCache:
 
                 def bump(hidden):
                     extra = torch.zeros_like(hidden)
-                    extra[:, 0] = add.to(hidden.dtype)
+                    extra[:, 0] = add.to(hidden.device, hidden.dtype)
                     return hidden + extra
                 with edit_output(self.block, bump):
                     out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
@@ -301,7 +301,7 @@ class _PrefixCache:
 
         def bump(hidden):
             extra = torch.zeros_like(hidden)
-            extra[torch.arange(len(rows), device=self.device), lookup] = add.to(hidden.dtype)
+            extra[torch.arange(len(rows), device=hidden.device), lookup.to(hidden.device)] = add.to(hidden.device, hidden.dtype)
             return hidden + extra
         with edit_output(self.block, bump):
             logits = self.model(**batch, use_cache=False).logits
