@@ -39,7 +39,8 @@ def parse_layers(text: str) -> list[int]:
 
 
 # flag → MOSEConfig field
-OVERRIDES = ("layers", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "land_retries", "land_boost")
+OVERRIDES = ("layers", "modules", "lam", "stats_tokens", "stats_corpus", "seed", "polar_method", "land_retries",
+             "land_boost")
 
 
 def build_config(args, model_type: str | None):
@@ -68,7 +69,7 @@ def build_config(args, model_type: str | None):
 
 def _describe(cfg) -> str:
     from .config import PRESETS
-    name = cfg.preset or cfg.method
+    name = cfg.preset_name or cfg.method
     summary = PRESETS[name].summary if name in PRESETS else ""
     return f"preset {name!r} ({summary}); layers {cfg.layers}"
 
@@ -316,6 +317,9 @@ def _add_model(p, edits: bool = True):
     p.add_argument("--preset", help="named configuration (`mose-fast presets`; default: mose)")
     p.add_argument("--config", help="JSON file: a preset plus MOSEConfig fields")
     p.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4-8")
+    p.add_argument("--modules", type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                   help="MOSE: what rotates at each edited layer, comma-separated: mlp.down (default), mlp.in, "
+                        "attn.qk, attn.v")
     p.add_argument("--lam", type=float, help="retention weight λ (MOSE)")
     p.add_argument("--polar-method", dest="polar_method",
                    help="auto (default) | svd | eigh | newton_schulz[_fp32] | polar_express[_fp32] | cupy_gesvd[j] | "

@@ -66,13 +66,8 @@ class MOSEConfig:
     seed: int = 0
     undo_history: int = 8                # edits kept for undo() (their weights, on the host)
     master_weights: bool = True          # float32 master copy of edited bf16/fp16 matrices
-    preset: str | None = "mose"          # the preset this configuration started from
+    preset_name: str | None = "mose"     # the preset this configuration started from ("preset" in JSON)
 
-    def __post_init__(self) -> None:
-        # the classmethod ``preset`` below shadows this field's default in the class body, so the
-        # dataclass takes the method for the default: put the intended default back
-        if callable(self.preset):
-            self.preset = DEFAULT_PRESET
 
     def validate(self, where: str = "config") -> None:
         """Everything that can be checked without a model; ValueError naming the field."""
@@ -162,6 +157,7 @@ class MOSEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["context_template_prefixes"] = list(self.context_template_prefixes)
+        d["preset"] = d.pop("preset_name")
         d["modules"] = list(self.modules)
         # at their defaults these two are left out, so a configuration that edits mlp.down alone
         # reads (and identifies its run folders) exactly as before the other modules existed
@@ -176,7 +172,7 @@ class MOSEConfig:
         """A preset plus overrides: ``d["preset"]`` (default "mose") and any other fields."""
         if not isinstance(d, dict):
             raise ValueError(f"{where}: expected a JSON object of MOSEConfig fields, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - {"preset_name"} | {"preset"}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
@@ -209,7 +205,7 @@ class MOSEConfig:
         if p.layers == "last":
             values["layers"] = [family["layers"][-1]]
         values["rule_hparams"] = dict(p.settings.get("rule_hparams", {}))
-        values["preset"] = name
+        values["preset_name"] = name
         for key in ("context_template_prefixes", "modules"):
             if key in overrides and isinstance(overrides[key], list):
                 overrides[key] = tuple(overrides[key])

@@ -238,7 +238,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     if device == "cpu":        # on the CPU the host copies sit in the same memory
         for s in stages[3:]:
             s.parts["host copies"] = host.total
-    return Plan(model=str(model), preset=cfg.preset or cfg.method, layers=list(cfg.layers), edits=edits,
+    return Plan(model=str(model), preset=cfg.preset_name or cfg.method, layers=list(cfg.layers), edits=edits,
                 batch=batch, dtype=dtype, device=device, stages=stages, host=host, gpu_mem=gpu_mem)
 
 

@@ -53,6 +53,8 @@ def _run(argv, capsys):
     ([GOOD], ["--preset", "mose-fast"], "unknown preset 'mose-fast'"),
     ([GOOD], ["--polar-method", "qr"], "polar_method = 'qr'"),
     ([GOOD], ["--land-retries", "-2"], "land_retries = -2"),
+    ([GOOD], ["--modules", "attn.k,mlp.down"], "unknown module(s) ['attn.k']"),
+    ([GOOD], ["--preset", "memit", "--modules", "attn.v,mlp.down"], "need method 'mose'"),
 ])
 def test_edit_reports_bad_input_before_loading_the_model(tiny_dir, tmp_path, capsys, no_model_load,
                                                          records, flags, message):

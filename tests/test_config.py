@@ -15,10 +15,10 @@ from mose_fast.rules import RULES, AdditiveRule, MOSEInputRule, MOSERule, make_r
 
 def test_the_dataclass_defaults_are_the_mose_preset():
     assert MOSEConfig().to_dict() == MOSEConfig.preset("mose").to_dict()
-    assert MOSEConfig(lam=2.0).preset == "mose"            # a field, although a classmethod shares its name
+    assert MOSEConfig(lam=2.0).preset_name == "mose" and MOSEConfig(lam=2.0).to_dict()["preset"] == "mose"
     json.dumps(MOSEConfig().to_dict())                     # what run.json and the journal store
     cfg = MOSEConfig()
-    assert (cfg.method, cfg.lam, cfg.polar_method, cfg.land_retries, cfg.preset) == ("mose", 1000 / 1536, "auto", 2, "mose")
+    assert (cfg.method, cfg.lam, cfg.polar_method, cfg.land_retries, cfg.preset_name) == ("mose", 1000 / 1536, "auto", 2, "mose")
     assert cfg.rule_hparams == {"side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0}
     assert not hasattr(cfg, "edit_passes")
     assert set(presets()) == set(PRESETS) == {"mose", "mose-paper", "memit", "alphaedit", "rome", "rect", "prune"}
@@ -29,7 +29,7 @@ def test_the_dataclass_defaults_are_the_mose_preset():
 def test_every_preset_builds_validates_and_makes_its_rule(name, model_type):
     cfg = MOSEConfig.preset(name, model_type)
     cfg.validate()
-    assert cfg.preset == name and cfg.method == PRESETS[name].settings["method"]
+    assert cfg.preset_name == name and cfg.method == PRESETS[name].settings["method"]
     family = FAMILIES[model_type or "llama"]
     assert cfg.layers == ([family["layers"][-1]] if name == "rome" else family["layers"])
     for k, v in family["targets"].items():
@@ -59,11 +59,11 @@ def test_mose_paper_is_the_output_side_rule_with_the_published_lambda():
 
 def test_from_dict_is_a_preset_plus_overrides():
     cfg = MOSEConfig.from_dict({"preset": "memit", "layers": [2, 3], "rule_hparams": {"mom2_update_weight": 7.0}})
-    assert (cfg.preset, cfg.method, cfg.layers, cfg.rule_hparams) == ("memit", "memit", [2, 3], {"mom2_update_weight": 7.0})
+    assert (cfg.preset_name, cfg.method, cfg.layers, cfg.rule_hparams) == ("memit", "memit", [2, 3], {"mom2_update_weight": 7.0})
     assert make_rule(cfg).lam == 7.0
     assert MOSEConfig.from_dict({}).to_dict() == MOSEConfig.preset("mose").to_dict()        # no preset: "mose"
     cfg = MOSEConfig.from_dict({"lam": 2.0, "context_template_prefixes": ["A", "B"]}, "gpt2")
-    assert (cfg.preset, cfg.lam, cfg.layers) == ("mose", 2.0, FAMILIES["gpt2"]["layers"])
+    assert (cfg.preset_name, cfg.lam, cfg.layers) == ("mose", 2.0, FAMILIES["gpt2"]["layers"])
     assert cfg.context_template_prefixes == ("A", "B")
     # a round trip through to_dict gives the same configuration
     assert MOSEConfig.from_dict(cfg.to_dict(), "gpt2") == cfg

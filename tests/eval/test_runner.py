@@ -283,7 +283,7 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
     from mose_fast.eval import compare
     settings = tiny_settings(data_dir, eval_every=1)
     reps = {}
-    memit = {"method": "memit", "preset": "memit", "rule_hparams": {"mom2_update_weight": 100.0}}
+    memit = {"method": "memit", "preset_name": "memit", "rule_hparams": {"mom2_update_weight": 100.0}}
     for name, config, reqs in (("mose", {}, REQS[:2]), ("memit", memit, REQS[:3]), ("other", {}, REQS[1:3])):
         model, tok, cfg = setup(monkeypatch, **config)
         reps[name] = runner.run_eval(model, tok, reqs, cfg, tmp_path / name, settings, "tiny", progress=False)
