@@ -26,7 +26,7 @@ def run_label(rep: dict) -> str:
         from ..config import PRESETS, MOSEConfig
         if name in PRESETS:
             base = MOSEConfig.preset(name, layers=cfg["layers"]).to_dict() if cfg.get("layers") else {}
-            skip = {"preset", "undo_history", "stats_cache_dir", "master_weights"}
+            skip = {"preset", "undo_history", "stats_cache_dir", "master_weights", "target_batch"}
             parts = []
             for k, v in cfg.items():
                 if k in skip or base.get(k) == v:

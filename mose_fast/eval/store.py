@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from .report import build_report, git_commit, markdown_summary, plot_report
 
 # MOSEConfig fields that do not change the edits: a run may resume with other values.
-BOOKKEEPING = ("undo_history", "stats_cache_dir", "preset")
+BOOKKEEPING = ("undo_history", "stats_cache_dir", "preset", "target_batch")
 IDENTITY = ("model", "config", "settings", "case_ids", "method")
 # Settings that change what the pre-edit evaluation measures (the rest only schedule the run).
 INITIAL_EVAL_SETTINGS = ("glue_tasks", "glue_n", "ppl_tokens")

@@ -88,8 +88,18 @@ class _Batch:
 
 def compute_targets(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
                     context_templates: list[list[str]], cfg: MOSEConfig) -> list[TargetResult]:
-    """Targets of all ``requests`` optimised together (see the module doc)."""
-    device = next(model.parameters()).device
+    """Targets of all ``requests``, optimised together in chunks of ``cfg.target_batch`` requests
+    (see the module doc; a request's target does not depend on the chunk it is in)."""
+    size = getattr(cfg, "target_batch", None) or len(requests)
+    out: list[TargetResult] = []
+    for start in range(0, len(requests), size):
+        out += _optimise(model, tok, arch, layer, requests[start:start + size], context_templates, cfg)
+    return out
+
+
+def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
+              context_templates: list[list[str]], cfg: MOSEConfig) -> list[TargetResult]:
+    """Targets of ``requests`` optimised in one padded batch."""
     batch = _Batch(tok, requests, context_templates)
     runner = _PrefixCache(model, arch, layer, batch, tok)
     first_row = [batch.row_request.index(j) for j in range(batch.n)]

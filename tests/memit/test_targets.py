@@ -170,3 +170,17 @@ def test_no_deprecated_transformers_arguments(family):
         T.compute_targets(model, tok, resolve_arch(model), 1, REQS[:1], [["{}"], ["The cat. {}"]],
                           tiny_mose_config(v_num_grad_steps=2))
     assert not [w for w in seen if issubclass(w.category, FutureWarning)], [str(w.message) for w in seen]
+
+
+@pytest.mark.model
+def test_targets_in_chunks_equal_one_batch():
+    """target_batch only splits the work: chunks of 2 give each request the target one batch of 4
+    gives it (float64)."""
+    model, tok = _model("llama", torch.float64)
+    arch = resolve_arch(model)
+    templates = [["{}"], ["The cat. {}"]]
+    whole = T.compute_targets(model, tok, arch, 2, REQS, templates, tiny_mose_config(v_num_grad_steps=6, target_batch=4))
+    parts = T.compute_targets(model, tok, arch, 2, REQS, templates, tiny_mose_config(v_num_grad_steps=6, target_batch=2))
+    for a, b in zip(whole, parts):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.z.double(), b.z.double(), rtol=0, atol=1e-6)
