@@ -398,6 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", help="named configuration (default: mose)")
     p.add_argument("--config", help="JSON file: a preset plus MOSEConfig fields")
     p.add_argument("--layers", type=parse_layers, help="edited layers, e.g. 4-8")
+    p.add_argument("--modules", type=lambda text: [m.strip() for m in text.split(",") if m.strip()],
+                   help="MOSE: what rotates at each edited layer (default mlp.down)")
     p.add_argument("--edits", type=int, default=1000, help="edits already made (the edit memory's size)")
     p.add_argument("--batch", type=int, default=1, help="requests per edit")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights' dtype (default bfloat16)")

@@ -160,6 +160,20 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
             pass
         return parts
 
+    modules = [m for m in getattr(cfg, "modules", ("mlp.down",)) if m != "mlp.down"]
+    d_q = heads * head_dim
+    kv_dim_ = kv_heads * head_dim
+    ffn_in_params = (2 if getattr(config, "model_type", "") in ("llama", "mistral", "qwen2") else 1) * hidden * inter
+    module_state = {   # per layer: the retention Grams the other modules keep (float64)
+        "attn.qk": {"attn.qk: C_qk (float64)": 8 * kv_dim_ * kv_dim_},
+        "attn.v": {"attn.v: P of o_proj's input (float64)": 8 * d_q * d_q},
+        "mlp.in": {"mlp.in: C_x and its Cholesky factor (float64)": 2 * 8 * hidden * hidden},
+    }
+    module_params = {"attn.qk": hidden * (d_q + kv_dim_), "attn.v": hidden * kv_dim_, "mlp.in": ffn_in_params}
+    extra_params = sum(module_params[m] for m in modules) * len(cfg.layers)
+    if low_precision and cfg.master_weights:
+        masters += 4 * extra_params
+
     def summed(label: str, per_layer) -> dict[str, int]:
         out: dict[str, int] = {}
         for l in cfg.layers:
@@ -173,6 +187,8 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     stats = Stage("statistics", {
         "weights": weights,
         "C0 sums (float64)": sum(8 * d * d for d in d_ins),
+        "other modules' sums (float64)": len(cfg.layers) * sum(v // (2 if m == "mlp.in" else 1)
+                                                               for m in modules for v in module_state[m].values()),
         "batch Gram (float32)": 4 * max(d_ins) * max(d_ins),
         "captured keys": sum(tokens * d * s_w for d in d_ins) + tokens * max(d_ins) * 4,
         "forward activations": tokens * (4 * hidden + 3 * inter) * s_w
@@ -195,10 +211,13 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     prepare = Stage("prepare", prepare_parts)
     # --- rule state after N edits -----------------------------------------------------------------
     resident = {"weights": weights, "masters (float32)": masters, **summed("", state_of)}
+    for m in modules:
+        for k, v in module_state[m].items():
+            resident[k] = v * len(cfg.layers)
     state = Stage("rule state", dict(resident))
     # --- targets ------------------------------------------------------------------------------------
     n_templates = 1 + len(cfg.context_template_prefixes)
-    rows = batch * (n_templates + 1)
+    rows = min(batch, getattr(cfg, "target_batch", batch) or batch) * (n_templates + 1)
     after = n_layers - 1 - cfg.layers[-1]
     kv_dim = kv_heads * head_dim
     targets = Stage("targets", {
@@ -231,7 +250,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
                        "solve of a d_in × d_in system (float64)": 8 * d_in * d_in}
     solve = Stage("solve", {**resident, **solve_parts})
     # --- host copies --------------------------------------------------------------------------------------
-    per_copy = sum(o * i * (4 if (low_precision and cfg.master_weights) else s_w) for o, i in shapes.values())
+    per_copy = (sum(o * i for o, i in shapes.values()) + extra_params) * (4 if (low_precision and cfg.master_weights) else s_w)
     host = Stage("host copies (snapshot + undo history)", {
         "this edit's snapshot": per_copy, f"undo history ({cfg.undo_history} edits)": cfg.undo_history * per_copy})
     stages = [Stage("weights", {"weights": weights}), stats, prepare, state, targets, solve]
