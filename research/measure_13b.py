@@ -57,7 +57,7 @@ def small_tokenizer(texts: list[str]):
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<eos>"],
+    tk.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=4000, special_tokens=["<eos>"],
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<eos>", pad_token="<eos>")
 
@@ -66,7 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-layers", type=int, default=2)
     ap.add_argument("--memory", type=int, default=1000)
-    ap.add_argument("--stats-tokens", type=int, default=8192)
+    ap.add_argument("--stats-tokens", type=int, default=16384)
     ap.add_argument("--out")
     args = ap.parse_args()
 
@@ -77,8 +77,14 @@ def main() -> None:
     from mose_fast.rules import mose_input
 
     torch.manual_seed(0)
-    corpus = ["The history of the city began in the twelfth century when merchants settled by the river, "
-              "and the mother tongue of Danielle Darrieux is French." * 20] * 64
+    # varied text (random words): the statistics of a random model need more distinct tokens than
+    # the key width (13824) to be full rank
+    g = torch.Generator().manual_seed(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["".join(letters[int(i)] for i in torch.randint(0, 26, (int(n),), generator=g))
+             for n in torch.randint(2, 9, (3000,), generator=g)]
+    corpus = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (400,), generator=g)) for _ in range(200)]
+    corpus[0] = "The mother tongue of Danielle Darrieux is French. " + corpus[0]
     tok = small_tokenizer(corpus)          # a BPE tokenizer whose ids fit any vocabulary
     config = llama2_13b_config()
     config.num_hidden_layers = args.n_layers

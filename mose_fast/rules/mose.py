@@ -20,10 +20,11 @@ from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_
 from ..solve.procrustes import SUBSPACE_METHODS, SolveResult, solve_rotation, solve_subspace
 from .base import Option, Rule, UpdateResult, layer_tensors, positive
 
-# "auto" solves exactly (a dense SVD of the d × d matrix M) up to this dimension and with the
-# block-Krylov subspace solve above it: on the CPU the two cost the same near d = 1000, and from
-# there the SVD's O(d³) grows away from the Krylov solve's O(d²·k) (benchmarks/RESULTS.md).
-EXACT_SOLVE_MAX_DIM = 1024
+# "auto" solves exactly (a dense SVD of the d × d matrix M) up to this width and with the block-Krylov
+# subspace solve above it: on the 2-core CPU the exact solve of an n = 10 edit takes 194 ms at d = 768
+# against Krylov's 223, and 494 against 333 at d = 1024 (benchmarks/test_bench_solve_size.py,
+# rows "mose_solve" in benchmarks/results.csv); from there the SVD's O(d³) grows away.
+EXACT_SOLVE_MAX_DIM = 768
 
 
 def resolve_polar_method(method: str, d: int) -> str:

@@ -51,6 +51,27 @@ def cross_dtype(d: int) -> torch.dtype:
     return torch.float64 if d <= CROSS_F64_MAX_DIM else torch.float32
 
 
+def ridged_cholesky(C: torch.Tensor, mean_eigenvalue: float, where: str) -> torch.Tensor:
+    """The Cholesky factor of C + ρ·c̄·I, ρ = ``PREIMAGE_RIDGE`` (c̄ the mean eigenvalue), overwriting C.
+    A C of lower rank than its width (statistics over fewer tokens than the key dimension) can fail
+    at that ridge in floating point; ρ then grows tenfold at a time, with a warning, up to 1e-3."""
+    import logging
+    rho, added = PREIMAGE_RIDGE, 0.0
+    while True:
+        C.diagonal().add_(rho * mean_eigenvalue - added)
+        added = rho * mean_eigenvalue
+        L, info = torch.linalg.cholesky_ex(C)
+        if int(info) == 0:
+            return L
+        if rho >= 1e-3:
+            raise ValueError(f"the key statistics at {where} are not positive definite even with a ridge of "
+                             f"{rho:g} of their mean eigenvalue: compute them over more tokens (stats_tokens) than "
+                             f"the key dimension {C.shape[0]}")
+        rho *= 10
+        logging.getLogger(__name__).warning("key statistics at %s are rank deficient: ridge raised to %g of the "
+                                            "mean eigenvalue (use more stats_tokens than %d)", where, rho, C.shape[0])
+
+
 def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, C0_chol: torch.Tensor,
                           WWt: torch.Tensor) -> torch.Tensor:
     """K* (d_in × n): W·K* = W·K + resid where reachable, ‖K*[:, j]‖ = ‖K[:, j]‖ (see module doc).
@@ -121,9 +142,7 @@ class MOSEInputRule(Rule):
             kept = self.memory.get(layer)
             self.memory[layer] = (torch.zeros(d, 0, dtype=torch.float64, device=device) if kept is None
                                   else kept.to(device, torch.float64))
-        ridge = PREIMAGE_RIDGE * trace / d
-        C0.diagonal().add_(ridge)
-        self.chol[layer] = torch.linalg.cholesky(C0)
+        self.chol[layer] = ridged_cholesky(C0, trace / d, f"layer {layer}")
         del C0
         Wd = W.to(torch.float64)
         self.wwt[layer] = Wd @ Wd.T

@@ -374,3 +374,21 @@ def test_bad_mose_options_raise():
         MOSERule(1.0, side="input")
     with pytest.raises(ValueError, match="side='output'"):
         MOSEInputRule(1.0, side="output")
+
+
+def test_rank_deficient_statistics_raise_the_ridge_until_cholesky_succeeds(caplog):
+    """C0 from fewer tokens than its width: the ridge grows (with a warning) and L·Lᵀ is C0 plus that
+    ridge; statistics that no ridge up to 1e-3 rescues are refused, naming the layer."""
+    from mose_fast.rules.mose_input import ridged_cholesky
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(40, 8, generator=g, dtype=torch.float64)        # rank 8 in 40 dimensions
+    C = K @ K.T / 8
+    C[0, 0] -= 1e-3 * float(torch.trace(C)) / 40                      # rounding made it indefinite
+    ref = C.clone()
+    with caplog.at_level("WARNING"):
+        L = ridged_cholesky(C, float(torch.trace(ref)) / 40, "layer 3")
+    ridge = float((L @ L.T - ref).diagonal().mean())
+    assert "rank deficient" in caplog.text and ridge > 1e-8 * float(torch.trace(ref)) / 40
+    torch.testing.assert_close(L @ L.T, ref + ridge * torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="layer 7"):
+        ridged_cholesky(-torch.eye(5, dtype=torch.float64), 1.0, "layer 7")
