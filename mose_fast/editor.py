@@ -145,7 +145,7 @@ class MOSEEditor:
         self._corpus = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
         self._prepared: set[int] = set()
-        self._undo: deque[_Kept] = deque(maxlen=self.cfg.undo_history or None)
+        self._undo: deque[_Kept] = deque(maxlen=self.cfg.undo_history)
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
         self.n_edits = 0

@@ -146,7 +146,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
         if cfg.method == "mose" and side == "input":
             parts = {"Cholesky factor of C0 (float64)": 8 * d_in * d_in,
                      f"cross Gram G ({cross_dtype(d_in)})": torch.empty((), dtype=cross_dtype(d_in)).element_size() * d_in * d_in,
-                     "W·Wᵀ (float64)": 8 * d_out * d_out}
+                     "W·Wᵀ (float64)": 8 * d_out * d_out, "S = W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
             if cfg.rule_hparams.get("edit_memory"):
                 parts["edit memory (key columns, float64)"] = 8 * d_in * n_keys
             return parts
@@ -190,6 +190,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
         "other modules' sums (float64)": len(cfg.layers) * sum(v // (2 if m == "mlp.in" else 1)
                                                                for m in modules for v in module_state[m].values()),
         "batch Gram (float32)": 4 * max(d_ins) * max(d_ins),
+        "its float64 block being added": 8 * 1024 * max(d_ins),
         "captured keys": sum(tokens * d * s_w for d in d_ins) + tokens * max(d_ins) * 4,
         "forward activations": tokens * (4 * hidden + 3 * inter) * s_w
                                + cfg.stats_batch_size * heads * cfg.stats_seq_len ** 2 * 4,
@@ -200,11 +201,12 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     others = {k: v for k, v in summed("", state_of).items()}
     prepare_parts = {"weights": weights, "masters": masters}
     if cfg.method == "mose" and side == "input":
-        prepare_parts["rule state (other layers)"] = sum(others.values()) - sum(state_of(last).values())
+        # prepare builds the Cholesky factor, G and W·Wᵀ; S and the memory come with the edits
+        def built(l):
+            return sum(v for k, v in state_of(l).items() if not k.startswith(("edit memory", "S =")))
+        prepare_parts["rule state (other layers)"] = sum(built(l) for l in cfg.layers if l != last)
         prepare_parts["C0 of the layer (float64)"] = 8 * d_last * d_last
-        prepare_parts["its Cholesky factor and G (new)"] = sum(v for k, v in state_of(last).items()
-                                                               if not k.startswith("edit memory"))
-        prepare_parts["C0 of layers not yet prepared"] = 0
+        prepare_parts["its Cholesky factor, G and W·Wᵀ (new)"] = built(last)
     else:
         prepare_parts["C0 of every layer (float64)"] = sum(8 * d * d for d in d_ins)
         prepare_parts["rule state"] = sum(others.values())
@@ -233,12 +235,15 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     n = batch
     if cfg.method == "mose" and side == "input":
         method = resolve_polar_method(cfg.polar_method, d_in)
-        solve_parts = {"W (float64)": 8 * d_out * d_in, "C0⁻¹·Wᵀ (float64)": 8 * d_in * d_out,
-                       "W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
+        # the first edit of a layer builds S = W·C0⁻¹·Wᵀ (the solve's copy of Wᵀ and C0⁻¹·Wᵀ); later
+        # edits only move it by the rotation's low-rank change
+        solve_parts = {"W (float64)": 8 * d_out * d_in,
+                       "building S in blocks of 512 rows (float64, first edit of a layer)": 2 * 8 * d_in * min(512, d_out)}
         if method in SUBSPACE_METHODS:
             depth = SUBSPACE_METHODS[method].get("krylov_depth", 0) + 1
             k = min(d_in, 2 * n * depth + SUBSPACE_METHODS[method].get("random_rank", 0))
             solve_parts["Krylov basis and products (float64)"] = 3 * 8 * d_in * k
+            solve_parts["the change of S: U, C0⁻¹·U (float64)"] = 2 * 8 * d_in * k
         else:
             solve_parts["dense M, U, Vᴴ, R (float64)"] = 4 * 8 * d_in * d_in
             solve_parts["retention λ·G + μ·E formed (float64)"] = 8 * d_in * d_in
@@ -254,9 +259,11 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     host = Stage("host copies (snapshot + undo history)", {
         "this edit's snapshot": per_copy, f"undo history ({cfg.undo_history} edits)": cfg.undo_history * per_copy})
     stages = [Stage("weights", {"weights": weights}), stats, prepare, state, targets, solve]
-    if device == "cpu":        # on the CPU the host copies sit in the same memory
-        for s in stages[3:]:
-            s.parts["host copies"] = host.total
+    if device == "cpu":        # on the CPU the host copies sit in the same memory: the undo history
+        history, snapshot = host.parts[f"undo history ({cfg.undo_history} edits)"], host.parts["this edit's snapshot"]
+        state.parts["host copies (undo history)"] = history
+        for s in (targets, solve):      # and, during an edit, its snapshot
+            s.parts["host copies (undo history and this edit's snapshot)"] = history + snapshot
     return Plan(model=str(model), preset=cfg.preset_name or cfg.method, layers=list(cfg.layers), edits=edits,
                 batch=batch, dtype=dtype, device=device, stages=stages, host=host, gpu_mem=gpu_mem)
 

@@ -89,14 +89,18 @@ def main() -> None:
     config = llama2_13b_config()
     config.num_hidden_layers = args.n_layers
     layers = list(range(args.n_layers))
-    cfg = MOSEConfig.preset("mose", "llama", layers=layers, stats_tokens=args.stats_tokens, undo_history=1,
+    cfg = MOSEConfig.preset("mose", "llama", layers=layers, stats_tokens=args.stats_tokens, undo_history=0,
                             stats_cache_dir="/tmp/mose-13b-cache")
     settle()
     base = rss("VmRSS")
     results: dict = {}
     with stage("weights", results, base):
-        with torch.device("cpu"):
-            model = LlamaForCausalLM(config).to(torch.bfloat16).eval().requires_grad_(False)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)          # built in bf16: no float32 copy on the way
+        try:
+            model = LlamaForCausalLM(config).eval().requires_grad_(False)
+        finally:
+            torch.set_default_dtype(default)
     editor = MOSEEditor(model, tok, cfg, progress=False)
     editor._corpus = corpus               # a fixed text: the model is random, its own text would be noise
     with stage("statistics", results, base):

@@ -190,7 +190,7 @@ def test_state_dict_round_trip_continues_editing_alike(rule):
     a.edit(REQ)
     a.edit(REQ2)
     state = {k: v.clone() for k, v in a.state_dict().items()}
-    prefix = {"output": ["rule.P."], "input": ["rule.G.", "rule.K."]}[rule]
+    prefix = {"output": ["rule.P."], "input": ["rule.G.", "rule.K.", "rule.S."]}[rule]
     assert set(state) == {"n_edits"} | {f"{p}{l}" for l in a.cfg.layers for p in ["weight."] + prefix}
     b, model_b, _ = make_editor(**RULE_CONFIGS[rule])
     b.prepare()
@@ -264,3 +264,13 @@ def test_arch_by_hand():
     with pytest.raises(ValueError, match="not found"):
         resolve_arch(model, ArchSpec(layers="model.blocks", mlp_out="mlp.down_proj", mlp_in=(),
                                      ln_f="model.norm", lm_head="lm_head"))
+
+
+@pytest.mark.model
+def test_no_undo_history_keeps_no_copies():
+    editor, _, _ = make_editor(undo_history=0)
+    editor.edit(REQ)
+    editor.edit(REQ2)
+    assert len(editor._undo) == 0
+    with pytest.raises(ValueError, match="0 can be undone"):
+        editor.undo(1)

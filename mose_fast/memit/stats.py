@@ -281,6 +281,10 @@ class StreamingHistogram:
         return {"hist_means": means, "hist_counts": counts}
 
 
+# rows of a float32 batch Gram added into the float64 sum at once (its float64 copy is this many rows)
+ACCUMULATE_ROWS = 1024
+
+
 def _gram(y: torch.Tensor) -> torch.Tensor:
     # one batch's Gram in float32 (a few thousand rows), the running sum in float64
     y = y.to(torch.float64 if y.dtype == torch.float64 else torch.float32)
@@ -323,7 +327,9 @@ class _Stat:
             g = _gram(y)
             if name not in self.sums:
                 self.sums[name] = torch.zeros(g.shape, dtype=torch.float64, device=g.device)
-            self.sums[name].add_(g)
+            total = self.sums[name]
+            for i in range(0, g.shape[0], ACCUMULATE_ROWS):     # float64 copies of a block at a time
+                total[i:i + ACCUMULATE_ROWS].add_(g[i:i + ACCUMULATE_ROWS])
         t = self.tag
         if self.module == "mlp.down":
             acc("C0", rows(seen_in[t + "k"][0]))

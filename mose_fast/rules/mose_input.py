@@ -25,7 +25,10 @@ State per layer (d = d_in):
   * ``cross``  G = Q_totᵀ·C0, float64 for d ≤ 8192 and float32 above (a rotation's rounding in
                G moves the retention term by ~1e-7 relative, far below what an edit changes);
   * ``memory`` the earlier edits' keys as columns (d × edits), never the d × d matrix E;
-  * ``wwt``    W·Wᵀ (d_out × d_out), constant under W ← W·Q.
+  * ``wwt``    W·Wᵀ (d_out × d_out), constant under W ← W·Q;
+  * ``sgram``  S = W·C0⁻¹·Wᵀ (d_out × d_out, float64), the metric of the preimage step: built once from
+               W (O(d_in²·d_out)), then moved by each kept edit's low-rank change (O(d_in²·k), see
+               ``PreimageGramChange``), so an edit's target keys cost O(d_in²·n) instead of O(d_in²·d_out).
 The retention matrix λ·G + μ·E is applied as products inside the Krylov solve; only the exact
 solve (small d) forms it.
 """
@@ -72,15 +75,55 @@ def ridged_cholesky(C: torch.Tensor, mean_eigenvalue: float, where: str) -> torc
                                             "mean eigenvalue (use more stats_tokens than %d)", where, rho, C.shape[0])
 
 
+def preimage_gram(W: torch.Tensor, C0_chol: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """S = W·C0⁻¹·Wᵀ (d_out × d_out): the metric of the corpus-cheapest preimage.  O(d_in²·d_out), in
+    blocks of ``block`` rows of W, so the work space is d_in × block, not a second d_in × d_out."""
+    S = torch.empty(W.shape[0], W.shape[0], dtype=W.dtype, device=W.device)
+    for i in range(0, W.shape[0], block):
+        S[:, i:i + block] = W @ torch.cholesky_solve(W[i:i + block].T, C0_chol)
+    return 0.5 * (S + S.T)
+
+
+@dataclass
+class PreimageGramChange:
+    """How S = W·C0⁻¹·Wᵀ changes when W ← W·Q, Q = I + U·D'·Uᵀ (D' = Rk − I; a dense Q is U = I):
+    with B = C0⁻¹,  S' = S + (WBU)·D'ᵀ·(WU)ᵀ + (WU)·D'·(WBU)ᵀ + (WU)·D'·(UᵀBU)·D'ᵀ·(WU)ᵀ  (W the
+    matrix before the rotation).  Kept as the factors, O(d_out·k); O(d_in²·k) to build."""
+    WU: torch.Tensor
+    WBU: torch.Tensor
+    UBU: torch.Tensor
+    D: torch.Tensor
+
+    @classmethod
+    def of(cls, W: torch.Tensor, rot: Rotation, C0_chol: torch.Tensor) -> "PreimageGramChange":
+        if rot.R is not None:
+            U = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
+            D = rot.R.to(W) - U
+        else:
+            U = rot.Q.to(W)
+            D = rot.Rk.to(W) - torch.eye(rot.Rk.shape[0], dtype=W.dtype, device=W.device)
+        BU = torch.cholesky_solve(U, C0_chol)
+        return cls(WU=W @ U, WBU=W @ BU, UBU=U.T @ BU, D=D)
+
+    def delta(self) -> torch.Tensor:
+        cross = self.WBU @ self.D.T @ self.WU.T
+        return cross + cross.T + self.WU @ self.D @ self.UBU @ self.D.T @ self.WU.T
+
+    def to(self, device) -> "PreimageGramChange":
+        return PreimageGramChange(*(t.to(device) for t in (self.WU, self.WBU, self.UBU, self.D)))
+
+
 def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, C0_chol: torch.Tensor,
-                          WWt: torch.Tensor) -> torch.Tensor:
+                          WWt: torch.Tensor, S: torch.Tensor | None = None) -> torch.Tensor:
     """K* (d_in × n): W·K* = W·K + resid where reachable, ‖K*[:, j]‖ = ‖K[:, j]‖ (see module doc).
 
     W: d_out × d_in, K: d_in × n, resid: d_out × n, C0_chol: Cholesky factor of C0 (+ ridge),
-    WWt = W·Wᵀ (invariant under right rotations)."""
-    Y = torch.cholesky_solve(W.T, C0_chol)                     # C0⁻¹·Wᵀ
-    shifted = K + Y @ torch.linalg.solve(W @ Y, resid)         # K + corpus-cheapest preimage of resid
-    del Y
+    WWt = W·Wᵀ (invariant under right rotations), S = W·C0⁻¹·Wᵀ (``preimage_gram``; computed here
+    when not given).  With S the step costs O(d_in²·n): d = C0⁻¹·Wᵀ·(S⁻¹·resid)."""
+    if S is None:
+        S = preimage_gram(W, C0_chol)
+    # K + the corpus-cheapest preimage of resid
+    shifted = K + torch.cholesky_solve(W.T @ torch.linalg.solve(S, resid), C0_chol)
     # the part of each column in null(W): removing a fraction t of it changes the norm, not W·k
     in_null = shifted - W.T @ torch.linalg.solve(WWt, W @ shifted)
     a = in_null.pow(2).sum(0)                                  # ‖n‖²
@@ -95,6 +138,7 @@ def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
 class InputRecord:
     rotation: Rotation                  # Q, on the host
     keys: torch.Tensor | None           # the edit's keys (d_in × n, float64, host): join the memory
+    preimage: PreimageGramChange | None = None   # how S = W·C0⁻¹·Wᵀ moves (host)
 
 
 class MOSEInputRule(Rule):
@@ -125,6 +169,7 @@ class MOSEInputRule(Rule):
         self.wwt: dict[int, torch.Tensor] = {}
         self.cross: dict[int, torch.Tensor] = {}
         self.memory: dict[int, torch.Tensor] = {}     # d_in × (keys of every kept edit), float64
+        self.sgram: dict[int, torch.Tensor] = {}      # S = W·C0⁻¹·Wᵀ, built at the first edit, then updated
 
     # --- state ------------------------------------------------------------------------------------
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
@@ -180,16 +225,21 @@ class MOSEInputRule(Rule):
         for name, x in (("keys", K), ("residual", resid)):
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
-        K_target = reachable_key_targets(W.to(torch.float64), K, resid, self.chol[layer], self.wwt[layer])
+        Wd = W.to(torch.float64)
+        if layer not in self.sgram:          # once per layer (and after a restored state): O(d_in²·d_out)
+            self.sgram[layer] = preimage_gram(Wd, self.chol[layer])
+        K_target = reachable_key_targets(Wd, K, resid, self.chol[layer], self.wwt[layer], self.sgram[layer])
         P, const = self.retention(layer)
         solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), self.polar_method, self.solve_dtype, const)
+        change = PreimageGramChange.of(Wd, rot, self.chol[layer])
+        del Wd
         t_solve = time.perf_counter() - t
         t = time.perf_counter()
         with torch.no_grad():
             rot.apply_right_(W)
         if W.is_cuda:
             torch.cuda.synchronize(W.device)
-        record = InputRecord(rot.to("cpu"), K.to("cpu") if self.edit_memory else None)
+        record = InputRecord(rot.to("cpu"), K.to("cpu") if self.edit_memory else None, change.to("cpu"))
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
                             orth_error=solved.orth_error, undo=record, seconds_solve=t_solve,
                             seconds_apply=time.perf_counter() - t)
@@ -200,6 +250,8 @@ class MOSEInputRule(Rule):
             record.rotation.transpose().apply_left_(self.cross[layer])
         if record.keys is not None and layer in self.memory:
             self.memory[layer] = torch.cat([self.memory[layer], record.keys.to(self.memory[layer])], 1)
+        if record.preimage is not None and layer in self.sgram:
+            self.sgram[layer] = self.sgram[layer] + record.preimage.to(self.sgram[layer].device).delta()
 
     def undo(self, layer: int, record: InputRecord) -> None:
         """G ← Q·G; the edit's keys (the last ones in the memory) leave it."""
@@ -208,14 +260,19 @@ class MOSEInputRule(Rule):
         if record.keys is not None and layer in self.memory:
             n = record.keys.shape[1]
             self.memory[layer] = self.memory[layer][:, :self.memory[layer].shape[1] - n].contiguous()
+        if record.preimage is not None and layer in self.sgram:
+            self.sgram[layer] = self.sgram[layer] - record.preimage.to(self.sgram[layer].device).delta()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"G.{l}": g for l, g in self.cross.items()},
-                **{f"K.{l}": k for l, k in self.memory.items()}}
+                **{f"K.{l}": k for l, k in self.memory.items()},
+                **{f"S.{l}": x for l, x in self.sgram.items()}}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        unknown = [k for k in state if not k.startswith(("G.", "K."))]
+        unknown = [k for k in state if not k.startswith(("G.", "K.", "S."))]
         if unknown:
             raise ValueError(f"not a MOSE input-side state: {unknown}")
         self.cross = layer_tensors(state, "G")
         self.memory = {l: k.to(torch.float64) for l, k in layer_tensors(state, "K").items()}
+        # S as it was kept (a state without it: rebuilt from the restored weights at the next edit)
+        self.sgram = {l: x.to(torch.float64) for l, x in layer_tensors(state, "S").items()}

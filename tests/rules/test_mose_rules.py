@@ -261,7 +261,7 @@ def test_update_leaves_the_state_commit_folds_it_in_and_undo_takes_it_out(side, 
     first = rule.update(0, W, K[:, :1], 0.3 * resid[:, :1])
     rule.commit(0, first.undo)
     state = {k: v.clone() for k, v in rule.state_dict().items()}
-    assert set(state) == ({"P.0"} if side == "output" else {"G.0", "K.0"})
+    assert set(state) == ({"P.0"} if side == "output" else {"G.0", "K.0", "S.0"})
     if side == "input":         # the memory holds the kept edit's keys as columns
         assert torch.equal(state["K.0"], K[:, :1])
     W1 = W.clone()
@@ -392,3 +392,35 @@ def test_rank_deficient_statistics_raise_the_ridge_until_cholesky_succeeds(caplo
     torch.testing.assert_close(L @ L.T, ref + ridge * torch.eye(40, dtype=torch.float64), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="layer 7"):
         ridged_cholesky(-torch.eye(5, dtype=torch.float64), 1.0, "layer 7")
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+def test_preimage_gram_follows_the_rotations_and_their_undo(polar_method):
+    """S = W·C0⁻¹·Wᵀ kept by low-rank changes over 30 kept edits equals S recomputed from the rotated
+    W (relative 1e-9), the targets from the kept S equal those from the direct formula, and undoing
+    the edits brings S back."""
+    from mose_fast.rules import MOSEInputRule
+    from mose_fast.rules.mose_input import preimage_gram, reachable_key_targets
+    W0, _, C0, K, resid = problem(50)
+    rule = MOSEInputRule(3.0, polar_method=polar_method, edit_memory=1.0)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    g = torch.Generator().manual_seed(5)
+    records = []
+    for i in range(30):
+        k = torch.randn(W.shape[1], 2, generator=g, dtype=torch.float64)
+        r = 0.2 * torch.randn(W.shape[0], 2, generator=g, dtype=torch.float64)
+        if i == 29:    # the targets an edit uses: from the kept S, as from a fresh one
+            direct = reachable_key_targets(W, k, r, rule.chol[0], rule.wwt[0])
+            kept = reachable_key_targets(W, k, r, rule.chol[0], rule.wwt[0], rule.sgram[0])
+            torch.testing.assert_close(kept, direct, rtol=1e-9, atol=1e-9)
+        res = rule.update(0, W, k, r)
+        rule.commit(0, res.undo)
+        records.append(res.undo)
+    fresh = preimage_gram(W, rule.chol[0])
+    assert float((rule.sgram[0] - fresh).norm() / fresh.norm()) < 1e-9
+    first = None
+    for rec in reversed(records):
+        rule.undo(0, rec)
+    first = preimage_gram(W0, rule.chol[0])
+    assert float((rule.sgram[0] - first).norm() / first.norm()) < 1e-9
