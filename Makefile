@@ -14,10 +14,10 @@ demo: setup
 	$(PY) -m mose_fast.cli demo
 
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests research/tests
 
 test-fast:
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests -m "not slow"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests research/tests -m "not slow"
 
 # On a CUDA machine (H100/H200) only: the GPU tests and a benchmark subset within 8 minutes, rows
 # appended to benchmarks/results.csv; refuses without CUDA.  Needs `pip install -e ".[gpu,test]"`.
