@@ -146,10 +146,11 @@ class AdditiveRule(Rule):
             raise ValueError(f"{self.name}: non-finite update at layer {layer}; refusing to apply")
         t_solve = time.perf_counter() - t
         t = time.perf_counter()
+        W_new = Wd + D                      # before the copy: Wd is W itself when W is float64
         with torch.no_grad():
-            W.copy_((Wd + D).to(W.dtype))
+            W.copy_(W_new.to(W.dtype))
         t_apply = time.perf_counter() - t
-        fit = float(((Wd + D) @ K - target).pow(2).sum())
+        fit = float((W_new @ K - target).pow(2).sum())
         return UpdateResult(objective=fit, objective_identity=float(resid.pow(2).sum()), orth_error=float("nan"),
                             undo=AdditiveRecord(D.to("cpu", torch.float32), K.detach().to("cpu", torch.float64)),
                             seconds_solve=t_solve, seconds_apply=t_apply)
