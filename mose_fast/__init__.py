@@ -4,7 +4,7 @@ Public API::
 
     from mose_fast import MOSEEditor, MOSEConfig, EditRequest, load_model
     model, tok = load_model()                       # embedded SmolLM2-135M-Instruct
-    editor = MOSEEditor(model, tok, MOSEConfig(layers=[4, 5, 6, 7, 8], lam=100.0))
+    editor = MOSEEditor(model, tok)                 # the `mose` preset; or MOSEConfig.preset(name, model_type)
     editor.edit(EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English"))
 """
 from __future__ import annotations

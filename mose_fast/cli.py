@@ -162,7 +162,7 @@ def cmd_edit(args) -> int:
     try:
         editor.save(out, dtype=save_dtype)
     except Exception as e:
-        state = {k: v for k, v in editor.state_dict().items() if k.split(".")[0] in ("weight", "master", "n_edits")}
+        state = editor.weights_dict()
         journal = {"config": cfg.to_dict(), "model": args.model, "entries": editor.journal}
         rescue = out if out.is_dir() else Path(f"{out}.edits")
         try:
@@ -190,15 +190,17 @@ def cmd_apply(args) -> int:
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: --edits must be a folder written by `mose-fast edit`")
     journal = json.loads(journal_file.read_text())
-    model_type = getattr(model_config(args.model), "model_type", None)
-    cfg = MOSEConfig.from_dict({k: v for k, v in journal["config"].items()}, model_type, where=str(journal_file))
+    mcfg = model_config(args.model)
+    cfg = MOSEConfig.from_dict({k: v for k, v in journal["config"].items()}, getattr(mcfg, "model_type", None),
+                               where=str(journal_file))
+    if getattr(mcfg, "num_hidden_layers", None) is not None:
+        cfg.validate_for_model(mcfg.num_hidden_layers, f"{journal_file} (config.layers)")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise ValueError(f"--out {out} exists and is not an empty folder or a saved model")
     model, tok = _load(args)
     editor = MOSEEditor(model, tok, cfg, second_moments={}, data_dir=args.data_dir)
-    state = load_file(str(state_file))
-    import torch
-    with torch.no_grad():
-        for l in cfg.layers:
-            editor.arch.weight_view(model, l).copy_(state[f"weight.{l}"])
+    editor.load_weights(load_file(str(state_file)))
     editor.journal = journal.get("entries", [])
     editor.save(args.out, dtype=as_dtype(args.save_dtype))
     print(f"model with the saved edits written to {args.out}")

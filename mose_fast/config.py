@@ -261,7 +261,7 @@ PRESETS: dict[str, Preset] = {
                    {"method": "rome", "land_retries": 0, "rule_hparams": {}}, layers="last"),
     "rect": Preset("RECT (MEMIT keeping the top 20 % relative changes), λ = 100",
                    {"method": "rect", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0, "keep_ratio": 0.2}}),
-    "prune": Preset("PRUNE (MEMIT with the accumulated update's singular values capped), λ = 100",
+    "prune": Preset("PRUNE (MEMIT with the accumulated update's singular values above σ_max(W0) log-compressed), λ = 100",
                     {"method": "prune", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0}}),
 }
 DEFAULT_PRESET = "mose"

@@ -466,9 +466,16 @@ class MOSEEditor:
                 out.update({f"rule.{m}.{k}": v for k, v in self.rules[m].state_dict().items()})
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Continue from ``state_dict()``: weights, masters and the rule's state (the undo history is
-        not part of it)."""
+    WEIGHT_KEYS = ("weight", "master", "param", "param_master", "n_edits")
+
+    def weights_dict(self) -> dict[str, torch.Tensor]:
+        """The part of ``state_dict()`` that is the edited model: every edited matrix, its float32
+        master and ``n_edits``, without the rules' state (what ``load_weights`` needs)."""
+        return {k: v for k, v in self.state_dict().items() if k.split(".")[0] in self.WEIGHT_KEYS}
+
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Put the edited matrices (and masters) of ``weights_dict()`` or ``state_dict()`` into the
+        model; every matrix is checked to be present before any is written."""
         down = "mlp.down" in self.rules
         missing = [f"weight.{l}" for l in self.cfg.layers if down and f"weight.{l}" not in state]
         others = [(l, m) for l, m in self.units() if m != "mlp.down"]
@@ -487,6 +494,12 @@ class MOSEEditor:
                 t.copy_(state[f"param.{n}"])
                 if f"param_master.{n}" in state:
                     self._pmaster[n] = state[f"param_master.{n}"].to(t.device, torch.float32).clone()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Continue from ``state_dict()``: weights, masters and the rule's state (the undo history is
+        not part of it)."""
+        self.load_weights(state)
+        down = "mlp.down" in self.rules
         prefixes = tuple(f"rule.{m}." for m in self.modules if m != "mlp.down")
         if down:
             self.rule.load_state_dict({k[5:]: v for k, v in state.items()

@@ -140,3 +140,52 @@ def test_presets_lists_every_preset(capsys):
     rc, out, _ = _run(["presets"], capsys)
     assert rc == 0
     assert [line.split()[0] for line in out.strip().splitlines()] == list(PRESETS)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("modules", ["mlp.down", "mlp.in,attn.v"])
+def test_a_failed_save_keeps_the_edits_and_apply_writes_them(tiny_dir, tmp_path, capsys, monkeypatch, modules):
+    """Saving fails after the edits: every edited matrix (whatever the modules) and the journal land in
+    the rescue folder, and `apply` writes a model whose every parameter equals the edited model's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from mose_fast.editor import MOSEEditor
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    edited = {}
+
+    def failing_save(self, out_dir, dtype=None):
+        edited.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        raise OSError("disk full")
+    monkeypatch.setattr(MOSEEditor, "save", failing_save)
+    out = tmp_path / "edited"
+    flags = ["--model", tiny_dir, "--layers", "1-2", "--stats-corpus", corpus, "--stats-tokens", "400"]
+    rc, _, err = _run(["edit", *flags, "--requests", _requests(tmp_path, [GOOD]), "--out", out,
+                       "--modules", modules], capsys)
+    assert rc == 1 and "disk full" in err and "mose-fast apply" in err
+    rescue = out / "edits"
+    assert (rescue / "edits.safetensors").is_file() and (rescue / "mose_journal.json").is_file()
+    monkeypatch.undo()
+    rc, _, err = _run(["apply", "--model", tiny_dir, "--edits", rescue, "--out", tmp_path / "applied"], capsys)
+    assert rc == 0, err
+    applied = AutoModelForCausalLM.from_pretrained(tmp_path / "applied").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_dir).state_dict()
+    changed = [k for k in edited if not torch.equal(edited[k], original[k])]
+    assert changed, "the edit changed nothing"
+    wanted = {"mlp.down": ["down_proj"], "mlp.in,attn.v": ["gate_proj", "up_proj", "v_proj"]}[modules]
+    assert all(any(w in k for w in wanted) for k in changed) and all(any(w in k for k in changed) for w in wanted)
+    for k, v in edited.items():
+        assert torch.equal(applied[k], v), k
+
+
+@pytest.mark.model
+def test_apply_checks_its_folder_before_loading_the_model(tiny_dir, tmp_path, capsys, no_model_load):
+    edits = tmp_path / "edits"
+    edits.mkdir()
+    rc, _, err = _run(["apply", "--model", tiny_dir, "--edits", edits, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and "edits.safetensors" in err and "not found" in err
+    (edits / "edits.safetensors").write_bytes(b"")
+    journal = edits / "mose_journal.json"
+    journal.write_text(json.dumps({"config": MOSEConfig.preset("mose", "llama", layers=[1, 9]).to_dict()}))
+    rc, _, err = _run(["apply", "--model", tiny_dir, "--edits", edits, "--out", tmp_path / "o"], capsys)
+    assert rc == 2 and str(journal) in err and "out of range" in err

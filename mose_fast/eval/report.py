@@ -140,12 +140,20 @@ def plot_report(rep: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _lam_text(cfg: dict) -> str:
+    lam = cfg.get("lam")
+    if (cfg.get("rule_hparams") or {}).get("lam_unit") == "per_dim":
+        return f"λ = {lam:.4g} per dimension of the rotated space"
+    return f"λ = {lam:.4g}" if isinstance(lam, (int, float)) else f"λ = {lam}"
+
+
 def before_after_summary(rep: dict) -> str:
     b, a = rep["before"], rep["after"]
     cfg = rep["config"]
     lines = [
         f"# MOSE sequential editing: {rep['model']}", "",
-        f"{rep['n_edits']} sequential edits (batch 1), layers {cfg['layers']}, λ = {cfg['lam']}, "
+        f"{rep['n_edits']} sequential edits (batch 1), preset `{cfg.get('preset') or 'custom'}`, "
+        f"layers {cfg['layers']}, {_lam_text(cfg)}, "
         f"commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
         f"Protocol: {rep['protocol']}.", "",
         "| metric | before | after |", "|---|---|---|",

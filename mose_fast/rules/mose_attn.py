@@ -32,10 +32,9 @@ as in mose_input.py):
 then each head slice of u + d rescaled to ‖u_h‖ (a second-order correction).  Why not the exact
 cheapest preimage P⁻¹W_oᵀ(W_oP⁻¹W_oᵀ)⁻¹·resid followed by the rescale: that preimage puts much of
 its mass along the heads' own directions, which R̃ cannot change, and dropping them afterwards
-breaks the cancellation between heads — on the tiny test models the attention output then moved
-by up to 2.5–3.4× the residual at cosine 0.2–0.5 with it; with the tangent step it moves by
-0.3–0.7× at cosine 0.53–0.86 (every family).  What is left unmet stays in the residual for the
-later units.
+breaks the cancellation between heads, and the attention output then moves far from the residual
+(docs/research.md, "Attention and FFN-input rotations", has the comparison).  What is left unmet
+stays in the residual for the later units.
 Solve: the retention term keeps the current model's o_proj inputs in place,
 λ‖R̃·U0 − U0‖², which per kv head reads 2λ·(tr S_g − tr(R_gᵀ·S_g)) with S_g = Σ_{h∈g} P[h,h]; with
 the edit term Σ‖R̃·u − u*‖² the problem separates over g:
@@ -113,12 +112,9 @@ them, the scores J assumed fixed), and the per-head softmax sees only what R doe
 retention term holds the corpus queries and keys, not the attention patterns.  The key movement is
 of the same order as the query's: a rotation acting on one kv head alone (a phase per pair, a turn
 of the pass-through dims) moves q and k together and changes no score at all, yet it is as good as
-any other for fitting q* — on the tiny test models attn.qk's own output change had cosine
-0.05 … 0.6 with its residual, overshooting it up to 2.3× (attn.v's: 0.53 … 0.86, never
-overshooting).  Holding the prompt's context keys in place, or keeping the target step off those
-per-head directions, did not make it consistently better; the next thing to try is solving for R
-in its Lie algebra with the keys' motion linearised as well.  Whether attn.qk helps an edit as it
-stands is for the measurement to say.
+any other for fitting q*, so attn.qk's own output change follows its residual less closely than
+attn.v's (docs/research.md).  Solving for R in its Lie algebra with the keys' motion linearised as
+well is the natural refinement.
 """
 from __future__ import annotations
 
