@@ -484,6 +484,12 @@ class MOSEEditor:
         if missing or "n_edits" not in state:
             raise ValueError(f"not an editor state for layers {self.cfg.layers} and modules {self.modules}: "
                              f"missing {missing or ['n_edits']}")
+        targets = {f"weight.{l}": self.arch.weight_view(self.model, l) for l in (self.cfg.layers if down else ())}
+        targets.update({f"param.{n}": t for n, t in params.items()})
+        wrong = [f"{k} {tuple(state[k].shape)} (the model's is {tuple(t.shape)})"
+                 for k, t in targets.items() if state[k].shape != t.shape]
+        if wrong:
+            raise ValueError(f"editor state does not fit this model: {', '.join(wrong)}")
         with torch.no_grad():
             for l in self.cfg.layers if down else ():
                 W = self.arch.weight_view(self.model, l)

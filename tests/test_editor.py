@@ -274,3 +274,16 @@ def test_no_undo_history_keeps_no_copies():
     assert len(editor._undo) == 0
     with pytest.raises(ValueError, match="0 can be undone"):
         editor.undo(1)
+
+
+@pytest.mark.model
+def test_load_weights_refuses_a_state_of_another_shape_and_leaves_the_model_untouched():
+    editor, model, _ = make_editor()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = {k: v.clone() + 1 for k, v in editor.weights_dict().items()}     # a write would show
+    last = f"weight.{editor.cfg.layers[-1]}"
+    state[last] = state[last][:, :-1]                  # every matrix but the last one would fit
+    with pytest.raises(ValueError, match=f"does not fit this model: {last}"):
+        editor.load_weights(state)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
