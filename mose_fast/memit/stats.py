@@ -348,7 +348,9 @@ class _Stat:
             self.hist.add(rows(seen_out[t + "pre"][0]))
 
     def result(self, count: int) -> dict[str, torch.Tensor]:
-        out = {k: s / count for k, s in self.sums.items()}
+        # divided in place: a second d×d float64 copy beside the sums would be the stage's peak
+        out = {k: s.div_(count) for k, s in self.sums.items()}
+        self.sums = {}
         if self.hist is not None:
             out.update(self.hist.state())
         return out
