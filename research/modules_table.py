@@ -17,7 +17,19 @@ def load_report(run: Path) -> dict:
 
 
 def journal(run: Path) -> list[dict]:
-    return [json.loads(l) for l in (run / "journal.jsonl").read_text().splitlines() if l.strip()]
+    from mose_fast.eval.store import read_lines
+    return read_lines(run / "journal.jsonl", lambda e: True, rewrite=False)
+
+
+def check_runs(runs: list[Path], labels: list[str]) -> None:
+    """Before loading anything: every folder holds a finished run (report.json, journal.jsonl)."""
+    if len(labels) != len(runs):
+        raise SystemExit(f"--labels: {len(labels)} labels for {len(runs)} run folders")
+    for run in runs:
+        for name in ("report.json", "journal.jsonl"):
+            if not (run / name).is_file():
+                raise SystemExit(f"{run / name}: not found (a finished run folder has it; "
+                                 f"`mose-fast report --out {run}` writes report.json)")
 
 
 def start_spectra(model_name: str, keys: set[str]) -> dict[str, dict]:
@@ -47,6 +59,7 @@ def main() -> None:
     a = ap.parse_args()
     runs = [Path(r) for r in a.runs]
     labels = a.labels.split(",") if a.labels else [r.name for r in runs]
+    check_runs(runs, labels)
     journals = {r: journal(r) for r in runs}
     keys = {k for j in journals.values() for e in j for k in e.get("unit_spectra", {})}
     start = start_spectra(a.model, keys) if keys else {}
