@@ -44,11 +44,13 @@ def generate_context_templates(model, tok, prefixes=("The", "Therefore", "Becaus
 
 
 def _subject_batch(tok, requests: list[EditRequest], templates: list[str]):
+    """Every request in every template, cut after the subject's last token (attention is causal:
+    nothing read at that token depends on the tokens after it), and that token's index."""
     ids, positions = [], []
     for req in requests:
         for t in templates:
             i, p = subject_last_index(tok, t.replace("{}", req.template, 1), req.subject)
-            ids.append(i)
+            ids.append(i[:p + 1])
             positions.append(p)
     return ids, positions
 

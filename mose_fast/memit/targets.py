@@ -27,7 +27,7 @@ import torch
 
 from ..config import MOSEConfig
 from ..hf.arch import ArchSpec
-from ..hf.hooks import edit_output
+from ..hf.hooks import _hidden, edit_output
 from ..hf.tokens import pad_batch, subject_last_index, target_ids
 from ..requests import EditRequest
 
@@ -176,21 +176,32 @@ def _fork(cache):
 
 
 class _PrefixCache:
-    """Runs each optimisation step on the prompts' *suffixes* only.
+    """Runs each optimisation step on the prompts' *suffixes* only, from block ``layer`` on.
 
     δ enters at the subject's last token (row r's position ``lookup[r]``), and attention is causal,
     so no position before it depends on δ.  Each prompt's prefix ``ids[r][:lookup[r]]`` is run once
     (left-padded, no grad) into a key/value cache; every step then feeds only the suffixes (a few
-    tokens instead of the whole templated prompt) with δ added at their first position after block
-    ``layer``.  The full forward done here at δ = 0 checks the logits at every selected position
-    and provides h₀; a family whose cached forward does not reproduce them (beyond rounding in the
-    model's dtype) falls back to full forwards (``usable`` False).
+    tokens instead of the whole templated prompt, right-padded) with δ added at their first position
+    after block ``layer``.
+
+    Blocks ``0 .. layer`` do not depend on δ on the suffixes either: their output is recorded once
+    at δ = 0, and during a step those blocks return it (blocks before ``layer`` pass their input
+    through) instead of computing it.  δ is added to the replayed output by the same hook as
+    before, so the blocks after ``layer`` and the gradient see exactly what a full computation
+    gives them.
+
+    The full forward done here at δ = 0 checks the cached logits at every selected position and
+    provides h₀, and the replayed forward is checked against the computed one; a family whose
+    cached forward does not reproduce the logits (beyond rounding in the model's dtype) falls back
+    to full forwards (``usable`` False), one whose replay does not runs every block (``replays``
+    False).
 
     ``select(requests)`` drops the rows of every other request (those that stopped early)."""
 
     def __init__(self, model, arch: ArchSpec, layer: int, batch: _Batch, tok):
         self.model, self.batch = model, batch
         self.block = arch.block(model, layer)
+        self.skipped = [arch.block(model, k) for k in range(layer + 1)]
         self.lm_head = arch.get(model, arch.lm_head)
         self.device = next(model.parameters()).device
         ids, lookup = batch.ids, batch.lookup
@@ -204,12 +215,15 @@ class _PrefixCache:
                 prefix[i, P - c:] = torch.tensor(x[:c])
                 prefix_mask[i, P - c:] = 1
         self.prefix_mask = prefix_mask.to(self.device)          # by original row
-        self.cache = None
+        self.base_cache = None
         with torch.no_grad():
             if P:
                 pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
-                self.cache = model(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
-                                   position_ids=pre_pos.to(self.device), use_cache=True).cache
+                self.base_cache = model(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
+                                        position_ids=pre_pos.to(self.device), use_cache=True).cache
+        self.cache = self.base_cache
+        self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
+        self.replays, self._output_kinds = False, {}
         self.rows = torch.arange(n)
         self._layout()
         # The reference full forward also yields h0 = residual after block `layer` at each row's
@@ -221,16 +235,21 @@ class _PrefixCache:
             seen["h"] = hidden[torch.arange(n, device=hidden.device), lookup_t.to(hidden.device)].detach()
             return hidden
         self.full = pad_batch(tok, ids, self.device)
-        sel_rows = torch.tensor(batch.sel_rows, device=self.device)
-        sel_cols = torch.tensor(batch.sel_cols, device=self.device)
         with torch.no_grad():
-            with edit_output(self.block, grab):
-                ref = model(**self.full, use_cache=False).logits[sel_rows, sel_cols].float()
-            mine = self._cached_forward(None).float()
+            pick = self.lm_head.register_forward_pre_hook(
+                lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_full],))
+            try:
+                with edit_output(self.block, grab):
+                    ref = model(**self.full, use_cache=False).logits.float()
+            finally:
+                pick.remove()
+            computed = self._cached_forward(None, "record").float()
+            can_replay = all(self._output_kinds.get(k) is not None for k in range(len(self.skipped)))
+            replayed = self._cached_forward(None, "replay").float() if can_replay else None
         self.h0 = seen["h"].to(self.device)
-        err = float((mine - ref).abs().max() / ref.abs().max().clamp_min(1e-6))
-        dtype = next(model.parameters()).dtype
-        self.usable = bool(err < prefix_cache_tolerance(dtype))
+        tol = prefix_cache_tolerance(next(model.parameters()).dtype)
+        self.usable = bool(_rel_err(computed, ref) < tol)
+        self.replays = bool(self.usable and replayed is not None and _rel_err(replayed, computed) < tol)
 
     def _layout(self) -> None:
         """Suffix tensors, positions and loss positions for the rows in ``self.rows``."""
@@ -271,21 +290,38 @@ class _PrefixCache:
         return self._positions
 
     def select(self, requests: list[int]) -> None:
-        """Keep only the rows of ``requests``."""
+        """Keep only the rows of ``requests`` (the cache and the replay are indexed from the rows
+        they were made for, so they stay in the order of ``self.rows``)."""
         keep = self.batch.rows_of(requests)
-        index = {r: i for i, r in enumerate(self.rows.tolist())}
-        local = torch.tensor([index[r] for r in keep], device=self.device)
-        if self.cache is not None:             # the cache's batch is ordered as self.rows
-            self.cache = _fork(self.cache)
-            self.cache.batch_select_indices(local)
+        index = torch.tensor(keep, device=self.device)
+        if self.base_cache is not None:
+            self.cache = _fork(self.base_cache)
+            self.cache.batch_select_indices(index)
+        if self.replay is not None:
+            self.replay_now = self.replay[index]
         self.rows = torch.tensor(keep)
         self._layout()
 
-    def _cached_forward(self, delta: torch.Tensor | None) -> torch.Tensor:
+    def _cached_forward(self, delta: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
+        """Logits at the selected positions.  ``mode``: "record" (compute every block and keep block
+        ``layer``'s output), "replay", "compute"; default "replay" where the replay was verified."""
+        mode = mode or ("replay" if self.replays else "compute")
         cache = _fork(self.cache) if self.cache is not None else None
-        handle = self.lm_head.register_forward_pre_hook(
-            lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_suffix],))
+        handles = [self.lm_head.register_forward_pre_hook(
+            lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_suffix],))]
+        saved = {}
         try:
+            if mode == "record":
+                for k, block in enumerate(self.skipped):
+                    def note(_m, _args, output, _k=k):
+                        self._output_kinds[_k] = _output_kind(output)
+                    handles.append(block.register_forward_hook(note))
+
+                def keep(_m, _args, output):
+                    self.replay = self.replay_now = _hidden(output).detach()
+                handles.append(self.block.register_forward_hook(keep))
+            elif mode == "replay":
+                saved = _replay_blocks(self.skipped, self._output_kinds, self.replay_now[:, :self.suffix.shape[1]])
             if delta is None:
                 out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
                                  cache=cache, use_cache=cache is not None)
@@ -300,7 +336,9 @@ class _PrefixCache:
                     out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
                                      cache=cache, use_cache=cache is not None)
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
+            _restore_forwards(saved)
         return out.logits
 
     def _full_forward(self, delta: torch.Tensor) -> torch.Tensor:
@@ -313,10 +351,52 @@ class _PrefixCache:
             extra = torch.zeros_like(hidden)
             extra[torch.arange(len(rows), device=hidden.device), lookup.to(hidden.device)] = add.to(hidden.device, hidden.dtype)
             return hidden + extra
-        with edit_output(self.block, bump):
-            logits = self.model(**batch, use_cache=False).logits
-        return logits[self.sel_rows_local, self.sel_cols_full]
+        pick = self.lm_head.register_forward_pre_hook(
+            lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_full],))
+        try:
+            with edit_output(self.block, bump):
+                return self.model(**batch, use_cache=False).logits
+        finally:
+            pick.remove()
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
         """Logits at the selected positions of the current rows, δ_j added to request j's rows."""
         return self._cached_forward(delta) if self.usable else self._full_forward(delta)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+def _output_kind(output):
+    """How a block returns its hidden state: 0 a tensor, k > 0 a tuple of the hidden state and k - 1
+    Nones; None for anything else (such a block is not replayed)."""
+    if isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(output, tuple) and output and all(x is None for x in output[1:]):
+        return len(output)
+    return None
+
+
+def _replay_blocks(blocks, kinds: dict[int, int], hidden: torch.Tensor) -> dict:
+    """Make blocks[:-1] pass their input through and blocks[-1] return ``hidden``, in each block's
+    own output form; returns what :func:`_restore_forwards` needs.  Forward hooks still run (they
+    wrap ``forward``), and a ``forward`` set on the instance (accelerate's offload hooks) is kept."""
+    saved = {}
+    last = len(blocks) - 1
+    for k, block in enumerate(blocks):
+        saved[block] = block.__dict__.get("forward")
+
+        def replay(*args, _k=k, **kwargs):
+            h = hidden if _k == last else (args[0] if args else kwargs["hidden_states"])
+            return h if kinds[_k] == 0 else (h,) + (None,) * (kinds[_k] - 1)
+        block.forward = replay
+    return saved
+
+
+def _restore_forwards(saved: dict) -> None:
+    for block, forward in saved.items():
+        if forward is None:
+            del block.forward
+        else:
+            block.forward = forward

@@ -62,3 +62,25 @@ def test_keys_and_outputs_is_compute_keys_and_block_outputs_in_one_forward(famil
         keys_and_outputs(model, tok, arch, 2, 1, REQS, templates)
     with pytest.raises(ValueError, match="bare prompt"):
         keys_and_outputs(model, tok, arch, 1, 2, REQS, [["I think. {}"]])
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_keys_read_off_a_forward_of_the_whole_prompt(family):
+    """The keys are computed on prompts cut after the subject; each equals the FFN output
+    projection's input at the subject's last token in a forward of the whole templated prompt, one
+    prompt at a time (float64)."""
+    from mose_fast.hf.hooks import capture_inputs
+    from mose_fast.hf.tokens import subject_last_index
+    model, tok = make_tiny_model(family)
+    model.double()
+    arch = resolve_arch(model)
+    rows = compute_template_keys(model, tok, arch, 1, REQS, TEMPLATES)
+    flat = [t for g in TEMPLATES for t in g]
+    for j, req in enumerate(REQS):
+        for t, template in enumerate(flat):
+            ids, p = subject_last_index(tok, template.replace("{}", req.template, 1), req.subject)
+            assert p < len(ids) - 1                      # there are tokens after the subject to cut
+            with capture_inputs({"k": arch.mlp_out_module(model, 1)}) as seen, torch.no_grad():
+                model(input_ids=torch.tensor([ids]))
+            torch.testing.assert_close(rows[j, t], seen["k"][0][0, p], atol=1e-10, rtol=0)

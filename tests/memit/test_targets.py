@@ -34,7 +34,7 @@ def test_prefix_cache_reproduces_full_forward(family):
     templates = [["{}"], ["The cat. {}", "I think that {}"]]
     batch = T._Batch(tok, REQS[:3], templates)
     runner = T._PrefixCache(model, arch, 1, batch, tok)
-    assert runner.usable, family
+    assert runner.usable and runner.replays, family
     delta = 0.5 * torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
     def reference(rows):
@@ -54,6 +54,50 @@ def test_prefix_cache_reproduces_full_forward(family):
         torch.testing.assert_close(runner.logits(delta), mine)          # the cache is not consumed
         runner.select([0, 2])                                           # request 1 stopped
         torch.testing.assert_close(runner.logits(delta), reference(batch.rows_of([0, 2])), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_replayed_blocks_give_the_computed_logits_and_gradient(family):
+    """A step replays blocks 0..layer (recorded at δ = 0) instead of running them: no module of
+    those blocks runs, and the logits and dL/dδ equal those of a step computing every block (float64),
+    also after a request has left the batch.  A forward set on a block instance (accelerate's hooks)
+    is back in place afterwards, and a block without one has none."""
+    model, tok = _model(family, torch.float64)
+    arch = resolve_arch(model)
+    batch = T._Batch(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
+    runner = T._PrefixCache(model, arch, 2, batch, tok)
+    assert runner.replays
+    own = arch.block(model, 1).forward
+    arch.block(model, 1).forward = own                     # an instance attribute, as accelerate sets
+    ran = []
+    handles = [m.register_forward_hook(lambda *_: ran.append(1))
+               for k in range(3) for m in arch.block(model, k).modules() if not list(m.children())]
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randn(len(REQS), model.config.hidden_size, generator=g, dtype=torch.float64)
+    weights = torch.randn(len(batch.sel_rows), model.config.vocab_size, generator=g, dtype=torch.float64)
+    try:
+        for keep in (None, [0, 1, 3]):
+            if keep:
+                runner.select(keep)
+                weights = weights[:len(runner.sel_rows_local)]
+            results = []
+            for mode in ("replay", "compute"):
+                d = delta.clone().requires_grad_(True)
+                ran.clear()
+                logits = runner._cached_forward(d, mode)
+                (logits * weights).sum().backward()
+                results.append((logits.detach(), d.grad, len(ran)))
+            (lr, gr, n_replay), (lc, gc, n_compute) = results
+            assert n_replay == 0 and n_compute > 0
+            torch.testing.assert_close(lr, lc, rtol=0, atol=1e-10)
+            torch.testing.assert_close(gr, gc, rtol=0, atol=1e-10)
+            assert gr.abs().sum() > 0
+    finally:
+        for h in handles:
+            h.remove()
+    assert arch.block(model, 1).__dict__["forward"] is own
+    assert "forward" not in arch.block(model, 2).__dict__
 
 
 @pytest.mark.model
