@@ -15,8 +15,9 @@ reaches only its own rows), and Adam keeps per-request state — so each request
 trajectory it would follow alone.  A request whose loss falls below ``v_loss_early_stop`` stops:
 its rows leave the batch and its δ is frozen.
 
-Each step runs only the prompts' suffixes against a key/value cache of their prefixes
-(:class:`_PrefixCache`), checked against a full forward when it is built.
+Each step runs only the prompts' suffixes against a key/value cache of their prefixes, and only the
+blocks after ``layer`` (those below are replayed from a record at δ = 0) (:class:`_PrefixCache`),
+checked against a full forward when it is built.
 """
 from __future__ import annotations
 
