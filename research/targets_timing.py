@@ -17,7 +17,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", default="1,10")
     args = ap.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches: comma-separated batch sizes, got {args.batches!r}")
+    if min(batches) < 1:
+        ap.error(f"--batches: sizes must be ≥ 1, got {args.batches!r}")
     path = default_data_dir() / "counterfact" / "counterfact-edit.json"
     if not path.is_file():
         raise SystemExit(f"{path} not found (set MOSE_DATA_DIR)")
@@ -27,18 +32,21 @@ def main() -> None:
     templates = MOSEEditor(model, tok, cfg, progress=False).context_templates()
     arch, layer = resolve_arch(model), max(cfg.layers)
     real_init = T._PrefixCache.__init__
-    for mode in ("replay", "compute"):
-        def init(self, *a, _mode=mode, **k):
-            real_init(self, *a, **k)
-            assert self.replays, "the replay check failed on this model"
-            self.replays = _mode == "replay"
-        T._PrefixCache.__init__ = init
-        for b in batches:
-            t = time.perf_counter()
-            res = T.compute_targets(model, tok, arch, layer, requests[:b], templates, cfg)
-            print(f"{mode:8s} batch {b:3d}: {time.perf_counter() - t:7.2f} s; Adam steps {[r.steps for r in res]}",
-                  flush=True)
-    T._PrefixCache.__init__ = real_init
+    try:
+        for mode in ("replay", "compute"):
+            def init(self, *a, _mode=mode, **k):      # the replay verified, then kept or switched off
+                real_init(self, *a, **k)
+                if not self.replays:
+                    raise SystemExit("the replay check failed on this model: nothing to compare")
+                self.replays = _mode == "replay"
+            T._PrefixCache.__init__ = init
+            for b in batches:
+                t = time.perf_counter()
+                res = T.compute_targets(model, tok, arch, layer, requests[:b], templates, cfg)
+                print(f"{mode:8s} batch {b:3d}: {time.perf_counter() - t:7.2f} s; "
+                      f"Adam steps {[r.steps for r in res]}", flush=True)
+    finally:
+        T._PrefixCache.__init__ = real_init
 
 
 if __name__ == "__main__":

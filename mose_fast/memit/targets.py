@@ -22,7 +22,9 @@ checked against a full forward when it is built.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -237,13 +239,8 @@ class _PrefixCache:
             return hidden
         self.full = pad_batch(tok, ids, self.device)
         with torch.no_grad():
-            pick = self.lm_head.register_forward_pre_hook(
-                lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_full],))
-            try:
-                with edit_output(self.block, grab):
-                    ref = model(**self.full, use_cache=False).logits.float()
-            finally:
-                pick.remove()
+            with self._selected_logits(self.sel_cols_full), edit_output(self.block, grab):
+                ref = model(**self.full, use_cache=False).logits.float()
             computed = self._cached_forward(None, "record").float()
             can_replay = all(self._output_kinds.get(k) is not None for k in range(len(self.skipped)))
             replayed = self._cached_forward(None, "replay").float() if can_replay else None
@@ -308,9 +305,7 @@ class _PrefixCache:
         ``layer``'s output), "replay", "compute"; default "replay" where the replay was verified."""
         mode = mode or ("replay" if self.replays else "compute")
         cache = _fork(self.cache) if self.cache is not None else None
-        handles = [self.lm_head.register_forward_pre_hook(
-            lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_suffix],))]
-        saved = {}
+        handles, saved = [], {}
         try:
             if mode == "record":
                 for k, block in enumerate(self.skipped):
@@ -323,19 +318,16 @@ class _PrefixCache:
                 handles.append(self.block.register_forward_hook(keep))
             elif mode == "replay":
                 saved = _replay_blocks(self.skipped, self._output_kinds, self.replay_now[:, :self.suffix.shape[1]])
-            if delta is None:
+            add = None if delta is None else delta[self.row_request]
+
+            def bump(hidden):
+                extra = torch.zeros_like(hidden)
+                extra[:, 0] = add.to(hidden.device, hidden.dtype)
+                return hidden + extra
+            with self._selected_logits(self.sel_cols_suffix), \
+                    (edit_output(self.block, bump) if add is not None else nullcontext()):
                 out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
                                  cache=cache, use_cache=cache is not None)
-            else:
-                add = delta[self.row_request]
-
-                def bump(hidden):
-                    extra = torch.zeros_like(hidden)
-                    extra[:, 0] = add.to(hidden.device, hidden.dtype)
-                    return hidden + extra
-                with edit_output(self.block, bump):
-                    out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
-                                     cache=cache, use_cache=cache is not None)
         finally:
             for h in handles:
                 h.remove()
@@ -352,13 +344,18 @@ class _PrefixCache:
             extra = torch.zeros_like(hidden)
             extra[torch.arange(len(rows), device=hidden.device), lookup.to(hidden.device)] = add.to(hidden.device, hidden.dtype)
             return hidden + extra
-        pick = self.lm_head.register_forward_pre_hook(
-            lambda _m, args: (args[0][self.sel_rows_local, self.sel_cols_full],))
+        with self._selected_logits(self.sel_cols_full), edit_output(self.block, bump):
+            return self.model(**batch, use_cache=False).logits
+
+    @contextmanager
+    def _selected_logits(self, cols: torch.Tensor) -> Iterator[None]:
+        """lm_head applied only at the selected positions (rows ``sel_rows_local``, columns ``cols``
+        of the batch being run)."""
+        handle = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][self.sel_rows_local, cols],))
         try:
-            with edit_output(self.block, bump):
-                return self.model(**batch, use_cache=False).logits
+            yield
         finally:
-            pick.remove()
+            handle.remove()
 
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
         """Logits at the selected positions of the current rows, δ_j added to request j's rows."""
