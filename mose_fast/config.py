@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float64", "float32")
+TARGET_DTYPES = ("bfloat16", "float16")
 
 
 @dataclass
@@ -52,9 +53,17 @@ class MOSEConfig:
     kl_factor: float = 0.0625
     v_weight_decay: float = 1e-3
     v_loss_early_stop: float = 5e-2
+    # what a request's early stop compares with v_loss_early_stop: "nll", the target's NLL (the
+    # target is reached even while the KL term holds the loss above the level), or "loss" (MEMIT:
+    # NLL + KL + decay; the setting of runs made before this option existed)
+    v_stop_on: str = "nll"
     # requests whose targets are optimised in one padded batch; a larger edit runs in chunks of
     # this many (each request's target is the same either way: only speed and memory change)
     target_batch: int = 16
+    # dtype of the matrix products in the Adam steps of a float32 model (torch.autocast): "bfloat16"
+    # runs them at the hardware's low-precision rate while h0, δ, the residual stream and the loss
+    # stay in float32; None: everything in the model's dtype (the setting of earlier runs)
+    target_dtype: str | None = "bfloat16"
     # --- context templates (ROME/MEMIT: generated prefixes, "{}" kept as the subject slot) -------
     context_template_prefixes: tuple[str, ...] = ("The", "Therefore", "Because", "I", "You")
     context_template_length: int = 10
@@ -98,6 +107,10 @@ class MOSEConfig:
             bad("lam", "must be a number ≥ 0")
         if self.solve_dtype not in DTYPES:
             bad("solve_dtype", f"choose from {DTYPES}")
+        if self.v_stop_on not in ("loss", "nll"):
+            bad("v_stop_on", "choose 'loss' or 'nll'")
+        if self.target_dtype is not None and self.target_dtype not in TARGET_DTYPES:
+            bad("target_dtype", f"choose from {TARGET_DTYPES} or null (the model's dtype)")
         methods = ("auto", *POLAR_METHODS, *SUBSPACE_METHODS)
         if self.polar_method not in methods:
             bad("polar_method", f"choose from {sorted(methods)}")
@@ -162,12 +175,16 @@ class MOSEConfig:
         d["context_template_prefixes"] = list(self.context_template_prefixes)
         d["preset"] = d.pop("preset_name")
         d["modules"] = list(self.modules)
-        # at their defaults these two are left out, so a configuration that edits mlp.down alone
-        # reads (and identifies its run folders) exactly as before the other modules existed
+        # left out at the values that reproduce the behaviour from before they existed, so such a
+        # configuration reads (and identifies its run folders) exactly as it did then
         if d["modules"] == ["mlp.down"]:
             del d["modules"]
         if not d["module_hparams"]:
             del d["module_hparams"]
+        if d["target_dtype"] is None:
+            del d["target_dtype"]
+        if d["v_stop_on"] == "loss":
+            del d["v_stop_on"]
         return d
 
     @classmethod

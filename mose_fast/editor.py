@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .config import MOSEConfig
 from .hf.arch import ArchSpec, resolve_arch
-from .memit.keys import block_outputs_at_subject, generate_context_templates, keys_and_outputs, unit_keys_and_outputs
+from .memit.keys import (SubjectForward, block_outputs_at_subject, generate_context_templates, keys_and_outputs,
+                         unit_keys_and_outputs)
 from .memit.stats import model_fingerprint, statistics_corpus, key_second_moments, unit_statistics
 from .memit.targets import compute_targets
 from .requests import EditRequest
@@ -145,6 +146,8 @@ class MOSEEditor:
         self._corpus = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
         self._prepared: set[int] = set()
+        # whether the keys' forwards may replay unchanged blocks (None: not yet checked on this model)
+        self._subject_replay: bool | None = None
         self._undo: deque[_Kept] = deque(maxlen=self.cfg.undo_history)
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
@@ -296,14 +299,18 @@ class MOSEEditor:
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
             z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
+            forward = SubjectForward(self.model, self.tok, self.arch, requests, templates,
+                                     check=self._subject_replay is None)
+            forward.replays = self._subject_replay is not False
             weights = edit_weights
             for attempt in range(self.cfg.land_retries + 1):
                 if attempt:     # the retry starts from the weights before this edit, bit for bit
                     self._put_weights(before)
+                    forward.edited(self.units()[0][0])
                     pending.clear()
                 record.attempts = attempt + 1
                 record.edit_weights = None if weights is None else weights.tolist()
-                unmet_before = self._pass_units(requests, templates, z, weights, record, pending, attempt)
+                unmet_before = self._pass_units(requests, templates, z, weights, record, pending, attempt, forward)
                 if attempt == self.cfg.land_retries:
                     break
                 ok = self._landed(requests)
@@ -312,7 +319,9 @@ class MOSEEditor:
                 if weights is None:
                     weights = torch.ones(len(requests), dtype=torch.float64)
                 weights = torch.where(torch.tensor(ok, dtype=torch.bool), weights, weights * self.cfg.land_boost)
-            after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests)
+            after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests, forward)
+            if not forward.check:                  # the replay was compared with a full forward
+                self._subject_replay = forward.replays
             record.target_unmet = ((z - after.to(z)).norm(dim=1)
                                    / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
             for l, m in self.units():
@@ -337,24 +346,27 @@ class MOSEEditor:
         return record
 
     def _pass_units(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
-                    record: EditRecord, pending: dict, attempt: int) -> torch.Tensor:
-        """One pass over the edit's units towards z; returns ‖z − h‖ per request before it."""
+                    record: EditRecord, pending: dict, attempt: int, forward: SubjectForward) -> torch.Tensor:
+        """One pass over the edit's units towards z; returns ‖z − h‖ per request before it.  The keys
+        are read with ``forward`` (told of every block the pass changes)."""
         layers = self.cfg.layers
         units = self.units()
         unmet_before = None
         for i, (layer, module) in enumerate(units):
             t = time.perf_counter()
             if module == "mlp.down":
-                K, current = keys_and_outputs(self.model, self.tok, self.arch, layer, layers[-1], requests, templates)
+                K, current = keys_and_outputs(self.model, self.tok, self.arch, layer, layers[-1], requests, templates,
+                                              forward)
             else:
                 K, current = unit_keys_and_outputs(self.model, self.tok, self.arch, layer, module, layers[-1],
-                                                   requests, templates)
+                                                   requests, templates, forward)
             gap = z - current.to(z)
             if unmet_before is None:
                 unmet_before = gap.norm(dim=1)
             resid = gap / (len(units) - i)                                       # n × d
             t_keys = time.perf_counter() - t
             gap_now = float(gap.norm(dim=1).mean())
+            forward.edited(layer)                     # the update below changes block `layer`
             if module != "mlp.down":
                 self._update_unit(layer, module, K, resid, weights, record, pending, attempt, t_keys, gap_now)
                 continue

@@ -81,14 +81,15 @@ def tiny_llama():
 
 def tiny_mose_config(**kw):
     """A small config for the tiny models.  Unless the caller says otherwise: the paper's rule (output
-    side, absolute λ = 1, exact SVD in float64, no re-solves) on layers 1-2; a method other than
-    MOSE gets no rule options (``rule_hparams={}``)."""
+    side, absolute λ = 1, exact SVD in float64, no re-solves) on layers 1-2, target steps in the
+    model's dtype (the tests compare computations at its rounding; bf16 steps have their own); a
+    method other than MOSE gets no rule options (``rule_hparams={}``)."""
     from mose_fast import MOSEConfig
     mose = kw.get("method", "mose") == "mose"
     base = dict(layers=[1, 2], lam=1.0, rule_hparams={"side": "output"} if mose else {}, polar_method="svd",
                 solve_dtype="float64", land_retries=0, stats_tokens=400, stats_seq_len=32, stats_batch_size=4,
                 v_num_grad_steps=8, context_template_length=3, context_template_prefixes=("The", "I"),
-                v_lr=0.5, clamp_norm_factor=4.0)
+                v_lr=0.5, clamp_norm_factor=4.0, target_dtype=None)
     base.update(kw)
     return MOSEConfig(**base)
 

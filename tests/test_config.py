@@ -107,6 +107,8 @@ def test_from_json_reads_a_preset_plus_overrides_and_names_the_file(tmp_path):
     ({"rule_hparams": {"side": "input", "lam_unit": "per_token"}}, "rule_hparams.lam_unit"),
     ({"rule_hparams": {"side": "sideways"}}, "rule_hparams.side"),
     ({"method": "magic"}, "method 'magic' is not a rule"),
+    ({"target_dtype": "float8"}, "target_dtype"),
+    ({"v_stop_on": "kl"}, "v_stop_on"),
 ])
 def test_validation_errors_name_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -149,3 +151,16 @@ def test_command_line_builds_preset_then_file_then_flags(tmp_path):
         build_config(_args(["--config", str(path)]), "llama")
     with pytest.raises(FileNotFoundError, match="nope.json"):
         build_config(_args(["--config", str(tmp_path / "nope.json")]), "llama")
+
+
+def test_target_settings_of_earlier_runs_keep_their_identity():
+    """A configuration with the target settings of runs made before they existed (float32 steps,
+    stop on the loss) serialises without them, as those runs' run.json do; the presets' bf16 / NLL
+    settings are written out, so a run folder of one is never resumed as the other."""
+    old = MOSEConfig.preset("mose", target_dtype=None, v_stop_on="loss").to_dict()
+    assert "target_dtype" not in old and "v_stop_on" not in old
+    assert MOSEConfig.from_dict(old).target_dtype == "bfloat16"       # not from the dict: the default
+    assert MOSEConfig.from_dict({**old, "target_dtype": None, "v_stop_on": "loss"}).to_dict() == old
+    new = MOSEConfig.preset("mose").to_dict()
+    assert (new["target_dtype"], new["v_stop_on"]) == ("bfloat16", "nll")
+    assert {k: v for k, v in new.items() if k not in ("target_dtype", "v_stop_on")} == old

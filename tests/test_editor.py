@@ -287,3 +287,27 @@ def test_load_weights_refuses_a_state_of_another_shape_and_leaves_the_model_unto
         editor.load_weights(state)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("modules", [("mlp.down",), ("attn.v", "mlp.in", "mlp.down")])
+def test_keys_replaying_unchanged_blocks_give_the_edit_of_full_forwards(modules):
+    """The editor's keys forwards start at the first changed block (memit.keys.SubjectForward); in
+    float64 the edit is the one full forwards give, across units of several modules and a re-solve."""
+    results = []
+    for replay in (True, False):
+        model, tok = make_tiny_model("llama")
+        model.double()
+        config = tiny_mose_config(layers=[1, 2, 3], modules=modules, land_retries=1,
+                                  rule_hparams={"side": "input", "edit_memory": 1.0})
+        editor = MOSEEditor(model, tok, config, second_moments=tiny_second_moments(model, tok, config.layers),
+                            progress=False)
+        editor._subject_replay = None if replay else False
+        rec = editor.edit([REQ, REQ2])
+        assert editor._subject_replay is (True if replay else False)
+        results.append((rec, {k: v.clone() for k, v in model.state_dict().items()}))
+    (rec_a, a), (rec_b, b) = results
+    assert rec_a.attempts == rec_b.attempts
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-10, rtol=1e-10, msg=name)
+    torch.testing.assert_close(torch.tensor(rec_a.target_unmet), torch.tensor(rec_b.target_unmet), atol=1e-8, rtol=1e-8)

@@ -87,3 +87,38 @@ def run_until(model: nn.Module, stop_module: nn.Module, **inputs) -> None:
             model(**inputs)
         except StopForward:   # the intended end of a truncated forward
             return
+
+
+def output_kind(output) -> int | None:
+    """How a block returns its hidden state: 0 a tensor, k > 0 a tuple of the hidden state and k - 1
+    Nones; None for anything else (such a block cannot be replayed)."""
+    if isinstance(output, torch.Tensor):
+        return 0
+    if isinstance(output, tuple) and output and all(x is None for x in output[1:]):
+        return len(output)
+    return None
+
+
+@contextmanager
+def replaying(blocks: list[nn.Module], kinds: list[int], hidden: torch.Tensor) -> Iterator[None]:
+    """Make ``blocks[:-1]`` pass their input through and ``blocks[-1]`` return ``hidden`` (each in
+    its own output form, ``kinds`` from :func:`output_kind`) instead of computing anything: a forward
+    then starts at the block after them from a recorded state.  Forward hooks still run (they wrap
+    ``forward``), and a ``forward`` set on the instance (accelerate's offload hooks) is put back."""
+    saved = {}
+    last = len(blocks) - 1
+    try:
+        for k, block in enumerate(blocks):
+            saved[block] = block.__dict__.get("forward")
+
+            def replay(*args, _k=k, **kwargs):
+                h = hidden if _k == last else (args[0] if args else kwargs["hidden_states"])
+                return h if kinds[_k] == 0 else (h,) + (None,) * (kinds[_k] - 1)
+            block.forward = replay
+        yield
+    finally:
+        for block, forward in saved.items():
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward

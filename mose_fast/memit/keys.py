@@ -11,10 +11,12 @@ recomputed from the captured q/k/v and checked against the model's own attention
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from ..hf.arch import ArchSpec, attention_geometry, qkv_modules, rotary_cos_sin, split_qkv
-from ..hf.hooks import capture_inputs, capture_outputs, run_until
+from ..hf.hooks import _hidden, capture_inputs, capture_outputs, output_kind, replaying, run_until
 from ..requests import EditRequest
 from ..hf.tokens import pad_batch, subject_last_index
 
@@ -55,6 +57,83 @@ def _subject_batch(tok, requests: list[EditRequest], templates: list[str]):
     return ids, positions
 
 
+class SubjectForward:
+    """The forwards of one edit over the same prompts — every request in every context template,
+    cut after the subject's last token — each starting at the first block an edit has changed
+    since the previous forward.
+
+    The edited layers are visited in order, so when the keys of layer l are read, blocks below the
+    previous unit's layer are as they were at the previous forward: their outputs are recorded
+    then, and the next forward replays them (:func:`hooks.replaying`) instead of computing them
+    again.  The editor reports every change of a block's weights with ``edited(layer)``.
+
+    ``check``: the first replayed forward is also computed in full and the captures compared; a
+    model whose blocks pass state other than the hidden state (so that a replay is not the same
+    computation) then runs every forward in full (``replays`` False)."""
+
+    def __init__(self, model, tok, arch: ArchSpec, requests: list[EditRequest],
+                 context_templates: list[list[str]], check: bool = True):
+        flat = [t for group in context_templates for t in group]
+        self.model, self.arch, self.n_templates = model, arch, len(flat)
+        self.ids, self.positions = _subject_batch(tok, requests, flat)
+        self.inputs = pad_batch(tok, self.ids, next(model.parameters()).device)
+        self.outputs: dict[int, torch.Tensor] = {}     # block k's output at its last computation
+        self.kinds: dict[int, int | None] = {}
+        self.fresh = 0             # the outputs of blocks below this are recorded and current
+        self.check, self.replays = check, True
+
+    def edited(self, layer: int) -> None:
+        """Block ``layer``'s weights changed: its output and every later one are stale."""
+        self.fresh = min(self.fresh, layer)
+
+    def run(self, first: int, stop: int, inputs_of: dict, outputs_of: dict) -> tuple[dict, dict]:
+        """Forward through block ``stop``, computing at least blocks ``first`` .. ``stop`` (the ones
+        holding the captured modules); returns the captured module inputs and hidden outputs, as
+        :func:`hooks.capture_inputs` / :func:`hooks.capture_outputs` give them."""
+        start = min(first, self.fresh) if self.replays else 0
+        if start and any(self.kinds.get(k) is None for k in range(start)):
+            start = 0
+        got = self._forward(start, stop, inputs_of, outputs_of)
+        if start and self.check:
+            self.check = False
+            full = self._forward(0, stop, inputs_of, outputs_of)
+            same = all(_rel_err(got[i][name][0], full[i][name][0]) <= _REPLAY_TOLERANCE.get(full[i][name][0].dtype, 1e-3)
+                       for i in (0, 1) for name in full[i])
+            if not same:
+                self.replays = False
+                return full
+        return got
+
+    def _forward(self, start: int, stop: int, inputs_of: dict, outputs_of: dict) -> tuple[dict, dict]:
+        blocks = [self.arch.block(self.model, k) for k in range(stop + 1)]
+        handles = []
+        for k in range(start, stop + 1):
+            def note(_m, _args, output, _k=k):
+                self.kinds[_k] = output_kind(output)
+                self.outputs[_k] = _hidden(output).detach()
+            handles.append(blocks[k].register_forward_hook(note))
+        replay = replaying(blocks[:start], [self.kinds[k] for k in range(start)],
+                           self.outputs[start - 1]) if start else nullcontext()
+        try:
+            with replay, capture_inputs(inputs_of) as seen_in, capture_outputs(outputs_of) as seen_out:
+                run_until(self.model, blocks[stop], **self.inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        self.fresh = stop + 1
+        return seen_in, seen_out
+
+
+# the replayed and the computed forward run the same operations on the same inputs; beyond rounding
+# they are different computations
+_REPLAY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.to(a.device).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
 def template_weights(context_templates: list[list[str]]) -> torch.Tensor:
     """Each template's weight in the mean key (float64, sums to 1): 1/(n_groups·len(group))."""
     return torch.cat([torch.full((len(g),), 1.0 / (len(context_templates) * len(g)), dtype=torch.float64)
@@ -79,7 +158,8 @@ def compute_template_keys(model, tok, arch: ArchSpec, layer: int, requests: list
 
 @torch.no_grad()
 def keys_and_outputs(model, tok, arch: ArchSpec, layer: int, out_layer: int, requests: list[EditRequest],
-                     context_templates: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
+                     context_templates: list[list[str]], forward: SubjectForward | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over every request in every template (stopped after block ``out_layer``):
     ``(K_E, h)`` — MEMIT's mean key at ``layer`` (n × d_in) and the residual stream after block
     ``out_layer`` at the subject's last token of each bare prompt (n × d_model).
@@ -91,11 +171,10 @@ def keys_and_outputs(model, tok, arch: ArchSpec, layer: int, out_layer: int, req
         raise ValueError(f"the first context template must be the bare prompt '{{}}', got {flat[0]!r}")
     if out_layer < layer:
         raise ValueError(f"out_layer {out_layer} precedes the key layer {layer}")
-    ids, positions = _subject_batch(tok, requests, flat)
-    device = next(model.parameters()).device
-    block = arch.block(model, out_layer)
-    with capture_inputs({"k": arch.mlp_out_module(model, layer)}) as keys, capture_outputs({"h": block}) as outs:
-        run_until(model, block, **pad_batch(tok, ids, device))
+    forward = forward or SubjectForward(model, tok, arch, requests, context_templates, check=False)
+    ids, positions = forward.ids, forward.positions
+    keys, outs = forward.run(layer, out_layer, {"k": arch.mlp_out_module(model, layer)},
+                             {"h": arch.block(model, out_layer)})
     k_in, h = keys["k"][0], outs["h"][0]
     rows = torch.arange(len(ids), device=k_in.device)
     cols = torch.tensor(positions, device=k_in.device)
@@ -111,22 +190,22 @@ ATTENTION_MISMATCH_LIMIT = {torch.float64: 1e-6, torch.float32: 1e-3}
 
 @torch.no_grad()
 def unit_keys_and_outputs(model, tok, arch: ArchSpec, layer: int, module: str, out_layer: int,
-                          requests: list[EditRequest], context_templates: list[list[str]]):
+                          requests: list[EditRequest], context_templates: list[list[str]],
+                          forward: SubjectForward | None = None):
     """``keys_and_outputs`` for any module of ``MOSEConfig.modules``: (keys, h) from one forward over
     every request in every template, stopped after block ``out_layer``.  Keys: "mlp.down" the mean
     key (n × d_in), "attn.v" the mean o_proj input (n × d_q), "mlp.in" the mean FFN input
     (n × d_model), "attn.qk" a ``rules.mose_attn.QKKeys``."""
     if module == "mlp.down":
-        return keys_and_outputs(model, tok, arch, layer, out_layer, requests, context_templates)
+        return keys_and_outputs(model, tok, arch, layer, out_layer, requests, context_templates, forward)
     flat = [t for group in context_templates for t in group]
     if flat[0] != "{}":
         raise ValueError(f"the first context template must be the bare prompt '{{}}', got {flat[0]!r}")
     if out_layer < layer:
         raise ValueError(f"out_layer {out_layer} precedes the key layer {layer}")
-    ids, positions = _subject_batch(tok, requests, flat)
-    device = next(model.parameters()).device
-    block = arch.block(model, out_layer)
-    inputs, outputs = {}, {"h": block}
+    forward = forward or SubjectForward(model, tok, arch, requests, context_templates, check=False)
+    ids, positions = forward.ids, forward.positions
+    inputs, outputs = {}, {"h": arch.block(model, out_layer)}
     if module in ("attn.v", "attn.qk"):
         arch.require(module, "attn_out")
         inputs["u"] = arch.sub(model, layer, arch.attn_out)
@@ -136,8 +215,7 @@ def unit_keys_and_outputs(model, tok, arch: ArchSpec, layer: int, module: str, o
         inputs["x"] = arch.sub(model, layer, arch.mlp_in[0])
     elif module != "attn.v":
         raise ValueError(f"unknown module {module!r}")
-    with capture_inputs(inputs) as seen_in, capture_outputs(outputs) as seen_out:
-        run_until(model, block, **pad_batch(tok, ids, device))
+    seen_in, seen_out = forward.run(layer, out_layer, inputs, outputs)
     h = seen_out["h"][0]
     bare = torch.arange(0, len(ids), len(flat), device=h.device)
     h_bare = h[bare, torch.tensor(positions, device=h.device)[bare]]
@@ -193,8 +271,15 @@ def mean_key(rows: torch.Tensor, context_templates: list[list[str]]) -> torch.Te
 
 
 @torch.no_grad()
-def block_outputs_at_subject(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest]) -> torch.Tensor:
-    """Residual stream after block ``layer`` at the subject's last token of each bare prompt."""
+def block_outputs_at_subject(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
+                             forward: SubjectForward | None = None) -> torch.Tensor:
+    """Residual stream after block ``layer`` at the subject's last token of each bare prompt (read off
+    ``forward``'s bare-prompt rows where given)."""
+    if forward is not None:
+        _, outs = forward.run(layer, layer, {}, {"h": arch.block(model, layer)})
+        h = outs["h"][0]
+        bare = torch.arange(0, len(forward.ids), forward.n_templates, device=h.device)
+        return h[bare, torch.tensor(forward.positions, device=h.device)[bare]]
     ids, positions = _subject_batch(tok, requests, ["{}"])
     device = next(model.parameters()).device
     block = arch.block(model, layer)

@@ -12,8 +12,12 @@ target is ``z_j = h₀_j + δ_j``, ``h₀_j`` the unedited residual on the bare 
 The requests share nothing but the forward pass: every step runs one padded batch holding every
 active request's rewrite and KL prompts, the loss is the sum of the requests' losses (each δ_j
 reaches only its own rows), and Adam keeps per-request state — so each request follows exactly the
-trajectory it would follow alone.  A request whose loss falls below ``v_loss_early_stop`` stops:
-its rows leave the batch and its δ is frozen.
+trajectory it would follow alone.  A request whose loss (``v_stop_on`` "loss") or target NLL
+("nll") falls below ``v_loss_early_stop`` stops: its rows leave the batch and its δ is frozen.
+
+With ``target_dtype`` set (bfloat16), the steps' forward runs under ``torch.autocast``
+(:func:`step_precision`); h₀ comes from the model's own dtype and δ, Adam and the loss stay in
+float32.
 
 Each step runs only the prompts' suffixes against a key/value cache of their prefixes, and only the
 blocks after ``layer`` (those below are replayed from a record at δ = 0) (:class:`_PrefixCache`),
@@ -22,6 +26,7 @@ checked against a full forward when it is built.
 from __future__ import annotations
 
 import copy
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
@@ -30,7 +35,7 @@ import torch
 
 from ..config import MOSEConfig
 from ..hf.arch import ArchSpec
-from ..hf.hooks import _hidden, edit_output
+from ..hf.hooks import _hidden, edit_output, output_kind, replaying, run_until
 from ..hf.tokens import pad_batch, subject_last_index, target_ids
 from ..requests import EditRequest
 
@@ -50,6 +55,11 @@ def prefix_cache_tolerance(dtype: torch.dtype) -> float:
     """Largest relative logit difference between the cached and the full forward accepted as the
     same computation: rounding in the model's dtype (a wrong cache is off by O(1))."""
     return {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-3)
+
+
+# model → (dtype, usable, replays): the checks of _PrefixCache, made at its first build on a model
+# (they depend on how the family computes a forward, not on its weights or prompts)
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class _Batch:
@@ -108,47 +118,77 @@ def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest
     first_row = [batch.row_request.index(j) for j in range(batch.n)]
     h0 = runner.h0[first_row].float()                                            # n × d
     h0_norm = h0.norm(dim=1)
+    max_norm = cfg.clamp_norm_factor * h0_norm
     delta = torch.zeros_like(h0, requires_grad=True)
     m, v = torch.zeros_like(h0), torch.zeros_like(h0)
     adam_t = [0] * batch.n
     active = list(range(batch.n))
     done: dict[int, tuple[float, int]] = {}
     kl_init: dict[int, torch.Tensor] = {}
-    max_norm = cfg.clamp_norm_factor * h0_norm
-    for step in range(cfg.v_num_grad_steps):
-        logits = runner.logits(delta)
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        losses, keep = {}, []
-        for j, (rows, labels, kl_row) in runner.loss_positions().items():
-            lp = log_probs[rows, labels]
-            nll = -lp.view(batch.n_rewrite, -1).mean(1).mean()
-            kl_lp = log_probs[kl_row:kl_row + 1]
-            if j not in kl_init:
-                kl_init[j] = kl_lp.detach().clone()
-            kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[j], kl_lp, log_target=True, reduction="batchmean")
-            decay = cfg.v_weight_decay * (delta[j].norm() / h0_norm[j] ** 2)
-            loss = nll + kl + decay
-            if loss.item() < cfg.v_loss_early_stop or step == cfg.v_num_grad_steps - 1:
-                done[j] = (nll.item(), step + 1)
-            else:
-                losses[j] = loss
-                keep.append(j)
-        if not keep:
-            break
-        if delta.grad is not None:
-            delta.grad = None
-        torch.stack(list(losses.values())).sum().backward()
-        with torch.no_grad():
-            _adam_step(delta, delta.grad, m, v, adam_t, keep, cfg.v_lr)
-            for j in keep:
-                norm = delta[j].norm()
-                if norm > max_norm[j]:          # project into the L2 ball around h0
-                    delta[j].mul_(max_norm[j] / norm)
-        if len(keep) < len(active):
-            runner.select(keep)
-        active = keep
+    with step_precision(model, cfg.target_dtype) as precision:
+        for step in range(cfg.v_num_grad_steps):
+            with precision():
+                logits = runner.logits(delta)
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            losses, keep = {}, []
+            for j, (rows, labels, kl_row) in runner.loss_positions().items():
+                lp = log_probs[rows, labels]
+                nll = -lp.view(batch.n_rewrite, -1).mean(1).mean()
+                kl_lp = log_probs[kl_row:kl_row + 1]
+                if j not in kl_init:
+                    kl_init[j] = kl_lp.detach().clone()
+                kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[j], kl_lp, log_target=True, reduction="batchmean")
+                decay = cfg.v_weight_decay * (delta[j].norm() / h0_norm[j] ** 2)
+                loss = nll + kl + decay
+                measure = nll if cfg.v_stop_on == "nll" else loss
+                if measure.item() < cfg.v_loss_early_stop or step == cfg.v_num_grad_steps - 1:
+                    done[j] = (nll.item(), step + 1)
+                else:
+                    losses[j] = loss
+                    keep.append(j)
+            if not keep:
+                break
+            if delta.grad is not None:
+                delta.grad = None
+            torch.stack(list(losses.values())).sum().backward()
+            with torch.no_grad():
+                _adam_step(delta, delta.grad, m, v, adam_t, keep, cfg.v_lr)
+                for j in keep:
+                    norm = delta[j].norm()
+                    if norm > max_norm[j]:          # project into the L2 ball around h0
+                        delta[j].mul_(max_norm[j] / norm)
+            if len(keep) < len(active):
+                runner.select(keep)
+            active = keep
     z = (h0 + delta.detach()).to(torch.float32)
     return [TargetResult(z=z[j], h0=h0[j], nll=done[j][0], steps=done[j][1]) for j in range(batch.n)]
+
+
+@contextmanager
+def step_precision(model, dtype_name: str | None) -> Iterator:
+    """A factory of the context each Adam step's forward runs in: ``torch.autocast`` to
+    ``dtype_name`` for a float32 model (matrix products in it; normalisations, softmax and the
+    residual stream as autocast keeps them, in float32), else nothing — a float64 model is run
+    exactly, one in half precision in its own dtype.
+
+    On the CPU, attention runs eager for as long as this context lasts: torch's CPU
+    flash-attention backward in bfloat16 is several times slower than the matrix products it
+    would save (docs/research.md §7), while eager attention's products autocast like any other."""
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    param = next(model.parameters())
+    if dtype is None or param.dtype != torch.float32:
+        yield nullcontext
+        return
+    device = param.device.type
+    before = getattr(model.config, "_attn_implementation", None)
+    switch = device == "cpu" and before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield lambda: torch.autocast(device, dtype=dtype)
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
 
 
 def _adam_step(x: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: list[int],
@@ -193,11 +233,12 @@ class _PrefixCache:
     before, so the blocks after ``layer`` and the gradient see exactly what a full computation
     gives them.
 
-    The full forward done here at δ = 0 checks the cached logits at every selected position and
-    provides h₀, and the replayed forward is checked against the computed one; a family whose
+    The first build on a model (and dtype) checks the cached logits at δ = 0 against a full forward
+    at every selected position, and the replayed forward against the computed one; a family whose
     cached forward does not reproduce the logits (beyond rounding in the model's dtype) falls back
     to full forwards (``usable`` False), one whose replay does not runs every block (``replays``
-    False).
+    False).  Later builds on that model skip the checks: the prefix forward and blocks 0 .. layer
+    of the suffixes at δ = 0 are all they run.  h₀ is read off the recorded output.
 
     ``select(requests)`` drops the rows of every other request (those that stopped early)."""
 
@@ -229,25 +270,42 @@ class _PrefixCache:
         self.replays, self._output_kinds = False, {}
         self.rows = torch.arange(n)
         self._layout()
-        # The reference full forward also yields h0 = residual after block `layer` at each row's
-        # subject position.
+        self.full = pad_batch(tok, ids, self.device)
+        dtype = next(model.parameters()).dtype
+        known = _CHECKED.get(model)
+        known = known[1:] if known is not None and known[0] == dtype else None
+        h_full = None
+        with torch.no_grad():
+            # the cached forward at δ = 0 records block `layer`'s output (the replay, and h0 at its
+            # first suffix position: the subject's last token); it runs the blocks above only to be
+            # checked against the full forward
+            computed = self._cached_forward(None, "record" if known is None else "record-only")
+            can_replay = all(self._output_kinds.get(k) is not None for k in range(len(self.skipped)))
+            if known is None or not known[0]:
+                ref, h_full = self._reference_forward(lookup)
+            if known is None:
+                replayed = self._cached_forward(None, "replay").float() if can_replay else None
+                tol = prefix_cache_tolerance(dtype)
+                usable = bool(_rel_err(computed.float(), ref) < tol)
+                known = (usable, bool(usable and replayed is not None and _rel_err(replayed, computed.float()) < tol))
+                _CHECKED[model] = (dtype, *known)
+        self.usable = known[0]
+        self.replays = known[1] and can_replay
+        self.h0 = self.replay[:, 0].detach().clone() if self.usable else h_full
+
+    def _reference_forward(self, lookup: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at the selected positions from a full forward of every row at δ = 0, and the
+        residual after block ``layer`` at each row's subject position."""
         seen = {}
+        n = len(lookup)
         lookup_t = torch.tensor(lookup, device=self.device)
 
         def grab(hidden):
             seen["h"] = hidden[torch.arange(n, device=hidden.device), lookup_t.to(hidden.device)].detach()
             return hidden
-        self.full = pad_batch(tok, ids, self.device)
-        with torch.no_grad():
-            with self._selected_logits(self.sel_cols_full), edit_output(self.block, grab):
-                ref = model(**self.full, use_cache=False).logits.float()
-            computed = self._cached_forward(None, "record").float()
-            can_replay = all(self._output_kinds.get(k) is not None for k in range(len(self.skipped)))
-            replayed = self._cached_forward(None, "replay").float() if can_replay else None
-        self.h0 = seen["h"].to(self.device)
-        tol = prefix_cache_tolerance(next(model.parameters()).dtype)
-        self.usable = bool(_rel_err(computed, ref) < tol)
-        self.replays = bool(self.usable and replayed is not None and _rel_err(replayed, computed) < tol)
+        with self._selected_logits(self.sel_cols_full), edit_output(self.block, grab):
+            ref = self.model(**self.full, use_cache=False).logits.float()
+        return ref, seen["h"].to(self.device)
 
     def _layout(self) -> None:
         """Suffix tensors, positions and loss positions for the rows in ``self.rows``."""
@@ -302,36 +360,42 @@ class _PrefixCache:
 
     def _cached_forward(self, delta: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
         """Logits at the selected positions.  ``mode``: "record" (compute every block and keep block
-        ``layer``'s output), "replay", "compute"; default "replay" where the replay was verified."""
+        ``layer``'s output), "record-only" (keep it and stop there: no logits), "replay",
+        "compute"; default "replay" where the replay was verified."""
         mode = mode or ("replay" if self.replays else "compute")
         cache = _fork(self.cache) if self.cache is not None else None
-        handles, saved = [], {}
+        handles = []
         try:
-            if mode == "record":
+            replay = nullcontext()
+            if mode in ("record", "record-only"):
                 for k, block in enumerate(self.skipped):
                     def note(_m, _args, output, _k=k):
-                        self._output_kinds[_k] = _output_kind(output)
+                        self._output_kinds[_k] = output_kind(output)
                     handles.append(block.register_forward_hook(note))
 
                 def keep(_m, _args, output):
                     self.replay = self.replay_now = _hidden(output).detach()
                 handles.append(self.block.register_forward_hook(keep))
             elif mode == "replay":
-                saved = _replay_blocks(self.skipped, self._output_kinds, self.replay_now[:, :self.suffix.shape[1]])
+                kinds = [self._output_kinds[k] for k in range(len(self.skipped))]
+                replay = replaying(self.skipped, kinds, self.replay_now[:, :self.suffix.shape[1]])
             add = None if delta is None else delta[self.row_request]
 
             def bump(hidden):
                 extra = torch.zeros_like(hidden)
                 extra[:, 0] = add.to(hidden.device, hidden.dtype)
                 return hidden + extra
-            with self._selected_logits(self.sel_cols_suffix), \
+            inputs = dict(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
+                          cache=cache, use_cache=cache is not None)
+            if mode == "record-only":
+                run_until(self.model, self.block, **inputs)
+                return None
+            with replay, self._selected_logits(self.sel_cols_suffix), \
                     (edit_output(self.block, bump) if add is not None else nullcontext()):
-                out = self.model(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
-                                 cache=cache, use_cache=cache is not None)
+                out = self.model(**inputs)
         finally:
             for h in handles:
                 h.remove()
-            _restore_forwards(saved)
         return out.logits
 
     def _full_forward(self, delta: torch.Tensor) -> torch.Tensor:
@@ -364,37 +428,3 @@ class _PrefixCache:
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
-
-
-def _output_kind(output):
-    """How a block returns its hidden state: 0 a tensor, k > 0 a tuple of the hidden state and k - 1
-    Nones; None for anything else (such a block is not replayed)."""
-    if isinstance(output, torch.Tensor):
-        return 0
-    if isinstance(output, tuple) and output and all(x is None for x in output[1:]):
-        return len(output)
-    return None
-
-
-def _replay_blocks(blocks, kinds: dict[int, int], hidden: torch.Tensor) -> dict:
-    """Make blocks[:-1] pass their input through and blocks[-1] return ``hidden``, in each block's
-    own output form; returns what :func:`_restore_forwards` needs.  Forward hooks still run (they
-    wrap ``forward``), and a ``forward`` set on the instance (accelerate's offload hooks) is kept."""
-    saved = {}
-    last = len(blocks) - 1
-    for k, block in enumerate(blocks):
-        saved[block] = block.__dict__.get("forward")
-
-        def replay(*args, _k=k, **kwargs):
-            h = hidden if _k == last else (args[0] if args else kwargs["hidden_states"])
-            return h if kinds[_k] == 0 else (h,) + (None,) * (kinds[_k] - 1)
-        block.forward = replay
-    return saved
-
-
-def _restore_forwards(saved: dict) -> None:
-    for block, forward in saved.items():
-        if forward is None:
-            del block.forward
-        else:
-            block.forward = forward

@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_model
 from mose_fast import EditRequest
 from mose_fast.hf.arch import resolve_arch
-from mose_fast.memit.keys import (block_outputs_at_subject, compute_keys, compute_template_keys,
+from mose_fast.memit.keys import (SubjectForward, block_outputs_at_subject, compute_keys, compute_template_keys,
                                   generate_context_templates, keys_and_outputs, mean_key, template_weights)
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),
@@ -84,3 +84,76 @@ def test_keys_read_off_a_forward_of_the_whole_prompt(family):
             with capture_inputs({"k": arch.mlp_out_module(model, 1)}) as seen, torch.no_grad():
                 model(input_ids=torch.tensor([ids]))
             torch.testing.assert_close(rows[j, t], seen["k"][0][0, p], atol=1e-10, rtol=0)
+
+
+def _perturb(model, arch, layer, seed):
+    g = torch.Generator().manual_seed(seed)
+    W = arch.weight_view(model, layer)
+    with torch.no_grad():
+        W.add_(0.05 * torch.randn(W.shape, generator=g, dtype=W.dtype) * W.abs().mean())
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(family):
+    """A pass over layers 1 and 2 (the keys of each read after the previous layer's weights
+    changed) gives what a fresh full forward gives, in float64, without computing the blocks below
+    the first changed one; a change it is not told of is not seen (the blocks are replayed)."""
+    model, tok = make_tiny_model(family)
+    model.double()
+    arch = resolve_arch(model)
+    templates = generate_context_templates(model, tok, ("The", "I"), 3, seed=0)
+    fwd = SubjectForward(model, tok, arch, REQS, templates, check=False)
+    K1, h1 = keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
+    torch.testing.assert_close(K1, compute_keys(model, tok, arch, 1, REQS, templates), atol=1e-10, rtol=1e-10)
+    _perturb(model, arch, 1, 0)
+    fwd.edited(1)
+    ran = []
+    hooks = [arch.block(model, k).get_submodule(arch.mlp_out.rsplit(".", 1)[0]).register_forward_pre_hook(
+        lambda *_a, _k=k: ran.append(_k)) for k in range(arch.num_layers(model))]
+    try:
+        K2, h2 = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(ran) == [1, 2, 3]                        # block 0 replayed
+    K2_full, h2_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
+    torch.testing.assert_close(K2, K2_full, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(h2, h2_full, atol=1e-10, rtol=1e-10)
+    assert (h2 - h1).abs().max() > 1e-4                    # the change at layer 1 reached layer 3
+    torch.testing.assert_close(block_outputs_at_subject(model, tok, arch, 3, REQS, fwd),
+                               block_outputs_at_subject(model, tok, arch, 3, REQS), atol=1e-10, rtol=1e-10)
+    # block 0 changed without telling the forward: the replay does not see it ...
+    _perturb(model, arch, 0, 1)
+    fwd.edited(2)
+    K_stale, _ = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+    K_true, _ = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
+    assert (K_stale - K_true).abs().max() > 1e-6
+    # ... and told of it, it does
+    fwd.edited(0)
+    K_told, _ = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+    torch.testing.assert_close(K_told, K_true, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.model
+def test_subject_forward_check_falls_back_to_full_forwards_when_a_replay_differs():
+    """The first replayed forward is compared with a full one: a replay that does not reproduce
+    it (here a corrupted record, as a model passing state between blocks would give) is dropped
+    and every later forward runs in full."""
+    model, tok = make_tiny_model("llama")
+    model.double()
+    arch = resolve_arch(model)
+    templates = [["{}"], ["I think. {}"]]
+    fwd = SubjectForward(model, tok, arch, REQS, templates, check=True)
+    keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
+    fwd.edited(2)
+    fwd.outputs[1] = fwd.outputs[1] + 1.0
+    K, h = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+    K_full, h_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
+    torch.testing.assert_close(K, K_full, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(h, h_full, atol=1e-10, rtol=1e-10)
+    assert fwd.replays is False and fwd.check is False
+    fwd.edited(2)
+    fwd.outputs[1] = fwd.outputs[1] + 1.0
+    torch.testing.assert_close(keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)[0], K_full,
+                               atol=1e-10, rtol=1e-10)

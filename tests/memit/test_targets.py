@@ -228,3 +228,74 @@ def test_targets_in_chunks_equal_one_batch():
     for a, b in zip(whole, parts):
         assert a.steps == b.steps
         torch.testing.assert_close(a.z.double(), b.z.double(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.model
+def test_step_precision_runs_the_products_in_bfloat16_with_eager_attention_and_restores_it():
+    """Under ``step_precision(model, "bfloat16")`` a float32 model's logits are bf16 products (off
+    the float32 ones by bf16 rounding, not more), attention is eager while it lasts and the model's
+    own implementation afterwards — also after an error; float64 and bf16 models are left alone."""
+    model, tok = _model("llama")
+    model.set_attn_implementation("sdpa")
+    batch = pad_batch(tok, [tok(REQ.text)["input_ids"]])
+    with torch.no_grad():
+        ref = model(**batch).logits
+    with T.step_precision(model, "bfloat16") as precision:
+        assert model.config._attn_implementation == "eager"
+        with precision(), torch.no_grad():
+            low = model(**batch).logits
+    assert model.config._attn_implementation == "sdpa"
+    err = float((low.float() - ref).abs().max() / ref.abs().max())
+    assert 1e-4 < err < 5e-2, err
+    with pytest.raises(RuntimeError, match="boom"):
+        with T.step_precision(model, "bfloat16"):
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    for dtype in (torch.float64, torch.bfloat16):
+        other, _ = _model("llama", dtype)
+        with T.step_precision(other, "bfloat16") as precision:
+            with precision():
+                assert not torch.is_autocast_enabled("cpu")
+    with T.step_precision(model, None) as precision:
+        with precision():
+            assert not torch.is_autocast_enabled("cpu")
+
+
+@pytest.mark.model
+def test_bfloat16_targets_keep_h0_exact_and_reach_the_target():
+    """bf16 steps change δ's path by rounding only: h0 is the float32 model's to the bit, and the
+    final NLL is within a few percent of the float32 optimisation's."""
+    model, tok = _model("llama")
+    arch = resolve_arch(model)
+    templates = [["{}"], ["The cat. {}"]]
+    f32 = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, tiny_mose_config(v_num_grad_steps=10))
+    b16 = T.compute_targets(model, tok, arch, 2, REQS[:2], templates,
+                            tiny_mose_config(v_num_grad_steps=10, target_dtype="bfloat16"))
+    for a, b in zip(f32, b16):
+        assert torch.equal(a.h0, b.h0)
+        assert not torch.equal(a.z, b.z)
+        assert float((a.z - b.z).norm() / (a.z - a.h0).norm()) < 0.1
+        assert b.nll == pytest.approx(a.nll, rel=0.1, abs=1e-3)
+
+
+@pytest.mark.model
+def test_stopping_on_the_nll_stops_at_the_first_step_below_the_level():
+    """With ``v_stop_on`` "nll" a request stops at the first step whose target NLL is below the
+    level, even where the KL term keeps the loss above it: the NLL after each step comes from runs
+    capped at that many steps (float64, no early stop), the level is set between two of them."""
+    model, tok = _model("llama", torch.float64)
+    arch = resolve_arch(model)
+    templates = [["{}"], ["The cat. {}"]]
+    KL = 5.0                                      # a KL term the size of the NLL's steps, as on real models
+    capped = [T.compute_target(model, tok, arch, 2, REQS[1], templates,
+                               tiny_mose_config(v_num_grad_steps=k, v_loss_early_stop=0.0, kl_factor=KL)) for k in range(1, 9)]
+    nll = [c.nll for c in capped]                 # nll[k - 1]: after k - 1 Adam steps
+    k = min(i for i in range(3, len(nll) - 2) if nll[i] < min(nll[:i]))  # a new lowest NLL after k steps
+    level = 0.5 * (min(nll[:k]) + nll[k])
+    got = T.compute_target(model, tok, arch, 2, REQS[1], templates,
+                           tiny_mose_config(v_num_grad_steps=8, v_loss_early_stop=level, v_stop_on="nll", kl_factor=KL))
+    assert got.steps == k + 1 and got.nll == pytest.approx(nll[k], abs=1e-9)
+    torch.testing.assert_close(got.z, capped[k].z, rtol=0, atol=1e-9)
+    on_loss = T.compute_target(model, tok, arch, 2, REQS[1], templates,
+                               tiny_mose_config(v_num_grad_steps=8, v_loss_early_stop=level, v_stop_on="loss", kl_factor=KL))
+    assert on_loss.steps > got.steps              # the KL and decay terms hold the loss above the level
