@@ -125,6 +125,9 @@ def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest
     active = list(range(batch.n))
     done: dict[int, tuple[float, int]] = {}
     kl_init: dict[int, torch.Tensor] = {}
+    low = autocast_dtype(model, cfg.target_dtype)
+    if low is not None:
+        runner.low_weights = low_precision_weights(model, arch, layer, low)
     with step_precision(model, cfg.target_dtype) as precision:
         for step in range(cfg.v_num_grad_steps):
             with precision():
@@ -174,12 +177,11 @@ def step_precision(model, dtype_name: str | None) -> Iterator:
     On the CPU, attention runs eager for as long as this context lasts: torch's CPU
     flash-attention backward in bfloat16 is several times slower than the matrix products it
     would save (docs/research.md §7), while eager attention's products autocast like any other."""
-    dtype = getattr(torch, dtype_name) if dtype_name else None
-    param = next(model.parameters())
-    if dtype is None or param.dtype != torch.float32:
+    dtype = autocast_dtype(model, dtype_name)
+    if dtype is None:
         yield nullcontext
         return
-    device = param.device.type
+    device = next(model.parameters()).device.type
     before = getattr(model.config, "_attn_implementation", None)
     switch = device == "cpu" and before not in (None, "eager") and hasattr(model, "set_attn_implementation")
     if switch:
@@ -189,6 +191,31 @@ def step_precision(model, dtype_name: str | None) -> Iterator:
     finally:
         if switch:
             model.set_attn_implementation(before)
+
+
+def autocast_dtype(model, dtype_name: str | None) -> torch.dtype | None:
+    """The dtype the steps' products run in under autocast: ``dtype_name`` for a float32 model, else
+    None (the model's own dtype)."""
+    if not dtype_name or next(model.parameters()).dtype != torch.float32:
+        return None
+    return getattr(torch, dtype_name)
+
+
+def low_precision_weights(model, arch: ArchSpec, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Copies in ``dtype`` of the matrices a step multiplies by — the weights of the linear layers
+    of the blocks after ``layer`` and of lm_head — by parameter name, for ``torch.func.functional_call``:
+    autocast would otherwise cast each of them again at every step.  Empty where a weight is not
+    materialised on a device (offloaded)."""
+    from transformers.pytorch_utils import Conv1D
+    out = {}
+    for k in range(layer + 1, arch.num_layers(model)):
+        for name, module in arch.block(model, k).named_modules():
+            if isinstance(module, (torch.nn.Linear, Conv1D)):
+                out[f"{arch.layers}.{k}.{name}.weight"] = module.weight
+    out[f"{arch.lm_head}.weight"] = arch.get(model, arch.lm_head).weight
+    if any(w.device.type == "meta" for w in out.values()):
+        return {}
+    return {name: w.detach().to(dtype) for name, w in out.items()}
 
 
 def _adam_step(x: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: list[int],
@@ -268,6 +295,7 @@ class _PrefixCache:
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
+        self.low_weights: dict[str, torch.Tensor] = {}     # set for steps in low precision
         self.rows = torch.arange(n)
         self._layout()
         self.full = pad_batch(tok, ids, self.device)
@@ -392,7 +420,7 @@ class _PrefixCache:
                 return None
             with replay, self._selected_logits(self.sel_cols_suffix), \
                     (edit_output(self.block, bump) if add is not None else nullcontext()):
-                out = self.model(**inputs)
+                out = self._step_call(inputs) if mode in ("replay", "compute") else self.model(**inputs)
         finally:
             for h in handles:
                 h.remove()
@@ -409,7 +437,13 @@ class _PrefixCache:
             extra[torch.arange(len(rows), device=hidden.device), lookup.to(hidden.device)] = add.to(hidden.device, hidden.dtype)
             return hidden + extra
         with self._selected_logits(self.sel_cols_full), edit_output(self.block, bump):
-            return self.model(**batch, use_cache=False).logits
+            return self._step_call({**batch, "use_cache": False}).logits
+
+    def _step_call(self, inputs: dict):
+        """The model on ``inputs``, with ``low_weights`` in place of its own where there are any."""
+        if not self.low_weights:
+            return self.model(**inputs)
+        return torch.func.functional_call(self.model, self.low_weights, args=(), kwargs=inputs, tie_weights=False)
 
     @contextmanager
     def _selected_logits(self, cols: torch.Tensor) -> Iterator[None]:

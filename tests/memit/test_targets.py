@@ -299,3 +299,31 @@ def test_stopping_on_the_nll_stops_at_the_first_step_below_the_level():
     on_loss = T.compute_target(model, tok, arch, 2, REQS[1], templates,
                                tiny_mose_config(v_num_grad_steps=8, v_loss_early_stop=level, v_stop_on="loss", kl_factor=KL))
     assert on_loss.steps > got.steps              # the KL and decay terms hold the loss above the level
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_low_precision_weight_copies_give_the_autocast_steps(family):
+    """The bf16 copies the steps run on (``low_precision_weights``: every linear weight above the
+    layer and lm_head's, nothing below) give exactly the targets autocast's own casts give."""
+    model, tok = _model(family)
+    arch = resolve_arch(model)
+    low = T.low_precision_weights(model, arch, 1, torch.bfloat16)
+    params = dict(model.named_parameters())
+    assert low and all(w.dtype == torch.bfloat16 for w in low.values())
+    assert all(torch.equal(w, params[n].to(torch.bfloat16)) for n, w in low.items() if n in params)
+    assert f"{arch.lm_head}.weight" in low
+    blocks = {int(n[len(arch.layers) + 1:].split(".")[0]) for n in low if n.startswith(arch.layers + ".")}
+    assert blocks == set(range(2, arch.num_layers(model)))
+    cfg = tiny_mose_config(v_num_grad_steps=6, target_dtype="bfloat16")
+    templates = [["{}"], ["The cat. {}"]]
+    fast = T.compute_targets(model, tok, arch, 1, REQS[:2], templates, cfg)
+    real = T.low_precision_weights
+    try:
+        T.low_precision_weights = lambda *a, **k: {}
+        cast = T.compute_targets(model, tok, arch, 1, REQS[:2], templates, cfg)
+    finally:
+        T.low_precision_weights = real
+    for a, b in zip(fast, cast):
+        assert a.steps == b.steps
+        torch.testing.assert_close(a.z, b.z, rtol=0, atol=1e-6)
