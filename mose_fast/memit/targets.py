@@ -288,10 +288,14 @@ class _PrefixCache:
         self.prefix_mask = prefix_mask.to(self.device)          # by original row
         self.base_cache = None
         with torch.no_grad():
-            if P:
+            if P:      # (lm_head at no position: only the cache is wanted)
                 pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
-                self.base_cache = model(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
-                                        position_ids=pre_pos.to(self.device), use_cache=True).cache
+                last = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][:, :0],))
+                try:
+                    self.base_cache = model(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
+                                            position_ids=pre_pos.to(self.device), use_cache=True).cache
+                finally:
+                    last.remove()
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
