@@ -47,7 +47,7 @@ class MOSEConfig:
     land_retries: int = 2
     land_boost: float = 4.0
     # --- targets (MEMIT compute_z) ---------------------------------------------------------------
-    v_lr: float = 0.5
+    v_lr: float = 1.0
     v_num_grad_steps: int = 25
     clamp_norm_factor: float = 4.0
     kl_factor: float = 0.0625
@@ -238,7 +238,7 @@ class MOSEConfig:
 # Per family: the edited layers and the target optimisation, shared by every preset so that presets
 # differ only in their update rule.  "llama" (Llama, Mistral, Qwen2, SmolLM2) was set on
 # SmolLM2-135M; GPT-2/GPT-J follow MEMIT's published GPT-J settings scaled to their depth.
-_LLAMA = {"layers": [4, 5, 6, 7, 8], "targets": {"v_lr": 0.5, "clamp_norm_factor": 4.0, "v_weight_decay": 1e-3}}
+_LLAMA = {"layers": [4, 5, 6, 7, 8], "targets": {"v_lr": 1.0, "clamp_norm_factor": 4.0, "v_weight_decay": 1e-3}}
 _GPT = {"layers": [3, 4, 5, 6, 7, 8], "targets": {"v_lr": 0.5, "clamp_norm_factor": 0.75, "v_weight_decay": 0.5}}
 FAMILIES: dict[str, dict] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA,
