@@ -230,6 +230,10 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
         "attention scores": rows * heads * SUFFIX_TOKENS * (PREFIX_TOKENS + SUFFIX_TOKENS) * 4 * max(after, 1),
         "logits (float32, with log-softmax and grad)": 3 * rows * (TARGET_TOKENS + 1) * vocab * 4,
     })
+    if dtype == "float32" and getattr(cfg, "target_dtype", None):
+        # the steps' bf16 copies of the linear weights above the layer and of lm_head
+        linear = hidden * (d_q + 2 * kv_dim) + d_q * hidden + (ffn_in_params + hidden * inter)
+        targets.parts["bf16 weight copies for the steps"] = 2 * (after * linear + vocab * hidden)
     # --- solve (the largest layer) --------------------------------------------------------------------
     d_out, d_in = max(shapes.values(), key=lambda s: s[0] * s[1])
     n = batch

@@ -40,6 +40,14 @@ def test_rule_state_and_weights_match_a_real_editor(preset, dtype):
         held += sum(t.numel() * t.element_size() for d in (editor.rule.C0, editor.rule.W0, editor.rule.P)
                     for t in d.values())
     assert rule_parts == held
+    targets = {s.name: s for s in pl.stages}["targets"].parts
+    copies = targets.get("bf16 weight copies for the steps")
+    if dtype == torch.float32:                 # exactly what the steps copy
+        from mose_fast.memit.targets import low_precision_weights
+        low = low_precision_weights(model, editor.arch, cfg.layers[-1], torch.bfloat16)
+        assert copies == sum(w.numel() * w.element_size() for w in low.values())
+    else:
+        assert copies is None
 
 
 def test_13b_plan_with_the_recommended_configuration_fits_40_gib():

@@ -114,7 +114,9 @@ def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest
               context_templates: list[list[str]], cfg: MOSEConfig) -> list[TargetResult]:
     """Targets of ``requests`` optimised in one padded batch."""
     batch = _Batch(tok, requests, context_templates)
-    runner = _PrefixCache(model, arch, layer, batch, tok)
+    low = autocast_dtype(model, cfg.target_dtype)
+    runner = _PrefixCache(model, arch, layer, batch, tok,
+                          low_weights=low_precision_weights(model, arch, layer, low) if low is not None else None)
     first_row = [batch.row_request.index(j) for j in range(batch.n)]
     h0 = runner.h0[first_row].float()                                            # n × d
     h0_norm = h0.norm(dim=1)
@@ -125,9 +127,6 @@ def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest
     active = list(range(batch.n))
     done: dict[int, tuple[float, int]] = {}
     kl_init: dict[int, torch.Tensor] = {}
-    low = autocast_dtype(model, cfg.target_dtype)
-    if low is not None:
-        runner.low_weights = low_precision_weights(model, arch, layer, low)
     with step_precision(model, cfg.target_dtype) as precision:
         for step in range(cfg.v_num_grad_steps):
             with precision():
@@ -269,11 +268,15 @@ class _PrefixCache:
 
     ``select(requests)`` drops the rows of every other request (those that stopped early)."""
 
-    def __init__(self, model, arch: ArchSpec, layer: int, batch: _Batch, tok):
+    def __init__(self, model, arch: ArchSpec, layer: int, batch: _Batch, tok,
+                 low_weights: dict[str, torch.Tensor] | None = None):
         self.model, self.batch = model, batch
         self.block = arch.block(model, layer)
         self.skipped = [arch.block(model, k) for k in range(layer + 1)]
+        self.upper = [arch.block(model, k) for k in range(layer + 1, arch.num_layers(model))]
+        self.low_weights: dict[str, torch.Tensor] = {}     # the steps' weight copies, set once built
         self.lm_head = arch.get(model, arch.lm_head)
+        self.lm_head_weight = f"{arch.lm_head}.weight"
         self.device = next(model.parameters()).device
         ids, lookup = batch.ids, batch.lookup
         n = len(ids)
@@ -286,20 +289,15 @@ class _PrefixCache:
                 prefix[i, P - c:] = torch.tensor(x[:c])
                 prefix_mask[i, P - c:] = 1
         self.prefix_mask = prefix_mask.to(self.device)          # by original row
-        self.base_cache = None
-        with torch.no_grad():
-            if P:      # (lm_head at no position: only the cache is wanted)
-                pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
-                last = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][:, :0],))
-                try:
-                    self.base_cache = model(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
-                                            position_ids=pre_pos.to(self.device), use_cache=True).cache
-                finally:
-                    last.remove()
+        self._prefix = None
+        if P:
+            pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
+            self._prefix = dict(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
+                                position_ids=pre_pos.to(self.device), use_cache=True)
+        self.base_cache = self._prefix_cache(mixed=False)
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
-        self.low_weights: dict[str, torch.Tensor] = {}     # set for steps in low precision
         self.rows = torch.arange(n)
         self._layout()
         self.full = pad_batch(tok, ids, self.device)
@@ -324,6 +322,42 @@ class _PrefixCache:
         self.usable = known[0]
         self.replays = known[1] and can_replay
         self.h0 = self.replay[:, 0].detach().clone() if self.usable else h_full
+        # low-precision steps run on bf16 copies of the weights above the layer (low_precision_weights)
+        # and read the prefix's keys and values above the layer: computed in that precision too (the
+        # blocks up to the layer, which the replay comes from, stay exact)
+        self.low_weights = dict(low_weights or {})
+        if self.low_weights and self.usable and self.upper:
+            self.base_cache = self.cache = self._prefix_cache(mixed=True)
+
+    @torch.no_grad()
+    def _prefix_cache(self, mixed: bool):
+        """Key/value cache of the prefixes (lm_head at no position: only the cache is wanted); with
+        ``mixed`` the blocks above the layer run under autocast on the ``low_weights`` copies."""
+        if self._prefix is None:
+            return None
+        hooks = [self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][:, :0],))]
+        state = {}
+        if mixed:
+            autocast = torch.autocast(self.device.type, dtype=self.low_weights[self.lm_head_weight].dtype)
+
+            def enter(*_):
+                autocast.__enter__()
+                state["on"] = True
+
+            def leave(*_):
+                if state.pop("on", False):
+                    autocast.__exit__(None, None, None)
+            hooks += [self.upper[0].register_forward_pre_hook(enter), self.upper[-1].register_forward_hook(leave)]
+        try:
+            if not mixed:
+                return self.model(**self._prefix).cache
+            blocks = {k: w for k, w in self.low_weights.items() if k != self.lm_head_weight}  # lm_head runs outside
+            return torch.func.functional_call(self.model, blocks, args=(), kwargs=self._prefix, tie_weights=False).cache
+        finally:
+            if state.pop("on", False):
+                autocast.__exit__(None, None, None)
+            for h in hooks:
+                h.remove()
 
     def _reference_forward(self, lookup: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits at the selected positions from a full forward of every row at δ = 0, and the
