@@ -294,16 +294,22 @@ class _PrefixCache:
             pre_pos = (prefix_mask.cumsum(1) - 1).clamp(min=0)
             self._prefix = dict(input_ids=prefix.to(self.device), attention_mask=self.prefix_mask,
                                 position_ids=pre_pos.to(self.device), use_cache=True)
-        self.base_cache = self._prefix_cache(mixed=False)
+        dtype = next(model.parameters()).dtype
+        known = _CHECKED.get(model)
+        known = known[1:] if known is not None and known[0] == dtype else None
+        # low-precision steps run on bf16 copies of the weights above the layer (low_precision_weights)
+        # and read the prefix's keys and values above the layer: those blocks run in that precision
+        # here too (the blocks up to the layer, which the record reads, stay exact); the checks of a
+        # first build need the exact cache, and get the mixed one after them
+        low = dict(low_weights or {}) if self.upper else {}
+        known_before = known
+        self.base_cache = self._prefix_cache(low if known is not None and known[0] else None)
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
         self.rows = torch.arange(n)
         self._layout()
         self.full = pad_batch(tok, ids, self.device)
-        dtype = next(model.parameters()).dtype
-        known = _CHECKED.get(model)
-        known = known[1:] if known is not None and known[0] == dtype else None
         h_full = None
         with torch.no_grad():
             # the cached forward at δ = 0 records block `layer`'s output (the replay, and h0 at its
@@ -322,23 +328,20 @@ class _PrefixCache:
         self.usable = known[0]
         self.replays = known[1] and can_replay
         self.h0 = self.replay[:, 0].detach().clone() if self.usable else h_full
-        # low-precision steps run on bf16 copies of the weights above the layer (low_precision_weights)
-        # and read the prefix's keys and values above the layer: computed in that precision too (the
-        # blocks up to the layer, which the replay comes from, stay exact)
+        if low and self.usable and known_before is None:
+            self.base_cache = self.cache = self._prefix_cache(low)
         self.low_weights = dict(low_weights or {})
-        if self.low_weights and self.usable and self.upper:
-            self.base_cache = self.cache = self._prefix_cache(mixed=True)
 
     @torch.no_grad()
-    def _prefix_cache(self, mixed: bool):
+    def _prefix_cache(self, low: dict[str, torch.Tensor] | None):
         """Key/value cache of the prefixes (lm_head at no position: only the cache is wanted); with
-        ``mixed`` the blocks above the layer run under autocast on the ``low_weights`` copies."""
+        ``low`` (bf16 weight copies) the blocks above the layer run under autocast on them."""
         if self._prefix is None:
             return None
         hooks = [self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][:, :0],))]
         state = {}
-        if mixed:
-            autocast = torch.autocast(self.device.type, dtype=self.low_weights[self.lm_head_weight].dtype)
+        if low:
+            autocast = torch.autocast(self.device.type, dtype=low[self.lm_head_weight].dtype)
 
             def enter(*_):
                 autocast.__enter__()
@@ -349,9 +352,9 @@ class _PrefixCache:
                     autocast.__exit__(None, None, None)
             hooks += [self.upper[0].register_forward_pre_hook(enter), self.upper[-1].register_forward_hook(leave)]
         try:
-            if not mixed:
+            if not low:
                 return self.model(**self._prefix).cache
-            blocks = {k: w for k, w in self.low_weights.items() if k != self.lm_head_weight}  # lm_head runs outside
+            blocks = {k: w for k, w in low.items() if k != self.lm_head_weight}  # lm_head runs outside autocast
             return torch.func.functional_call(self.model, blocks, args=(), kwargs=self._prefix, tie_weights=False).cache
         finally:
             if state.pop("on", False):
