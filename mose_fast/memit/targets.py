@@ -15,9 +15,10 @@ reaches only its own rows), and Adam keeps per-request state — so each request
 trajectory it would follow alone.  A request whose loss (``v_stop_on`` "loss") or target NLL
 ("nll") falls below ``v_loss_early_stop`` stops: its rows leave the batch and its δ is frozen.
 
-With ``target_dtype`` set (bfloat16), the steps' forward runs under ``torch.autocast``
-(:func:`step_precision`); h₀ comes from the model's own dtype and δ, Adam and the loss stay in
-float32.
+With ``target_dtype`` set (bfloat16) and a float32 model, the steps' forward runs under
+``torch.autocast`` (:func:`step_precision`) on bf16 copies of the weights above ``layer``
+(:func:`low_precision_weights`), and the prefixes' keys and values above ``layer`` are computed the
+same way; h₀, the replayed blocks, δ, Adam and the loss stay in float32.
 
 Each step runs only the prompts' suffixes against a key/value cache of their prefixes, and only the
 blocks after ``layer`` (those below are replayed from a record at δ = 0) (:class:`_PrefixCache`),
