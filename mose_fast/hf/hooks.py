@@ -122,3 +122,9 @@ def replaying(blocks: list[nn.Module], kinds: list[int], hidden: torch.Tensor) -
                 del block.forward
             else:
                 block.forward = forward
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|, in float64 (how far a replayed or cached forward is from the computed one)."""
+    a, b = a.double(), b.to(a.device).double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))

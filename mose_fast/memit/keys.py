@@ -16,7 +16,8 @@ from contextlib import nullcontext
 import torch
 
 from ..hf.arch import ArchSpec, attention_geometry, qkv_modules, rotary_cos_sin, split_qkv
-from ..hf.hooks import _hidden, capture_inputs, capture_outputs, output_kind, replaying, run_until
+from ..hf.hooks import (_hidden, capture_inputs, capture_outputs, output_kind, relative_difference, replaying,
+                        run_until)
 from ..requests import EditRequest
 from ..hf.tokens import pad_batch, subject_last_index
 
@@ -97,7 +98,7 @@ class SubjectForward:
         if start and self.check:
             self.check = False
             full = self._forward(0, stop, inputs_of, outputs_of)
-            same = all(_rel_err(got[i][name][0], full[i][name][0]) <= _REPLAY_TOLERANCE.get(full[i][name][0].dtype, 1e-3)
+            same = all(relative_difference(got[i][name][0], full[i][name][0]) <= _REPLAY_TOLERANCE.get(full[i][name][0].dtype, 1e-3)
                        for i in (0, 1) for name in full[i])
             if not same:
                 self.replays = False
@@ -127,11 +128,6 @@ class SubjectForward:
 # the replayed and the computed forward run the same operations on the same inputs; beyond rounding
 # they are different computations
 _REPLAY_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.to(a.device).double()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def template_weights(context_templates: list[list[str]]) -> torch.Tensor:

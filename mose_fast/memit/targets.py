@@ -36,7 +36,7 @@ import torch
 
 from ..config import MOSEConfig
 from ..hf.arch import ArchSpec
-from ..hf.hooks import _hidden, edit_output, output_kind, replaying, run_until
+from ..hf.hooks import _hidden, edit_output, output_kind, relative_difference, replaying, run_until
 from ..hf.tokens import pad_batch, subject_last_index, target_ids
 from ..requests import EditRequest
 
@@ -302,9 +302,9 @@ class _PrefixCache:
         # and read the prefix's keys and values above the layer: those blocks run in that precision
         # here too (the blocks up to the layer, which the record reads, stay exact); the checks of a
         # first build need the exact cache, and get the mixed one after them
-        low = dict(low_weights or {}) if self.upper else {}
-        known_before = known
-        self.base_cache = self._prefix_cache(low if known is not None and known[0] else None)
+        low = (low_weights or {}) if self.upper else {}
+        checked = known is not None
+        self.base_cache = self._prefix_cache(low if checked and known[0] else None)
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
@@ -323,13 +323,13 @@ class _PrefixCache:
             if known is None:
                 replayed = self._cached_forward(None, "replay").float() if can_replay else None
                 tol = prefix_cache_tolerance(dtype)
-                usable = bool(_rel_err(computed.float(), ref) < tol)
-                known = (usable, bool(usable and replayed is not None and _rel_err(replayed, computed.float()) < tol))
+                usable = bool(relative_difference(computed.float(), ref) < tol)
+                known = (usable, bool(usable and replayed is not None and relative_difference(replayed, computed.float()) < tol))
                 _CHECKED[model] = (dtype, *known)
         self.usable = known[0]
         self.replays = known[1] and can_replay
         self.h0 = self.replay[:, 0].detach().clone() if self.usable else h_full
-        if low and self.usable and known_before is None:
+        if low and self.usable and not checked:
             self.base_cache = self.cache = self._prefix_cache(low)
         self.low_weights = dict(low_weights or {})
 
@@ -500,7 +500,3 @@ class _PrefixCache:
     def logits(self, delta: torch.Tensor) -> torch.Tensor:
         """Logits at the selected positions of the current rows, δ_j added to request j's rows."""
         return self._cached_forward(delta) if self.usable else self._full_forward(delta)
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
