@@ -120,6 +120,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     from .rules.mose_input import cross_dtype
     from .solve.procrustes import SUBSPACE_METHODS
     from .rules.mose import resolve_polar_method
+    from .rules.mose_input import gram_by_change
     config = config if config is not None else load_config(model)
     meta = meta_model(config)
     arch = resolve_arch(meta)
@@ -239,15 +240,15 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     n = batch
     if cfg.method == "mose" and side == "input":
         method = resolve_polar_method(cfg.polar_method, d_in)
-        # the first edit of a layer builds S = W·C0⁻¹·Wᵀ (the solve's copy of Wᵀ and C0⁻¹·Wᵀ); later
-        # edits only move it by the rotation's low-rank change
+        # S = W·C0⁻¹·Wᵀ is built from X = L⁻¹·Wᵀ where no kept edit moved it (gram_by_change)
         solve_parts = {"W (float64)": 8 * d_out * d_in,
-                       "building S in blocks of 512 rows (float64, first edit of a layer)": 2 * 8 * d_in * min(512, d_out)}
+                       "building S: L⁻¹·Wᵀ (float64)": 8 * d_in * d_out}
         if method in SUBSPACE_METHODS:
             depth = SUBSPACE_METHODS[method].get("krylov_depth", 0) + 1
             k = min(d_in, 2 * n * depth + SUBSPACE_METHODS[method].get("random_rank", 0))
             solve_parts["Krylov basis and products (float64)"] = 3 * 8 * d_in * k
-            solve_parts["the change of S: U, C0⁻¹·U (float64)"] = 2 * 8 * d_in * k
+            if gram_by_change(d_in, d_out, k):
+                solve_parts["the change of S: U, C0⁻¹·U (float64)"] = 2 * 8 * d_in * k
         else:
             solve_parts["dense M, U, Vᴴ, R (float64)"] = 4 * 8 * d_in * d_in
             solve_parts["retention λ·G + μ·E formed (float64)"] = 8 * d_in * d_in

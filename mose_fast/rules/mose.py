@@ -102,6 +102,14 @@ class RetentionOperator:
             out.addmm_(F, F.T @ X, alpha=self.mu)
         return out
 
+    def rows_times(self, Xt: torch.Tensor) -> torch.Tensor:
+        """(P·X)ᵀ = Xᵀ·Pᵀ from the rows Xᵀ (m × d): the layout in which MKL runs narrow products fastest."""
+        out = (Xt.to(self.G.dtype) @ self.G.T).to(Xt.dtype).mul_(self.lam)
+        if self.F is not None:
+            F = self.F.to(Xt)
+            out.addmm_(Xt @ F, F.T, alpha=self.mu)
+        return out
+
     def trace(self) -> float:
         t = self.lam * float(torch.trace(self.G))
         if self.F is not None:

@@ -26,9 +26,11 @@ State per layer (d = d_in):
                G moves the retention term by ~1e-7 relative, far below what an edit changes);
   * ``memory`` the earlier edits' keys as columns (d × edits), never the d × d matrix E;
   * ``wwt``    W·Wᵀ (d_out × d_out), constant under W ← W·Q;
-  * ``sgram``  S = W·C0⁻¹·Wᵀ (d_out × d_out, float64), the metric of the preimage step: built once from
-               W (O(d_in²·d_out)), then moved by each kept edit's low-rank change (O(d_in²·k), see
-               ``PreimageGramChange``), so an edit's target keys cost O(d_in²·n) instead of O(d_in²·d_out).
+  * ``sgram``  S = W·C0⁻¹·Wᵀ (d_out × d_out, float64), the metric of the preimage step, moved by each
+               kept edit's low-rank change (O(d_in²·k), see ``PreimageGramChange``) where that is cheaper
+               than building it again from the rotated W (O(d_in²·d_out), ``gram_by_change``): small
+               batches move it, a rotation of more than ~d_out/3 directions leaves it to be rebuilt at
+               the layer's next edit.
 The retention matrix λ·G + μ·E is applied as products inside the Krylov solve; only the exact
 solve (small d) forms it.
 """
@@ -76,12 +78,21 @@ def ridged_cholesky(C: torch.Tensor, mean_eigenvalue: float, where: str) -> torc
 
 
 def preimage_gram(W: torch.Tensor, C0_chol: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """S = W·C0⁻¹·Wᵀ (d_out × d_out): the metric of the corpus-cheapest preimage.  O(d_in²·d_out), in
-    blocks of ``block`` rows of W, so the work space is d_in × block, not a second d_in × d_out."""
-    S = torch.empty(W.shape[0], W.shape[0], dtype=W.dtype, device=W.device)
+    """S = W·C0⁻¹·Wᵀ = XᵀX with X = L⁻¹·Wᵀ (d_out × d_out; L the Cholesky factor of C0): one triangular
+    solve of d_in² · d_out and one product of d_in · d_out², X formed ``block`` columns at a time."""
+    X = torch.empty(W.shape[1], W.shape[0], dtype=W.dtype, device=W.device)
     for i in range(0, W.shape[0], block):
-        S[:, i:i + block] = W @ torch.cholesky_solve(W[i:i + block].T, C0_chol)
+        X[:, i:i + block] = torch.linalg.solve_triangular(C0_chol, W[i:i + block].T, upper=False)
+    S = X.T @ X
     return 0.5 * (S + S.T)
+
+
+def gram_by_change(d_in: int, d_out: int, k: int) -> bool:
+    """Whether moving S by a rotation of ``k`` directions (``PreimageGramChange``, ≈ 2·d_in²·k +
+    4·d_out·d_in·k + 2·d_in·k² + 8·d_out·k² + 4·d_out²·k operations) costs less than building it
+    again from the rotated W (``preimage_gram``, d_in²·d_out + 2·d_in·d_out²)."""
+    change = 2 * d_in * d_in * k + 4 * d_out * d_in * k + 2 * d_in * k * k + 8 * d_out * k * k + 4 * d_out * d_out * k
+    return change < d_in * d_in * d_out + 2 * d_in * d_out * d_out
 
 
 @dataclass
@@ -138,7 +149,7 @@ def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
 class InputRecord:
     rotation: Rotation                  # Q, on the host
     keys: torch.Tensor | None           # the edit's keys (d_in × n, float64, host): join the memory
-    preimage: PreimageGramChange | None = None   # how S = W·C0⁻¹·Wᵀ moves (host)
+    preimage: PreimageGramChange | None = None   # how S = W·C0⁻¹·Wᵀ moves (host); None: rebuilt
 
 
 class MOSEInputRule(Rule):
@@ -169,7 +180,10 @@ class MOSEInputRule(Rule):
         self.wwt: dict[int, torch.Tensor] = {}
         self.cross: dict[int, torch.Tensor] = {}
         self.memory: dict[int, torch.Tensor] = {}     # d_in × (keys of every kept edit), float64
-        self.sgram: dict[int, torch.Tensor] = {}      # S = W·C0⁻¹·Wᵀ, built at the first edit, then updated
+        self.sgram: dict[int, torch.Tensor] = {}      # S = W·C0⁻¹·Wᵀ as kept edits moved it
+        # S built from the current W by an edit not yet committed (not state: the weights it was
+        # built from stay until a commit or an undo, which drop it)
+        self._built: dict[int, torch.Tensor] = {}
 
     # --- state ------------------------------------------------------------------------------------
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
@@ -226,12 +240,17 @@ class MOSEInputRule(Rule):
             if not torch.isfinite(x).all():
                 raise ValueError(f"non-finite {name} at layer {layer}; refusing to rotate")
         Wd = W.to(torch.float64)
-        if layer not in self.sgram:          # once per layer (and after a restored state): O(d_in²·d_out)
-            self.sgram[layer] = preimage_gram(Wd, self.chol[layer])
-        K_target = reachable_key_targets(Wd, K, resid, self.chol[layer], self.wwt[layer], self.sgram[layer])
+        S = self.sgram.get(layer)
+        if S is None:
+            S = self._built.get(layer)
+        if S is None:                        # S built from W: O(d_in²·d_out); kept for this edit's retries
+            S = self._built[layer] = preimage_gram(Wd, self.chol[layer])
+        K_target = reachable_key_targets(Wd, K, resid, self.chol[layer], self.wwt[layer], S)
         P, const = self.retention(layer)
         solved, rot = solve_polar(P, *weighted(K, K_target, edit_weights), self.polar_method, self.solve_dtype, const)
-        change = PreimageGramChange.of(Wd, rot, self.chol[layer])
+        k = W.shape[1] if rot.R is not None else rot.Q.shape[1]
+        # None: S is built again from the rotated W at the layer's next edit (see gram_by_change)
+        change = PreimageGramChange.of(Wd, rot, self.chol[layer]) if gram_by_change(W.shape[1], W.shape[0], k) else None
         del Wd
         t_solve = time.perf_counter() - t
         t = time.perf_counter()
@@ -239,7 +258,8 @@ class MOSEInputRule(Rule):
             rot.apply_right_(W)
         if W.is_cuda:
             torch.cuda.synchronize(W.device)
-        record = InputRecord(rot.to("cpu"), K.to("cpu") if self.edit_memory else None, change.to("cpu"))
+        record = InputRecord(rot.to("cpu"), K.to("cpu") if self.edit_memory else None,
+                             None if change is None else change.to("cpu"))
         return UpdateResult(objective=solved.objective, objective_identity=solved.objective_identity,
                             orth_error=solved.orth_error, undo=record, seconds_solve=t_solve,
                             seconds_apply=time.perf_counter() - t)
@@ -250,8 +270,12 @@ class MOSEInputRule(Rule):
             record.rotation.transpose().apply_left_(self.cross[layer])
         if record.keys is not None and layer in self.memory:
             self.memory[layer] = torch.cat([self.memory[layer], record.keys.to(self.memory[layer])], 1)
-        if record.preimage is not None and layer in self.sgram:
-            self.sgram[layer] = self.sgram[layer] + record.preimage.to(self.sgram[layer].device).delta()
+        base = self.sgram.pop(layer, None)
+        built = self._built.pop(layer, None)
+        base = built if base is None else base
+        if record.preimage is not None and base is not None:
+            self.sgram[layer] = base + record.preimage.to(base.device).delta()
+        # else: built again from the rotated W at the layer's next edit
 
     def undo(self, layer: int, record: InputRecord) -> None:
         """G ← Q·G; the edit's keys (the last ones in the memory) leave it."""
@@ -260,7 +284,10 @@ class MOSEInputRule(Rule):
         if record.keys is not None and layer in self.memory:
             n = record.keys.shape[1]
             self.memory[layer] = self.memory[layer][:, :self.memory[layer].shape[1] - n].contiguous()
-        if record.preimage is not None and layer in self.sgram:
+        self._built.pop(layer, None)
+        if record.preimage is None:
+            self.sgram.pop(layer, None)
+        elif layer in self.sgram:
             self.sgram[layer] = self.sgram[layer] - record.preimage.to(self.sgram[layer].device).delta()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -276,3 +303,4 @@ class MOSEInputRule(Rule):
         self.memory = {l: k.to(torch.float64) for l, k in layer_tensors(state, "K").items()}
         # S as it was kept (a state without it: rebuilt from the restored weights at the next edit)
         self.sgram = {l: x.to(torch.float64) for l, x in layer_tensors(state, "S").items()}
+        self._built = {}

@@ -85,18 +85,29 @@ def _orthonormal_basis(X: torch.Tensor) -> torch.Tensor:
     return U[:, S > S[0] * X.shape[0] * torch.finfo(X.dtype).eps]
 
 
-def _extend_basis(Q: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """[Q, new] orthonormal, with ``new`` spanning the part of Y outside span(Q): classical
-    Gram–Schmidt applied twice ("twice is enough"), so powers of P do not collapse onto its top
-    eigenvectors and each Krylov block really adds directions."""
-    scale = float(Y.abs().max()) if Y.numel() else 0.0
-    for _ in range(2):
-        Y = Y - Q @ (Q.T @ Y)
+def _extend_rows(Qt: torch.Tensor, Yt: torch.Tensor) -> torch.Tensor:
+    """The rows to add to the orthonormal rows ``Qt`` (k × d) so that they also span the part of the
+    rows ``Yt`` (m × d) outside them: classical Gram–Schmidt applied twice ("twice is enough"), so
+    powers of P do not collapse onto its top eigenvectors and each Krylov block really adds
+    directions; numerically dependent directions are dropped.
+
+    The basis is kept as rows because the products it takes part in are narrow (m ≈ 2n columns
+    against d): MKL forms Yᵀ·Q and (Yᵀ·Q)·Qᵀ 2–3× faster in this layout than Qᵀ·Y and Q·(Qᵀ·Y)."""
+    scale = float(Yt.abs().max()) if Yt.numel() else 0.0
     if scale == 0.0:
-        return Q
-    U, S, _ = torch.linalg.svd(Y, full_matrices=False)
-    new = U[:, S > scale * Y.shape[0] * torch.finfo(Y.dtype).eps * 10]
-    return torch.cat([Q, new], 1)
+        return Yt[:0]
+    for _ in range(2):
+        Yt = Yt - (Yt @ Qt.T) @ Qt
+    U, S, _ = torch.linalg.svd(Yt.T, full_matrices=False)
+    return U[:, S > scale * Yt.shape[1] * torch.finfo(Yt.dtype).eps * 10].T
+
+
+def _rows_times(P, Xt: torch.Tensor) -> torch.Tensor:
+    """(P·X)ᵀ = Xᵀ·Pᵀ for X given as rows Xᵀ (m × d): the narrow product in the layout MKL runs
+    fastest (2.2 ms against 4.8 for P·X at d = 1536, m = 20, float64)."""
+    if isinstance(P, torch.Tensor):
+        return Xt @ P.T
+    return P.rows_times(Xt)
 
 
 def _top_eigenvectors(P, rank: int, dtype: torch.dtype, device, niter: int = 2, oversample: int = 10) -> torch.Tensor:
@@ -142,7 +153,8 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
             raise ValueError(f"non-finite values in {name}; refusing to rotate")
     if krylov_depth < 0 or random_rank < 0:
         raise ValueError(f"krylov_depth and random_rank must be ≥ 0, got {krylov_depth}, {random_rank}")
-    Q = _orthonormal_basis(torch.cat([A, V], 1))
+    # the basis of S as orthonormal rows Qᵀ in a buffer, and P·Q as rows (P·Q)ᵀ as the Arnoldi forms them
+    start = _orthonormal_basis(torch.cat([A, V], 1)).T
     if random_rank:
         rank = min(random_rank, P.shape[0])
         cuda = P.device.type == "cuda"
@@ -150,16 +162,28 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
             torch.manual_seed(seed)          # reproducible sketch; the caller's RNG is untouched
             U_top = (torch.svd_lowrank(P, q=rank, niter=2)[0] if dense
                      else _top_eigenvectors(P, rank, A.dtype, A.device))
-        Q = _extend_basis(Q, U_top)
-    block = Q
+        start = torch.cat([start, _extend_rows(start, U_top.T.contiguous())])
+    d = P.shape[0]
+    rows = torch.empty(min(d, start.shape[0] * (krylov_depth + 1)), d, dtype=dtype, device=A.device)
+    rows[:start.shape[0]] = start
+    k, block = start.shape[0], start
+    products = []
     for _ in range(krylov_depth):            # block Arnoldi on P from the basis so far
-        if Q.shape[1] >= P.shape[0]:
+        if k >= d:
             break
-        block = _extend_basis(Q, P @ block)
-        if block.shape[1] == Q.shape[1]:     # invariant subspace reached
+        products.append(_rows_times(P, block))
+        new = _extend_rows(rows[:k], products[-1])[:rows.shape[0] - k]
+        if not new.shape[0]:                 # invariant subspace reached
             break
-        Q, block = block, block[:, Q.shape[1]:]
-    QtPQ = Q.T @ (P @ Q)
+        rows[k:k + new.shape[0]] = new
+        block, k = rows[k:k + new.shape[0]], k + new.shape[0]
+    Qt = rows[:k]
+    done = sum(p.shape[0] for p in products)
+    if done < k:
+        products.append(_rows_times(P, Qt[done:]))
+    PQt = torch.cat(products)[:k] if len(products) > 1 else products[0][:k]
+    QtPQ = Qt @ PQt.T
+    Q = Qt.T
     QtA, QtV = Q.T @ A, Q.T @ V
     Mk = lam * QtPQ + QtV @ QtA.T
     Rk = newton_schulz_step(polar_svd(Mk))

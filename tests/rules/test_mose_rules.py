@@ -261,7 +261,8 @@ def test_update_leaves_the_state_commit_folds_it_in_and_undo_takes_it_out(side, 
     first = rule.update(0, W, K[:, :1], 0.3 * resid[:, :1])
     rule.commit(0, first.undo)
     state = {k: v.clone() for k, v in rule.state_dict().items()}
-    assert set(state) == ({"P.0"} if side == "output" else {"G.0", "K.0", "S.0"})
+    # at these widths every rotation rebuilds S = W·C0⁻¹·Wᵀ at the next edit rather than moving it
+    assert set(state) == ({"P.0"} if side == "output" else {"G.0", "K.0"})
     if side == "input":         # the memory holds the kept edit's keys as columns
         assert torch.equal(state["K.0"], K[:, :1])
     W1 = W.clone()
@@ -394,13 +395,17 @@ def test_rank_deficient_statistics_raise_the_ridge_until_cholesky_succeeds(caplo
         ridged_cholesky(-torch.eye(5, dtype=torch.float64), 1.0, "layer 7")
 
 
+@pytest.mark.parametrize("by_change", [True, False], ids=["moved", "rebuilt"])
 @pytest.mark.parametrize("polar_method", ["svd", "krylov"])
-def test_preimage_gram_follows_the_rotations_and_their_undo(polar_method):
-    """S = W·C0⁻¹·Wᵀ kept by low-rank changes over 30 kept edits equals S recomputed from the rotated
+def test_preimage_gram_follows_the_rotations_and_their_undo(polar_method, by_change, monkeypatch):
+    """S = W·C0⁻¹·Wᵀ kept over 30 kept edits — moved by their low-rank changes, or dropped at each
+    commit and built again from the rotated W at the next edit — equals S computed from the rotated
     W (relative 1e-9), the targets from the kept S equal those from the direct formula, and undoing
     the edits brings S back."""
     from mose_fast.rules import MOSEInputRule
+    from mose_fast.rules import mose_input
     from mose_fast.rules.mose_input import preimage_gram, reachable_key_targets
+    monkeypatch.setattr(mose_input, "gram_by_change", lambda *shape: by_change)
     W0, _, C0, K, resid = problem(50)
     rule = MOSEInputRule(3.0, polar_method=polar_method, edit_memory=1.0)
     W = W0.clone()
@@ -410,17 +415,39 @@ def test_preimage_gram_follows_the_rotations_and_their_undo(polar_method):
     for i in range(30):
         k = torch.randn(W.shape[1], 2, generator=g, dtype=torch.float64)
         r = 0.2 * torch.randn(W.shape[0], 2, generator=g, dtype=torch.float64)
-        if i == 29:    # the targets an edit uses: from the kept S, as from a fresh one
+        if i == 29 and by_change:    # the targets an edit uses: from the kept S, as from a fresh one
             direct = reachable_key_targets(W, k, r, rule.chol[0], rule.wwt[0])
             kept = reachable_key_targets(W, k, r, rule.chol[0], rule.wwt[0], rule.sgram[0])
             torch.testing.assert_close(kept, direct, rtol=1e-9, atol=1e-9)
+        Wi = W.clone()
         res = rule.update(0, W, k, r)
+        if not by_change:              # built by this update from the weights it found (not state)
+            fresh = preimage_gram(Wi, rule.chol[0])
+            assert float((rule._built[0] - fresh).norm() / fresh.norm()) < 1e-12
+            assert "S.0" not in rule.state_dict()
         rule.commit(0, res.undo)
+        assert (0 in rule.sgram) == by_change
         records.append(res.undo)
+
+    def kept_or_built(W_now):          # S as the next edit of W_now uses it
+        if 0 not in rule.sgram:
+            rule.update(0, W_now.clone(), K[:, :1], 0 * resid[:, :1])
+            return rule._built.pop(0)
+        return rule.sgram[0]
     fresh = preimage_gram(W, rule.chol[0])
-    assert float((rule.sgram[0] - fresh).norm() / fresh.norm()) < 1e-9
-    first = None
+    assert float((kept_or_built(W) - fresh).norm() / fresh.norm()) < 1e-9
     for rec in reversed(records):
         rule.undo(0, rec)
+        assert (0 in rule.sgram) == by_change
     first = preimage_gram(W0, rule.chol[0])
-    assert float((rule.sgram[0] - first).norm() / first.norm()) < 1e-9
+    assert float((kept_or_built(W0) - first).norm() / first.norm()) < 1e-9
+
+
+def test_gram_by_change_at_smollm2_widths():
+    """Moving S costs ≈ 2·d_in²·k, building it d_in²·d_out: a batch of 1 (k = 66) moves it, a batch of
+    10 (k = 660) builds it again (d_in = 1536, d_out = 576); a dense rotation (k = d_in) always rebuilds."""
+    from mose_fast.rules.mose_input import gram_by_change
+    assert gram_by_change(1536, 576, 66)
+    assert not gram_by_change(1536, 576, 660)
+    assert not gram_by_change(20, 12, 20)
+    assert gram_by_change(13824, 5120, 66) and not gram_by_change(13824, 5120, 13824)
