@@ -58,9 +58,127 @@ def prefix_cache_tolerance(dtype: torch.dtype) -> float:
     return {torch.float64: 1e-6, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}.get(dtype, 1e-3)
 
 
-# model → (dtype, usable, replays): the checks of _PrefixCache, made at its first build on a model
-# (they depend on how the family computes a forward, not on its weights or prompts)
+# model → (dtype, usable, replays, packs): the checks of _PrefixCache, made at its first build on a
+# model (they depend on how the family computes a forward, not on its weights or prompts); packs is
+# None until a build had rows to pack
 _CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+# Packed steps (see _Packing): used when they compute at most this share of the padded batch's tokens,
+# with at most this many rows' suffixes in one packed row
+PACK_GAIN = 0.85
+PACK_MAX_SEGMENTS = 4
+
+
+def pack_rows(lengths: list[int], width: int, max_segments: int = PACK_MAX_SEGMENTS) -> list[list[int]]:
+    """First-fit decreasing: the indices of ``lengths`` in bins of total length ≤ ``width`` and at
+    most ``max_segments`` entries (each length ≤ width)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, members in enumerate(bins):
+            if room[b] >= lengths[i] and len(members) < max_segments:
+                members.append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(width - lengths[i])
+    return bins
+
+
+def choose_packing(lengths: list[int]) -> tuple[int, list[list[int]]]:
+    """(width, bins) with the fewest tokens, bins × width, over widths from the longest length to twice it."""
+    longest = max(lengths)
+    best = None
+    for width in range(longest, 2 * longest + 1):
+        bins = pack_rows(lengths, width)
+        if best is None or len(bins) * width < len(best[1]) * best[0]:
+            best = (width, bins)
+    return best
+
+
+@dataclass
+class _Packing:
+    """Several rows' suffixes run as one row: a step's cost is its tokens, and right-padding the
+    suffixes to the longest wastes a third to a half of them (KL prompts are 3 tokens, rewrite
+    prompts 3–8).  Packed row j holds the suffixes of its rows one after another; its cache holds
+    their prefixes one after another (each ``P`` long, as cached); a 4-D attention mask lets each
+    token see its own row's prefix and the tokens of its own suffix up to itself, and the position
+    ids are each row's own — so every token computes what it computes unpacked."""
+    ids: torch.Tensor           # J × width
+    positions: torch.Tensor     # J × width
+    allowed: torch.Tensor       # J × 1 × width × (m·P + width), bool
+    cache: object               # the prefix cache in the packed layout
+    replay: torch.Tensor | None  # J × width × d: block `layer`'s recorded output, packed
+    start_row: torch.Tensor     # per current row: its packed row and the column its suffix starts at
+    start_col: torch.Tensor
+    sel_rows: torch.Tensor      # the selected positions, packed
+    sel_cols: torch.Tensor
+
+    def mask(self, model) -> torch.Tensor:
+        return attention_mask_4d(self.allowed, model)
+
+
+def attention_mask_4d(allowed: torch.Tensor, model) -> torch.Tensor:
+    """A 4-D mask (True: attend) as the model's attention takes it: boolean for SDPA, additive
+    (0 / the dtype's min, float64 for a float64 model, else float32) for eager."""
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        return allowed
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
+def packed_layout(lengths: list[int], device, force: bool = False
+                  ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For sequences of ``lengths`` packed by ``choose_packing`` (``force``: in rows twice the longest,
+    so that any two share one): (number of slots per packed row m,
+    the slot of each packed token (J × width, -1 for padding), and per packed token the sequence and
+    the position in it it holds (``len(lengths)`` and 0 for padding), and per sequence its slots' rows
+    (J × m, ``len(lengths)`` for an empty slot))."""
+    n = len(lengths)
+    if force:
+        width = 2 * max(lengths)
+        bins = pack_rows(lengths, width)
+    else:
+        width, bins = choose_packing(lengths)
+    J, m = len(bins), max(len(members) for members in bins)
+    slot_row = torch.full((J, m), n, dtype=torch.long)
+    seg = torch.full((J, width), -1, dtype=torch.long)
+    src_row = torch.full((J, width), n, dtype=torch.long)
+    src_col = torch.zeros((J, width), dtype=torch.long)
+    for j, members in enumerate(bins):
+        off = 0
+        for slot, i in enumerate(members):
+            L = lengths[i]
+            slot_row[j, slot] = i
+            seg[j, off:off + L] = slot
+            src_row[j, off:off + L] = i
+            src_col[j, off:off + L] = torch.arange(L)
+            off += L
+    return m, seg.to(device), src_row.to(device), src_col.to(device), slot_row.to(device)
+
+
+def _packable(cache, longest: int) -> bool:
+    """Whether ``cache``'s layers are plain key/value tensors that keep ``longest`` positions (a
+    sliding-window layer that would crop them is not)."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(
+        isinstance(getattr(l, "keys", None), torch.Tensor) and l.keys.ndim == 4
+        and (not getattr(l, "sliding_window", None) or l.sliding_window > longest)
+        for l in layers)
+
+
+def _set_kv(layer, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put ``keys``/``values`` in a cache layer (with a sliding-window layer's count of positions seen)."""
+    layer.keys, layer.values = keys, values
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = keys.shape[-2]
+
+
+def causal_within_segments(seg: torch.Tensor) -> torch.Tensor:
+    """J × width × width: token t sees token t' ≤ t of its own segment (padding sees padding)."""
+    t = torch.arange(seg.shape[1], device=seg.device)
+    return (seg[:, :, None] == seg[:, None, :]) & (t[None, None, :] <= t[None, :, None])
 
 
 class _Batch:
@@ -298,13 +416,14 @@ class _PrefixCache:
         dtype = next(model.parameters()).dtype
         known = _CHECKED.get(model)
         known = known[1:] if known is not None and known[0] == dtype else None
+        self._packed, self.packs = None, False
         # low-precision steps run on bf16 copies of the weights above the layer (low_precision_weights)
         # and read the prefix's keys and values above the layer: those blocks run in that precision
         # here too (the blocks up to the layer, which the record reads, stay exact); the checks of a
         # first build need the exact cache, and get the mixed one after them
         low = (low_weights or {}) if self.upper else {}
         checked = known is not None
-        self.base_cache = self._prefix_cache(low if checked and known[0] else None)
+        self.base_cache = self._prefix_cache(low if checked and known[0] else None, packed=checked and bool(known[2]))
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
@@ -324,21 +443,158 @@ class _PrefixCache:
                 replayed = self._cached_forward(None, "replay").float() if can_replay else None
                 tol = prefix_cache_tolerance(dtype)
                 usable = bool(relative_difference(computed.float(), ref) < tol)
-                known = (usable, bool(usable and replayed is not None and relative_difference(replayed, computed.float()) < tol))
-                _CHECKED[model] = (dtype, *known)
-        self.usable = known[0]
-        self.replays = known[1] and can_replay
+                known = (usable, bool(usable and replayed is not None and relative_difference(replayed, computed.float()) < tol),
+                         None)
+            self.usable = known[0]
+            self.replays = known[1] and can_replay
+            if self.usable and known[2] is None:
+                known = (*known[:2], self._check_packing(prefix_cache_tolerance(dtype)))
+            _CHECKED[model] = (dtype, *known)
+        self.packs = bool(known[2])
+        repack = self.packs and self._prefix is not None and self._packed_prefix() is not None
+        if self.usable and not checked and (low or repack):
+            # a first build ends as every later build starts: the prefixes run as the steps read them
+            # (packed, and in the steps' precision above the layer) and block `layer` recorded from
+            # that cache, so an edit does not depend on whether its build was a model's first
+            self.base_cache = self.cache = self._prefix_cache(low or None, packed=self.packs)
+            self._packed = None
+            if repack:
+                with torch.no_grad():
+                    self._cached_forward(None, "record-only")
         self.h0 = self.replay[:, 0].detach().clone() if self.usable else h_full
-        if low and self.usable and not checked:
-            self.base_cache = self.cache = self._prefix_cache(low)
         self.low_weights = dict(low_weights or {})
 
+    def _check_packing(self, tol: float) -> bool | None:
+        """Whether packed steps give the unpacked logits (at a δ ≠ 0, so the δ positions are checked
+        too) and packed prefixes the unpacked keys and values; None for a single row (every request
+        has two, so the first build decides)."""
+        packing = self._build_packing(force=True)
+        if packing is None:
+            return None
+        g = torch.Generator().manual_seed(0)
+        h = self.replay[:, 0].float()
+        delta = (0.5 * h.norm(dim=1, keepdim=True).mean() * torch.randn(self.batch.n, h.shape[1], generator=g)
+                 / h.shape[1] ** 0.5).to(self.device)
+        plain = self._cached_forward(delta, packing=None).float()
+        packed = self._cached_forward(delta, packing=packing).float()
+        if not relative_difference(packed, plain) < tol:
+            return False
+        built = self._packed_prefix(force=True)   # the prefixes packed: the same keys and values where read
+        if built is None:
+            return True
+        unpacked = self._run_prefix(*built[:1], None)
+        seen = self.prefix_mask.bool()[:, None, :, None]
+        for mine, ref in zip(unpacked.layers, self.base_cache.layers):
+            for a, b in ((built[1](mine.keys), ref.keys), (built[1](mine.values), ref.values)):
+                if not relative_difference(a * seen, b * seen) < tol:
+                    return False
+        return True
+
+    def _packing(self) -> "_Packing | None":
+        """The current rows' packing, where packed steps were verified and save enough tokens."""
+        if not self.packs or self.cache is None:
+            return None
+        if self._packed is None:
+            self._packed = self._build_packing(force=False) or False
+        return self._packed or None
+
+    def _build_packing(self, force: bool) -> "_Packing | None":
+        """Pack the current rows (``choose_packing``); None where that saves too little (unless
+        ``force``: then None only where no packed row holds two rows) or the cache is not one of plain
+        key/value tensors per layer."""
+        impl = getattr(self.model.config, "_attn_implementation", None)
+        if self.cache is None or impl not in (None, "eager", "sdpa"):
+            return None
+        P = self.prefix_mask.shape[1]
+        if not _packable(self.cache, PACK_MAX_SEGMENTS * P + 2 * self.suffix.shape[1]) \
+                or any(l.keys.shape[-2] != P for l in self.cache.layers):
+            return None
+        b, rows = self.batch, self.rows.tolist()
+        n, S = len(rows), self.suffix.shape[1]
+        lengths = [len(b.ids[r]) - b.lookup[r] for r in rows]
+        m, seg, src_row, src_col, slot_row = packed_layout(lengths, self.device, force)
+        J, width = seg.shape
+        if m == 1 or (not force and J * width > PACK_GAIN * n * S):
+            return None
+        start_row = torch.zeros(n, dtype=torch.long, device=self.device)
+        start_col = torch.zeros(n, dtype=torch.long, device=self.device)
+        first = (src_col == 0) & (src_row < n)
+        start_row[src_row[first]] = first.nonzero()[:, 0]
+        start_col[src_row[first]] = first.nonzero()[:, 1]
+        dev = self.device
+        real = src_row < n
+        ids = torch.where(real, torch.cat([self.suffix, self.suffix[:1]])[src_row, src_col], self.pad)
+        positions = torch.where(real, torch.cat([self.positions, self.positions[:1]])[src_row, src_col], 0)
+        prefix_ok = torch.cat([self.prefix_mask[self.rows.to(dev)], self.prefix_mask.new_zeros(1, P)])[slot_row].bool()
+        own_slot = seg[:, :, None] == torch.arange(m, device=dev)                        # J × width × m
+        see_prefix = (own_slot[..., None] & prefix_ok[:, None]).reshape(J, width, m * P)
+        allowed = torch.cat([see_prefix, causal_within_segments(seg)], 2)[:, None]
+
+        def packed(x):          # n × … per current row → J × kvh × m·P × hd
+            x = torch.cat([x, torch.zeros_like(x[:1])])[slot_row]                       # J × m × kvh × P × hd
+            return x.transpose(1, 2).reshape(J, x.shape[2], m * P, x.shape[-1])
+        cache = _fork(self.cache)
+        for layer in cache.layers:
+            _set_kv(layer, packed(layer.keys), packed(layer.values))
+        replay = None
+        if self.replay_now is not None:
+            rec = self.replay_now[:, :S]
+            replay = torch.cat([rec, torch.zeros_like(rec[:1])])[src_row, src_col]
+        sel_local = self.sel_rows_local
+        return _Packing(ids=ids, positions=positions, allowed=allowed, cache=cache, replay=replay,
+                        start_row=start_row, start_col=start_col, sel_rows=start_row[sel_local],
+                        sel_cols=start_col[sel_local] + self.sel_cols_suffix)
+
     @torch.no_grad()
-    def _prefix_cache(self, low: dict[str, torch.Tensor] | None):
+    def _prefix_cache(self, low: dict[str, torch.Tensor] | None, packed: bool = False):
         """Key/value cache of the prefixes (lm_head at no position: only the cache is wanted); with
-        ``low`` (bf16 weight copies) the blocks above the layer run under autocast on them."""
+        ``low`` (bf16 weight copies) the blocks above the layer run under autocast on them.  ``packed``:
+        the prefixes run packed (``packed_layout``: several in one row, a 4-D mask) where that saves
+        enough tokens, and their keys and values are put back in the rows' left-padded layout."""
         if self._prefix is None:
             return None
+        inputs, unpack = self._prefix, None
+        if packed:
+            inputs, unpack = self._packed_prefix() or (inputs, None)
+        cache = self._run_prefix(inputs, low)
+        if unpack is not None:
+            if not _packable(cache, 2 * self.prefix_mask.shape[1] + 2 * max(len(x) for x in self.batch.ids)):
+                return self._run_prefix(self._prefix, low)
+            for layer in cache.layers:
+                _set_kv(layer, unpack(layer.keys), unpack(layer.values))
+        return cache
+
+    def _packed_prefix(self, force: bool = False):
+        """(inputs, unpack) of the packed prefix forward, or None where packing saves too little
+        (``force``: where no two prefixes share a packed row)."""
+        lookup = self.batch.lookup
+        have = [r for r, c in enumerate(lookup) if c]
+        n, P = len(lookup), self.prefix_mask.shape[1]
+        if not have:
+            return None
+        m, seg, src_row, src_col, _ = packed_layout([lookup[r] for r in have], self.device, force)
+        J, width = seg.shape
+        if m == 1 or (not force and J * width > PACK_GAIN * n * P):
+            return None
+        dev = self.device
+        row_of = torch.tensor(have + [0], device=dev)[src_row]                  # the row each packed token holds
+        c = torch.tensor([lookup[r] for r in have] + [0], device=dev)[src_row]
+        real = seg >= 0
+        ids = torch.where(real, self._prefix["input_ids"][row_of, (P - c + src_col).clamp(max=P - 1)], self.pad)
+        inputs = dict(input_ids=ids, attention_mask=attention_mask_4d(causal_within_segments(seg)[:, None], self.model),
+                      position_ids=torch.where(real, src_col, 0), use_cache=True)
+        # row r, prefix column p ← packed (j, t); column P − c_r + k of row r holds its token k
+        flat = torch.full((n, P), J * width, dtype=torch.long, device=dev)      # J·width: a zero slot
+        tok_index = torch.arange(J * width, device=dev).view(J, width)
+        flat[row_of[real], (P - c + src_col)[real]] = tok_index[real]
+
+        def unpack(x):          # J × kvh × width × hd → n × kvh × P × hd
+            x = x.transpose(1, 2).reshape(J * width, x.shape[1], x.shape[-1])
+            x = torch.cat([x, torch.zeros_like(x[:1])])[flat]                     # n × P × kvh × hd
+            return x.transpose(1, 2).contiguous()
+        return inputs, unpack
+
+    def _run_prefix(self, inputs: dict, low: dict[str, torch.Tensor] | None):
         hooks = [self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][:, :0],))]
         state = {}
         if low:
@@ -354,9 +610,9 @@ class _PrefixCache:
             hooks += [self.upper[0].register_forward_pre_hook(enter), self.upper[-1].register_forward_hook(leave)]
         try:
             if not low:
-                return self.model(**self._prefix).cache
+                return self.model(**inputs).cache
             blocks = {k: w for k, w in low.items() if k != self.lm_head_weight}  # lm_head runs outside autocast
-            return torch.func.functional_call(self.model, blocks, args=(), kwargs=self._prefix, tie_weights=False).cache
+            return torch.func.functional_call(self.model, blocks, args=(), kwargs=inputs, tie_weights=False).cache
         finally:
             if state.pop("on", False):
                 autocast.__exit__(None, None, None)
@@ -411,6 +667,7 @@ class _PrefixCache:
                 g[1].append(lab)
         self._positions = {j: (torch.tensor(p, device=self.device), torch.tensor(l, device=self.device), k)
                            for j, (p, l, k) in groups.items()}
+        self._packed = None
 
     def loss_positions(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, int]]:
         return self._positions
@@ -428,11 +685,17 @@ class _PrefixCache:
         self.rows = torch.tensor(keep)
         self._layout()
 
-    def _cached_forward(self, delta: torch.Tensor | None, mode: str | None = None) -> torch.Tensor:
+    def _cached_forward(self, delta: torch.Tensor | None, mode: str | None = None,
+                        packing: "_Packing | None | bool" = True) -> torch.Tensor:
         """Logits at the selected positions.  ``mode``: "record" (compute every block and keep block
         ``layer``'s output), "record-only" (keep it and stop there: no logits), "replay",
-        "compute"; default "replay" where the replay was verified."""
+        "compute"; default "replay" where the replay was verified.  ``packing``: True for the
+        current rows' packing where there is one (steps), None for none, or a packing to use."""
         mode = mode or ("replay" if self.replays else "compute")
+        if packing is True:
+            packing = self._packing() if mode in ("replay", "compute") else None
+        if packing is not None:
+            return self._packed_forward(delta, mode, packing)
         cache = _fork(self.cache) if self.cache is not None else None
         handles = []
         try:
@@ -468,6 +731,24 @@ class _PrefixCache:
                 h.remove()
         return out.logits
 
+    def _packed_forward(self, delta: torch.Tensor | None, mode: str, packing: _Packing) -> torch.Tensor:
+        """``_cached_forward`` in ``packing``'s layout (modes "replay" and "compute")."""
+        replay = nullcontext()
+        if mode == "replay":
+            kinds = [self._output_kinds[k] for k in range(len(self.skipped))]
+            replay = replaying(self.skipped, kinds, packing.replay)
+        add = None if delta is None else delta[self.row_request]
+
+        def bump(hidden):
+            extra = torch.zeros_like(hidden)
+            extra[packing.start_row, packing.start_col] = add.to(hidden.device, hidden.dtype)
+            return hidden + extra
+        inputs = dict(input_ids=packing.ids, attention_mask=packing.mask(self.model), position_ids=packing.positions,
+                      cache=_fork(packing.cache), use_cache=True)
+        with replay, self._selected_logits(packing.sel_cols, packing.sel_rows), \
+                (edit_output(self.block, bump) if add is not None else nullcontext()):
+            return self._step_call(inputs).logits
+
     def _full_forward(self, delta: torch.Tensor) -> torch.Tensor:
         rows = self.rows.to(self.device)
         batch = {k: v[rows] for k, v in self.full.items()}
@@ -488,10 +769,11 @@ class _PrefixCache:
         return torch.func.functional_call(self.model, self.low_weights, args=(), kwargs=inputs, tie_weights=False)
 
     @contextmanager
-    def _selected_logits(self, cols: torch.Tensor) -> Iterator[None]:
-        """lm_head applied only at the selected positions (rows ``sel_rows_local``, columns ``cols``
-        of the batch being run)."""
-        handle = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][self.sel_rows_local, cols],))
+    def _selected_logits(self, cols: torch.Tensor, rows: torch.Tensor | None = None) -> Iterator[None]:
+        """lm_head applied only at the selected positions (rows ``sel_rows_local`` or ``rows``, columns
+        ``cols`` of the batch being run)."""
+        rows = self.sel_rows_local if rows is None else rows
+        handle = self.lm_head.register_forward_pre_hook(lambda _m, args: (args[0][rows, cols],))
         try:
             yield
         finally:

@@ -100,6 +100,62 @@ def test_replayed_blocks_give_the_computed_logits_and_gradient(family):
     assert "forward" not in arch.block(model, 2).__dict__
 
 
+def test_packing_places_every_row_once_within_the_width():
+    """First-fit decreasing: every row in exactly one packed row, none longer than the width or with
+    more than the allowed rows; choose_packing takes the width with the fewest tokens."""
+    lengths = [6, 3, 3, 5, 4, 3, 6, 2, 3]
+    for width in (6, 7, 9, 12):
+        bins = T.pack_rows(lengths, width, max_segments=3)
+        assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in b) <= width and len(b) <= 3 for b in bins)
+    assert T.pack_rows([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
+    width, bins = T.choose_packing([3] * 10 + [6] * 4)        # KL-like rows of 3 and rewrite rows of 6
+    assert len(bins) * width == 54 and width == 6               # unpacked: 14 × 6 = 84
+    assert T.choose_packing([5, 4])[0] == 9                     # one row of 9 beats two of 5
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_steps_give_the_unpacked_logits_and_gradient(family):
+    """Several rows' suffixes in one row (their prefixes side by side in its cache, a 4-D mask, each
+    row's own positions) give the logits and dL/dδ of the padded batch (float64, 1e-10), replaying or
+    computing the blocks up to the layer, also after a request has left; the first build checks it."""
+    model, tok = _model(family, torch.float64)
+    arch = resolve_arch(model)
+    batch = T._Batch(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
+    runner = T._PrefixCache(model, arch, 1, batch, tok)
+    assert T._CHECKED[model][3] is True and runner.packs
+    g = torch.Generator().manual_seed(4)
+    delta = torch.randn(len(REQS), model.config.hidden_size, generator=g, dtype=torch.float64)
+    weights = torch.randn(len(batch.sel_rows), model.config.vocab_size, generator=g, dtype=torch.float64)
+    for keep in (None, [0, 2, 3]):
+        if keep:
+            runner.select(keep)
+            weights = weights[:len(runner.sel_rows_local)]
+        packing = runner._build_packing(force=True)
+        assert packing.ids.shape[0] < len(runner.rows)          # rows really share packed rows
+        for mode in (("replay", "compute") if runner.replays else ("compute",)):
+            results = []
+            for p in (None, packing):
+                d = delta.clone().requires_grad_(True)
+                logits = runner._cached_forward(d, mode, packing=p)
+                (logits * weights).sum().backward()
+                results.append((logits.detach(), d.grad))
+            (lu, gu), (lp, gp) = results
+            torch.testing.assert_close(lp, lu, rtol=0, atol=1e-10)
+            torch.testing.assert_close(gp, gu, rtol=0, atol=1e-10)
+            assert gu.abs().sum() > 0
+    # the builds after the first run the prefixes packed: their keys and values where they are read
+    # (the rows' real prefix positions) are the unpacked ones
+    assert runner._packed_prefix() is not None
+    second = T._PrefixCache(model, arch, 1, batch, tok)
+    seen = runner.prefix_mask.bool()[:, None, :, None]
+    for a, b in zip(runner.base_cache.layers, second.base_cache.layers):
+        torch.testing.assert_close(b.keys * seen, a.keys * seen, rtol=0, atol=1e-10)
+        torch.testing.assert_close(b.values * seen, a.values * seen, rtol=0, atol=1e-10)
+    torch.testing.assert_close(second.h0, runner.h0, rtol=0, atol=1e-10)
+
+
 @pytest.mark.model
 def test_batched_targets_equal_one_request_at_a_time_in_float64():
     """Each request's z, NLL and step count from one batch of four equal those of a batch of one
@@ -268,6 +324,9 @@ def test_bfloat16_targets_keep_h0_exact_and_reach_the_target():
     model, tok = _model("llama")
     arch = resolve_arch(model)
     templates = [["{}"], ["The cat. {}"]]
+    # a first build checks the prefix cache unpacked; the builds after it pack the prefixes (which
+    # rounds differently in float32): both runs below are such builds
+    T.compute_targets(model, tok, arch, 2, REQS[:2], templates, tiny_mose_config(v_num_grad_steps=1))
     f32 = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, tiny_mose_config(v_num_grad_steps=10))
     b16 = T.compute_targets(model, tok, arch, 2, REQS[:2], templates,
                             tiny_mose_config(v_num_grad_steps=10, target_dtype="bfloat16"))
@@ -338,6 +397,7 @@ def test_prefix_cache_above_the_layer_is_computed_in_the_steps_precision():
     model, tok = _model("llama")
     arch = resolve_arch(model)
     batch = T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]])
+    T._PrefixCache(model, arch, 1, batch, tok)        # the first build (its checks): the two below are alike
     exact = T._PrefixCache(model, arch, 1, batch, tok)
     mixed = T._PrefixCache(model, arch, 1, batch, tok,
                            low_weights=T.low_precision_weights(model, arch, 1, torch.bfloat16))
