@@ -102,7 +102,7 @@ class _Packing:
     """Several rows' suffixes run as one row: a step's cost is its tokens, and right-padding the
     suffixes to the longest wastes a third to a half of them (KL prompts are 3 tokens, rewrite
     prompts 3–8).  Packed row j holds the suffixes of its rows one after another; its cache holds
-    their prefixes one after another (each ``P`` long, as cached); a 4-D attention mask lets each
+    the real positions of their prefixes one after another (padding left out); a 4-D attention mask lets each
     token see its own row's prefix and the tokens of its own suffix up to itself, and the position
     ids are each row's own — so every token computes what it computes unpacked."""
     ids: torch.Tensor           # J × width
@@ -525,14 +525,24 @@ class _PrefixCache:
         real = src_row < n
         ids = torch.where(real, torch.cat([self.suffix, self.suffix[:1]])[src_row, src_col], self.pad)
         positions = torch.where(real, torch.cat([self.positions, self.positions[:1]])[src_row, src_col], 0)
-        prefix_ok = torch.cat([self.prefix_mask[self.rows.to(dev)], self.prefix_mask.new_zeros(1, P)])[slot_row].bool()
-        own_slot = seg[:, :, None] == torch.arange(m, device=dev)                        # J × width × m
-        see_prefix = (own_slot[..., None] & prefix_ok[:, None]).reshape(J, width, m * P)
+        # the prefixes' real columns of each packed row's rows, one after another (padding left out)
+        pre = [[(i, col) for slot, i in enumerate(slot_row[j].tolist()) if i < n
+                for col in range(P - b.lookup[rows[i]], P)] for j in range(J)]
+        K = max(1, max(len(x) for x in pre))
+        key_row = torch.full((J, K), n, dtype=torch.long)
+        key_col = torch.zeros((J, K), dtype=torch.long)
+        key_slot = torch.full((J, K), -2, dtype=torch.long)
+        slot_of = {i: slot for j in range(J) for slot, i in enumerate(slot_row[j].tolist()) if i < n}
+        for j, cols in enumerate(pre):
+            for k, (i, col) in enumerate(cols):
+                key_row[j, k], key_col[j, k], key_slot[j, k] = i, col, slot_of[i]
+        key_row, key_col, key_slot = key_row.to(dev), key_col.to(dev), key_slot.to(dev)
+        see_prefix = seg[:, :, None] == key_slot[:, None, :]                            # J × width × K
         allowed = torch.cat([see_prefix, causal_within_segments(seg)], 2)[:, None]
 
-        def packed(x):          # n × … per current row → J × kvh × m·P × hd
-            x = torch.cat([x, torch.zeros_like(x[:1])])[slot_row]                       # J × m × kvh × P × hd
-            return x.transpose(1, 2).reshape(J, x.shape[2], m * P, x.shape[-1])
+        def packed(x):          # n × kvh × P × hd per current row → J × kvh × K × hd
+            x = torch.cat([x, torch.zeros_like(x[:1])]).transpose(1, 2)[key_row, key_col]   # J × K × kvh × hd
+            return x.transpose(1, 2).contiguous()
         cache = _fork(self.cache)
         for layer in cache.layers:
             _set_kv(layer, packed(layer.keys), packed(layer.values))
