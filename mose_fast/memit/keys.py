@@ -68,6 +68,11 @@ class SubjectForward:
     then, and the next forward replays them (:func:`hooks.replaying`) instead of computing them
     again.  The editor reports every change of a block's weights with ``edited(layer)``.
 
+    Outputs wanted on the bare prompts only (the residual at the last edited layer, which the
+    targets are compared with) are read by a forward of those rows alone through the blocks after
+    the keys' layer, from the recorded output of that layer: the other templates' rows (five in six)
+    stop at the keys' layer.
+
     ``check``: the first replayed forward is also computed in full and the captures compared; a
     model whose blocks pass state other than the hidden state (so that a replay is not the same
     computation) then runs every forward in full (``replays`` False)."""
@@ -78,6 +83,10 @@ class SubjectForward:
         self.model, self.arch, self.n_templates = model, arch, len(flat)
         self.ids, self.positions = _subject_batch(tok, requests, flat)
         self.inputs = pad_batch(tok, self.ids, next(model.parameters()).device)
+        # the bare prompts' rows (the first template's), right-padded only as far as they need
+        self.bare = torch.arange(0, len(self.ids), self.n_templates)
+        width = max(len(self.ids[r]) for r in self.bare.tolist())
+        self.bare_inputs = {k: v[self.bare.to(v.device), :width] for k, v in self.inputs.items()}
         self.outputs: dict[int, torch.Tensor] = {}     # block k's output at its last computation
         self.kinds: dict[int, int | None] = {}
         self.fresh = 0             # the outputs of blocks below this are recorded and current
@@ -87,23 +96,49 @@ class SubjectForward:
         """Block ``layer``'s weights changed: its output and every later one are stale."""
         self.fresh = min(self.fresh, layer)
 
-    def run(self, first: int, stop: int, inputs_of: dict, outputs_of: dict) -> tuple[dict, dict]:
+    def run(self, first: int, stop: int, inputs_of: dict, outputs_of: dict, bare_of: dict | None = None,
+            bare_stop: int | None = None) -> tuple[dict, dict]:
         """Forward through block ``stop``, computing at least blocks ``first`` .. ``stop`` (the ones
         holding the captured modules); returns the captured module inputs and hidden outputs, as
-        :func:`hooks.capture_inputs` / :func:`hooks.capture_outputs` give them."""
+        :func:`hooks.capture_inputs` / :func:`hooks.capture_outputs` give them.  ``bare_of``: modules
+        whose outputs are wanted on the bare prompts' rows only (in that order), in blocks up to
+        ``bare_stop`` (≥ ``stop``; default ``stop``)."""
+        bare_of = bare_of or {}
+        bare_stop = stop if bare_stop is None else bare_stop
         start = min(first, self.fresh) if self.replays else 0
         if start and any(self.kinds.get(k) is None for k in range(start)):
             start = 0
-        got = self._forward(start, stop, inputs_of, outputs_of)
+        got = self._parts(start, stop, inputs_of, outputs_of, bare_of, bare_stop)
         if start and self.check:
             self.check = False
-            full = self._forward(0, stop, inputs_of, outputs_of)
+            full = self._parts(0, stop, inputs_of, outputs_of, bare_of, bare_stop, replay_bare=False)
             same = all(relative_difference(got[i][name][0], full[i][name][0]) <= _REPLAY_TOLERANCE.get(full[i][name][0].dtype, 1e-3)
                        for i in (0, 1) for name in full[i])
             if not same:
                 self.replays = False
                 return full
         return got
+
+    def _parts(self, start: int, stop: int, inputs_of: dict, outputs_of: dict, bare_of: dict, bare_stop: int,
+               replay_bare: bool = True) -> tuple[dict, dict]:
+        """Every row from block ``start`` through ``stop``; then the bare prompts' rows through
+        ``bare_stop`` (from the record of block ``stop`` where ``replay_bare`` and replays are on)."""
+        if bare_stop == stop:           # one forward: the bare outputs read off its rows
+            seen_in, seen_out = self._forward(start, stop, inputs_of, {**outputs_of, **bare_of})
+            for name in bare_of:
+                seen_out[name] = [t[self.bare.to(t.device)] for t in seen_out[name]]
+            return seen_in, seen_out
+        seen_in, seen_out = self._forward(start, stop, inputs_of, outputs_of) if start <= stop else ({}, {})
+        blocks = [self.arch.block(self.model, k) for k in range(bare_stop + 1)]
+        replay = nullcontext()
+        if replay_bare and self.replays and stop >= 0 and all(self.kinds.get(k) is not None for k in range(stop + 1)):
+            width = self.bare_inputs["input_ids"].shape[1]
+            recorded = self.outputs[stop]
+            replay = replaying(blocks[:stop + 1], [self.kinds[k] for k in range(stop + 1)],
+                               recorded[self.bare.to(recorded.device), :width])
+        with replay, capture_outputs(bare_of) as seen_bare:
+            run_until(self.model, blocks[bare_stop], **self.bare_inputs)
+        return seen_in, {**seen_out, **seen_bare}
 
     def _forward(self, start: int, stop: int, inputs_of: dict, outputs_of: dict) -> tuple[dict, dict]:
         blocks = [self.arch.block(self.model, k) for k in range(stop + 1)]
@@ -169,14 +204,20 @@ def keys_and_outputs(model, tok, arch: ArchSpec, layer: int, out_layer: int, req
         raise ValueError(f"out_layer {out_layer} precedes the key layer {layer}")
     forward = forward or SubjectForward(model, tok, arch, requests, context_templates, check=False)
     ids, positions = forward.ids, forward.positions
-    keys, outs = forward.run(layer, out_layer, {"k": arch.mlp_out_module(model, layer)},
-                             {"h": arch.block(model, out_layer)})
+    keys, outs = forward.run(layer, layer, {"k": arch.mlp_out_module(model, layer)}, {},
+                             bare_of={"h": arch.block(model, out_layer)}, bare_stop=out_layer)
     k_in, h = keys["k"][0], outs["h"][0]
     rows = torch.arange(len(ids), device=k_in.device)
     cols = torch.tensor(positions, device=k_in.device)
     K = mean_key(k_in[rows, cols].view(len(requests), len(flat), -1), context_templates)
-    bare = torch.arange(0, len(ids), len(flat), device=h.device)
-    return K, h[bare, torch.tensor(positions, device=h.device)[bare]]
+    return K, _at_bare_subjects(h, forward)
+
+
+def _at_bare_subjects(h: torch.Tensor, forward: SubjectForward) -> torch.Tensor:
+    """The bare prompts' rows of ``h`` (as ``SubjectForward.run`` returns ``bare_of`` outputs) at their
+    subject's last token."""
+    cols = torch.tensor(forward.positions, device=h.device)[forward.bare.to(h.device)]
+    return h[torch.arange(len(cols), device=h.device), cols]
 
 
 # the recomputed attention output may differ from the model's by rounding (the model's own attention
@@ -201,7 +242,7 @@ def unit_keys_and_outputs(model, tok, arch: ArchSpec, layer: int, module: str, o
         raise ValueError(f"out_layer {out_layer} precedes the key layer {layer}")
     forward = forward or SubjectForward(model, tok, arch, requests, context_templates, check=False)
     ids, positions = forward.ids, forward.positions
-    inputs, outputs = {}, {"h": arch.block(model, out_layer)}
+    inputs, outputs = {}, {}
     if module in ("attn.v", "attn.qk"):
         arch.require(module, "attn_out")
         inputs["u"] = arch.sub(model, layer, arch.attn_out)
@@ -211,10 +252,9 @@ def unit_keys_and_outputs(model, tok, arch: ArchSpec, layer: int, module: str, o
         inputs["x"] = arch.sub(model, layer, arch.mlp_in[0])
     elif module != "attn.v":
         raise ValueError(f"unknown module {module!r}")
-    seen_in, seen_out = forward.run(layer, out_layer, inputs, outputs)
-    h = seen_out["h"][0]
-    bare = torch.arange(0, len(ids), len(flat), device=h.device)
-    h_bare = h[bare, torch.tensor(positions, device=h.device)[bare]]
+    seen_in, seen_out = forward.run(layer, layer, inputs, outputs, bare_of={"h": arch.block(model, out_layer)},
+                                    bare_stop=out_layer)
+    h_bare = _at_bare_subjects(seen_out.pop("h")[0], forward)
     n = len(requests)
     if module in ("attn.v", "mlp.in"):
         x = seen_in["u" if module == "attn.v" else "x"][0]
@@ -271,11 +311,9 @@ def block_outputs_at_subject(model, tok, arch: ArchSpec, layer: int, requests: l
                              forward: SubjectForward | None = None) -> torch.Tensor:
     """Residual stream after block ``layer`` at the subject's last token of each bare prompt (read off
     ``forward``'s bare-prompt rows where given)."""
-    if forward is not None:
-        _, outs = forward.run(layer, layer, {}, {"h": arch.block(model, layer)})
-        h = outs["h"][0]
-        bare = torch.arange(0, len(forward.ids), forward.n_templates, device=h.device)
-        return h[bare, torch.tensor(forward.positions, device=h.device)[bare]]
+    if forward is not None:         # the bare prompts alone through block `layer`, from the record below it
+        _, outs = forward.run(layer, layer - 1, {}, {}, bare_of={"h": arch.block(model, layer)}, bare_stop=layer)
+        return _at_bare_subjects(outs["h"][0], forward)
     ids, positions = _subject_batch(tok, requests, ["{}"])
     device = next(model.parameters()).device
     block = arch.block(model, layer)

@@ -110,13 +110,15 @@ def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(fami
     fwd.edited(1)
     ran = []
     hooks = [arch.block(model, k).get_submodule(arch.mlp_out.rsplit(".", 1)[0]).register_forward_pre_hook(
-        lambda *_a, _k=k: ran.append(_k)) for k in range(arch.num_layers(model))]
+        lambda _m, args, _k=k: ran.append((_k, args[0].shape[0]))) for k in range(arch.num_layers(model))]
     try:
         K2, h2 = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
     finally:
         for h in hooks:
             h.remove()
-    assert sorted(ran) == [1, 2, 3]                        # block 0 replayed
+    rows = len(REQS) * sum(len(g) for g in templates)
+    # block 0 replayed; above the keys' layer only the bare prompts run
+    assert sorted(ran) == [(1, rows), (2, rows), (3, len(REQS))]
     K2_full, h2_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
     torch.testing.assert_close(K2, K2_full, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(h2, h2_full, atol=1e-10, rtol=1e-10)
