@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 # Panels take at most 1/8 of W's bytes; 0.12 leaves headroom under that bound for the small
 # allocations every call makes besides the panels (views, allocator bookkeeping).
 WORKSPACE_FRACTION = 0.12
+# Row panels of orth_matmul_factored_right_ hold at least this many rows (see there).
+RIGHT_PANEL_MIN_ROWS = 128
 
 try:  # triton is an optional extra; nothing here touches CUDA at import
     import triton
@@ -121,6 +123,34 @@ def orth_matmul_factored_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tensor,
             panel = W[:, j:j + p]
             wide = panel.to(cd)
             panel.copy_(wide.addmm_(left, Qc.T @ wide))
+    return W
+
+
+@torch.no_grad()
+def orth_matmul_factored_right_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tensor,
+                                compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W ← W·R in place, R = I + Q·(Rk − I)·Qᵀ:  W + ((W·Q)·(Rk − I))·Qᵀ, in row panels of W (each
+    row of W·R depends on that row only), so a panel is contiguous and needs no transposed copy.
+    O(d_out·d_in·k) + O(d_out·k²); workspace a panel in ``compute_dtype`` (default W's, at least
+    float32) and its panel × k products.  Panels hold 1/8 of W's bytes but at least
+    ``RIGHT_PANEL_MIN_ROWS`` rows: narrower ones run the products at half the speed (d_in = 1536,
+    k = 660 on a 2-core CPU: 99 ms for 17-row panels, 47 for 144, 41 for one)."""
+    if Q.ndim != 2 or Q.shape[0] != W.shape[1] or Rk.shape != (Q.shape[1], Q.shape[1]):
+        raise ValueError(f"need W (n × d), Q (d × k), Rk (k × k); got {tuple(W.shape)}, {tuple(Q.shape)}, "
+                         f"{tuple(Rk.shape)}")
+    cd = compute_dtype_for(W.dtype, compute_dtype)
+    with full_precision_matmul():
+        Qc = Q.to(cd)
+        D = Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device)
+        if cd == W.dtype:
+            W.addmm_((W @ Qc) @ D, Qc.T)
+            return W
+        rows = max(panel_width(W.shape[0], WORKSPACE_FRACTION, W.element_size(), torch.empty((), dtype=cd).element_size()),
+                   RIGHT_PANEL_MIN_ROWS)
+        for i in range(0, W.shape[0], rows):
+            panel = W[i:i + rows]
+            wide = panel.to(cd)
+            panel.copy_(wide.addmm_((wide @ Qc) @ D, Qc.T))
     return W
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_
+from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_, orth_matmul_factored_right_
 from ..solve.procrustes import SUBSPACE_METHODS, SolveResult, solve_rotation, solve_subspace
 from .base import Option, Rule, UpdateResult, layer_tensors, positive
 
@@ -71,8 +71,14 @@ class Rotation:
             orth_matmul_factored_(W, rot.Q, rot.Rk, compute_dtype=compute)
 
     def apply_right_(self, W: torch.Tensor) -> None:
-        """W ← W·R in place ((W·R)ᵀ = Rᵀ·Wᵀ on the transposed view)."""
-        self.transpose().apply_left_(W.T)
+        """W ← W·R in place: factored, in row panels of W (``orth_matmul_factored_right_``); dense, as
+        (W·R)ᵀ = Rᵀ·Wᵀ on the transposed view.  Products in the precision of ``apply_left_``."""
+        if self.R is not None or not W.is_contiguous():
+            self.transpose().apply_left_(W.T)
+            return
+        compute = None if W.dtype == torch.float64 else (torch.float64 if W.device.type == "cpu" else torch.float32)
+        rot = self.to(W.device)
+        orth_matmul_factored_right_(W, rot.Q, rot.Rk, compute_dtype=compute)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.R, self.Q, self.Rk) if t is not None)

@@ -90,3 +90,27 @@ def test_peak_extra_memory_at_most_one_eighth_of_W(compute):
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["extra_kib"] <= m["w_kib"] / 8, m
+
+
+@pytest.mark.parametrize("d_out, d_in, k", [(300, 40, 7), (5, 24, 24), (129, 64, 1)])
+@pytest.mark.parametrize("w_dtype, compute, tol", [(torch.float32, None, 1e-5), (torch.float32, torch.float64, 1e-6),
+                                                   (torch.float64, None, 1e-13), (torch.bfloat16, torch.float32, 1e-2)])
+def test_factored_right_multiply_matches_float64(d_out, d_in, k, w_dtype, compute, tol):
+    """W ← W·R, R = I + Q·(Rk − I)·Qᵀ, in row panels (300 rows: three panels of the minimum 128) equals
+    the float64 W·R; Rotation.apply_right_ takes this path for a factored rotation and a contiguous W,
+    and the transposed one otherwise, with the same result."""
+    from mose_fast.kernels.orth_matmul import orth_matmul_factored_right_
+    from mose_fast.rules.mose import Rotation
+    Q = random_orthogonal(d_in, 3)[:, :k]
+    Rk = random_orthogonal(k, 4)
+    R = torch.eye(d_in, dtype=torch.float64) + Q @ (Rk - torch.eye(k, dtype=torch.float64)) @ Q.T
+    W0 = torch.randn(d_out, d_in, generator=torch.Generator().manual_seed(5)).to(w_dtype)
+    ref = W0.double() @ R
+    W = W0.clone()
+    orth_matmul_factored_right_(W, Q, Rk, compute_dtype=compute)
+    assert float((W.double() - ref).abs().max() / ref.abs().max()) <= tol
+    via_rule, via_transposed = W0.clone(), W0.T.contiguous().T         # contiguous / a transposed view
+    Rotation(Q=Q, Rk=Rk).apply_right_(via_rule)
+    Rotation(Q=Q, Rk=Rk).apply_right_(via_transposed)
+    for out in (via_rule, via_transposed):
+        assert float((out.double() - ref).abs().max() / ref.abs().max()) <= max(tol, 1e-6 if w_dtype == torch.float32 else tol)
