@@ -22,7 +22,8 @@ same way; h₀, the replayed blocks, δ, Adam and the loss stay in float32.
 
 Each step runs only the prompts' suffixes against a key/value cache of their prefixes, and only the
 blocks after ``layer`` (those below are replayed from a record at δ = 0) (:class:`_PrefixCache`),
-checked against a full forward when it is built.
+checked against a full forward when it is built; several rows' suffixes share one packed row where
+that saves tokens, and the prefixes are computed packed the same way (:class:`_Packing`).
 """
 from __future__ import annotations
 
