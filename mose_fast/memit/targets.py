@@ -132,10 +132,10 @@ def attention_mask_4d(allowed: torch.Tensor, model) -> torch.Tensor:
 def packed_layout(lengths: list[int], device, force: bool = False
                   ) -> tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For sequences of ``lengths`` packed by ``choose_packing`` (``force``: in rows twice the longest,
-    so that any two share one): (number of slots per packed row m,
-    the slot of each packed token (J × width, -1 for padding), and per packed token the sequence and
-    the position in it it holds (``len(lengths)`` and 0 for padding), and per sequence its slots' rows
-    (J × m, ``len(lengths)`` for an empty slot))."""
+    so that any two share one): (m, the most sequences in one packed row; the slot of each packed
+    token, J × width, -1 for padding; per packed token the sequence and the position in it it holds,
+    ``len(lengths)`` and 0 for padding; per packed row the sequence in each slot, J × m,
+    ``len(lengths)`` for an empty slot)."""
     n = len(lengths)
     if force:
         width = 2 * max(lengths)
