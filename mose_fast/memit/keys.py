@@ -70,8 +70,8 @@ class SubjectForward:
 
     Outputs wanted on the bare prompts only (the residual at the last edited layer, which the
     targets are compared with) are read by a forward of those rows alone through the blocks after
-    the keys' layer, from the recorded output of that layer: the other templates' rows (five in six)
-    stop at the keys' layer.
+    the keys' layer, from the recorded output of that layer once replays are ``verified`` (from the
+    first block before): the other templates' rows (five in six) stop at the keys' layer.
 
     ``check``: the first replayed forward is also computed in full and the captures compared; a
     model whose blocks pass state other than the hidden state (so that a replay is not the same
@@ -91,6 +91,9 @@ class SubjectForward:
         self.kinds: dict[int, int | None] = {}
         self.fresh = 0             # the outputs of blocks below this are recorded and current
         self.check, self.replays = check, True
+        # replays compared with a full forward (here, or by an earlier forward of the same model: the
+        # editor sets it); until then the bare prompts' rows are computed from the first block
+        self.verified = False
 
     def edited(self, layer: int) -> None:
         """Block ``layer``'s weights changed: its output and every later one are stale."""
@@ -117,6 +120,7 @@ class SubjectForward:
             if not same:
                 self.replays = False
                 return full
+            self.verified = True
         return got
 
     def _parts(self, start: int, stop: int, inputs_of: dict, outputs_of: dict, bare_of: dict, bare_stop: int,
@@ -131,7 +135,8 @@ class SubjectForward:
         seen_in, seen_out = self._forward(start, stop, inputs_of, outputs_of) if start <= stop else ({}, {})
         blocks = [self.arch.block(self.model, k) for k in range(bare_stop + 1)]
         replay = nullcontext()
-        if replay_bare and self.replays and stop >= 0 and all(self.kinds.get(k) is not None for k in range(stop + 1)):
+        if replay_bare and self.replays and self.verified and stop >= 0 \
+                and all(self.kinds.get(k) is not None for k in range(stop + 1)):
             width = self.bare_inputs["input_ids"].shape[1]
             recorded = self.outputs[stop]
             replay = replaying(blocks[:stop + 1], [self.kinds[k] for k in range(stop + 1)],

@@ -425,6 +425,7 @@ class _PrefixCache:
         low = (low_weights or {}) if self.upper else {}
         checked = known is not None
         self.base_cache = self._prefix_cache(low if checked and known[0] else None, packed=checked and bool(known[2]))
+        self._cache_exact = not (low and checked and known[0])
         self.cache = self.base_cache
         self.replay = self.replay_now = None      # block `layer`'s output at δ = 0: all rows / current rows
         self.replays, self._output_kinds = False, {}
@@ -458,6 +459,7 @@ class _PrefixCache:
             # (packed, and in the steps' precision above the layer) and block `layer` recorded from
             # that cache, so an edit does not depend on whether its build was a model's first
             self.base_cache = self.cache = self._prefix_cache(low or None, packed=self.packs)
+            self._cache_exact = not low
             self._packed = None
             if repack:
                 with torch.no_grad():
@@ -467,27 +469,32 @@ class _PrefixCache:
 
     def _check_packing(self, tol: float) -> bool | None:
         """Whether packed steps give the unpacked logits (at a δ ≠ 0, so the δ positions are checked
-        too) and packed prefixes the unpacked keys and values; None for a single row (every request
-        has two, so the first build decides)."""
+        too) and packed prefixes the unpacked keys and values (against an exact prefix forward); None
+        where these rows give nothing to pack (fewer than two rows, or fewer than two with a prefix):
+        a later build checks.  A model that rejects the 4-D masks is not packed."""
         packing = self._build_packing(force=True)
-        if packing is None:
+        built = self._packed_prefix(force=True)
+        if packing is None or built is None:
             return None
         g = torch.Generator().manual_seed(0)
         h = self.replay[:, 0].float()
-        delta = (0.5 * h.norm(dim=1, keepdim=True).mean() * torch.randn(self.batch.n, h.shape[1], generator=g)
-                 / h.shape[1] ** 0.5).to(self.device)
-        plain = self._cached_forward(delta, packing=None).float()
-        packed = self._cached_forward(delta, packing=packing).float()
-        if not relative_difference(packed, plain) < tol:
+        noise = torch.randn(self.batch.n, h.shape[1], generator=g).to(h.device)
+        delta = (0.5 * h.norm(dim=1, keepdim=True).mean() / h.shape[1] ** 0.5 * noise).to(self.device)
+        try:
+            plain = self._cached_forward(delta, packing=None).float()
+            packed = self._cached_forward(delta, packing=packing).float()
+            if not relative_difference(packed, plain) < tol:
+                return False
+            exact = self.base_cache if self._cache_exact else self._run_prefix(self._prefix, None)
+            unpacked = self._run_prefix(*built[:1], None)
+        except Exception as err:         # noqa: BLE001 — any failure of the packed forward means "do not pack"
+            import logging
+            logging.getLogger(__name__).warning("packed target steps not used for this model: %s", err)
             return False
-        built = self._packed_prefix(force=True)   # the prefixes packed: the same keys and values where read
-        if built is None:
-            return True
-        unpacked = self._run_prefix(*built[:1], None)
         seen = self.prefix_mask.bool()[:, None, :, None]
-        for mine, ref in zip(unpacked.layers, self.base_cache.layers):
+        for mine, ref in zip(unpacked.layers, exact.layers):
             for a, b in ((built[1](mine.keys), ref.keys), (built[1](mine.values), ref.values)):
-                if not relative_difference(a * seen, b * seen) < tol:
+                if not relative_difference(a * seen, b.to(a.dtype) * seen) < tol:
                     return False
         return True
 
@@ -581,7 +588,7 @@ class _PrefixCache:
         lookup = self.batch.lookup
         have = [r for r, c in enumerate(lookup) if c]
         n, P = len(lookup), self.prefix_mask.shape[1]
-        if not have:
+        if not have or getattr(self.model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
             return None
         m, seg, src_row, src_col, _ = packed_layout([lookup[r] for r in have], self.device, force)
         J, width = seg.shape

@@ -181,7 +181,7 @@ def solve_subspace(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     done = sum(p.shape[0] for p in products)
     if done < k:
         products.append(_rows_times(P, Qt[done:]))
-    PQt = torch.cat(products)[:k] if len(products) > 1 else products[0][:k]
+    PQt = torch.cat(products)[:k] if products else Qt.new_zeros((0, d))
     QtPQ = Qt @ PQt.T
     Q = Qt.T
     QtA, QtV = Q.T @ A, Q.T @ V

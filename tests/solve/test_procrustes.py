@@ -252,3 +252,15 @@ def test_randomized_range_finder_subspace():
     assert full.objective == pytest.approx(exact.objective, rel=1e-10)
     with pytest.raises(ValueError, match="krylov_depth"):
         solve_subspace(pb["P"], pb["A"], pb["V"], pb["lam"], krylov_depth=-1)
+
+
+def test_subspace_solve_of_no_edit_directions_is_the_identity():
+    """A_E = V_E = 0 spans nothing: every subspace method returns the identity (an empty basis) with
+    the objective of no edit, also without Krylov blocks."""
+    from mose_fast.solve.procrustes import solve_subspace
+    pb = problem()
+    zero = torch.zeros_like(pb["A"])
+    for depth in (0, 4):
+        sub = solve_subspace(pb["P"], zero, zero, pb["lam"], krylov_depth=depth)
+        assert sub.Q.shape == (pb["P"].shape[0], 0) and sub.Rk.shape == (0, 0)
+        assert sub.objective == sub.objective_identity
