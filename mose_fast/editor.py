@@ -302,7 +302,6 @@ class MOSEEditor:
             forward = SubjectForward(self.model, self.tok, self.arch, requests, templates,
                                      check=self._subject_replay is None)
             forward.replays = self._subject_replay is not False
-            forward.verified = self._subject_replay is True
             weights = edit_weights
             for attempt in range(self.cfg.land_retries + 1):
                 if attempt:     # the retry starts from the weights before this edit, bit for bit

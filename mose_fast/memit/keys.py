@@ -69,9 +69,9 @@ class SubjectForward:
     again.  The editor reports every change of a block's weights with ``edited(layer)``.
 
     Outputs wanted on the bare prompts only (the residual at the last edited layer, which the
-    targets are compared with) are read by a forward of those rows alone through the blocks after
-    the keys' layer, from the recorded output of that layer once replays are ``verified`` (from the
-    first block before): the other templates' rows (five in six) stop at the keys' layer.
+    targets are compared with) are read by a forward of those rows alone, from the first block
+    changed since they last ran (with records of their own): the other templates' rows (five in six)
+    stop at the keys' layer.
 
     ``check``: the first replayed forward is also computed in full and the captures compared; a
     model whose blocks pass state other than the hidden state (so that a replay is not the same
@@ -83,21 +83,20 @@ class SubjectForward:
         self.model, self.arch, self.n_templates = model, arch, len(flat)
         self.ids, self.positions = _subject_batch(tok, requests, flat)
         self.inputs = pad_batch(tok, self.ids, next(model.parameters()).device)
-        # the bare prompts' rows (the first template's), right-padded only as far as they need
-        self.bare = torch.arange(0, len(self.ids), self.n_templates)
-        width = max(len(self.ids[r]) for r in self.bare.tolist())
-        self.bare_inputs = {k: v[self.bare.to(v.device), :width] for k, v in self.inputs.items()}
+        self.bare = torch.arange(0, len(self.ids), self.n_templates)     # the bare prompts' rows
         self.outputs: dict[int, torch.Tensor] = {}     # block k's output at its last computation
         self.kinds: dict[int, int | None] = {}
         self.fresh = 0             # the outputs of blocks below this are recorded and current
         self.check, self.replays = check, True
-        # replays compared with a full forward (here, or by an earlier forward of the same model: the
-        # editor sets it); until then the bare prompts' rows are computed from the first block
-        self.verified = False
+        # the bare prompts' rows alone, with records of their own (see ``_parts``)
+        self._bare = (SubjectForward(model, tok, arch, requests, [["{}"]], check=False)
+                      if len(flat) > 1 and flat[0] == "{}" else None)
 
     def edited(self, layer: int) -> None:
         """Block ``layer``'s weights changed: its output and every later one are stale."""
         self.fresh = min(self.fresh, layer)
+        if self._bare is not None:
+            self._bare.edited(layer)
 
     def run(self, first: int, stop: int, inputs_of: dict, outputs_of: dict, bare_of: dict | None = None,
             bare_stop: int | None = None) -> tuple[dict, dict]:
@@ -120,29 +119,24 @@ class SubjectForward:
             if not same:
                 self.replays = False
                 return full
-            self.verified = True
         return got
 
     def _parts(self, start: int, stop: int, inputs_of: dict, outputs_of: dict, bare_of: dict, bare_stop: int,
                replay_bare: bool = True) -> tuple[dict, dict]:
-        """Every row from block ``start`` through ``stop``; then the bare prompts' rows through
-        ``bare_stop`` (from the record of block ``stop`` where ``replay_bare`` and replays are on)."""
-        if bare_stop == stop:           # one forward: the bare outputs read off its rows
-            seen_in, seen_out = self._forward(start, stop, inputs_of, {**outputs_of, **bare_of})
+        """Every row from block ``start`` through ``stop``; then the bare prompts' rows alone through
+        ``bare_stop``, from the first block changed since they last ran (their own records replay the
+        blocks below it, as for every row; from block 0 where ``replay_bare`` or replays are off)."""
+        if bare_stop == stop or self._bare is None:     # one forward: the bare outputs read off its rows
+            seen_in, seen_out = self._forward(start, bare_stop, inputs_of, {**outputs_of, **bare_of})
             for name in bare_of:
                 seen_out[name] = [t[self.bare.to(t.device)] for t in seen_out[name]]
             return seen_in, seen_out
         seen_in, seen_out = self._forward(start, stop, inputs_of, outputs_of) if start <= stop else ({}, {})
-        blocks = [self.arch.block(self.model, k) for k in range(bare_stop + 1)]
-        replay = nullcontext()
-        if replay_bare and self.replays and self.verified and stop >= 0 \
-                and all(self.kinds.get(k) is not None for k in range(stop + 1)):
-            width = self.bare_inputs["input_ids"].shape[1]
-            recorded = self.outputs[stop]
-            replay = replaying(blocks[:stop + 1], [self.kinds[k] for k in range(stop + 1)],
-                               recorded[self.bare.to(recorded.device), :width])
-        with replay, capture_outputs(bare_of) as seen_bare:
-            run_until(self.model, blocks[bare_stop], **self.bare_inputs)
+        bare = self._bare
+        first = min(bare.fresh, bare_stop) if replay_bare and self.replays else 0
+        if first and any(bare.kinds.get(k) is None for k in range(first)):
+            first = 0
+        _, seen_bare = bare._forward(first, bare_stop, {}, bare_of)
         return seen_in, {**seen_out, **seen_bare}
 
     def _forward(self, start: int, stop: int, inputs_of: dict, outputs_of: dict) -> tuple[dict, dict]:

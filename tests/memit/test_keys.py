@@ -104,7 +104,6 @@ def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(fami
     arch = resolve_arch(model)
     templates = generate_context_templates(model, tok, ("The", "I"), 3, seed=0)
     fwd = SubjectForward(model, tok, arch, REQS, templates, check=False)
-    fwd.verified = True         # as the editor sets it once a forward of this model passed the check
     K1, h1 = keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
     torch.testing.assert_close(K1, compute_keys(model, tok, arch, 1, REQS, templates), atol=1e-10, rtol=1e-10)
     _perturb(model, arch, 1, 0)
@@ -117,9 +116,9 @@ def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(fami
     finally:
         for h in hooks:
             h.remove()
-    rows = len(REQS) * sum(len(g) for g in templates)
-    # block 0 replayed; above the keys' layer only the bare prompts run
-    assert sorted(ran) == [(1, rows), (2, rows), (3, len(REQS))]
+    rows, n = len(REQS) * sum(len(g) for g in templates), len(REQS)
+    # block 0 replayed; every row runs blocks 1-2, and the bare prompts alone run 1-3 (from their own record)
+    assert sorted(ran) == sorted([(1, rows), (2, rows), (1, n), (2, n), (3, n)])
     K2_full, h2_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
     torch.testing.assert_close(K2, K2_full, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(h2, h2_full, atol=1e-10, rtol=1e-10)
@@ -154,8 +153,8 @@ def test_subject_forward_check_falls_back_to_full_forwards_when_a_replay_differs
         keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
     finally:
         hook.remove()
-    # not yet verified: the bare prompts' rows are computed from the first block, not replayed
-    assert ran == [len(REQS) * 2, len(REQS)] and not fwd.verified
+    # every row through the keys' layer, then the bare prompts alone through block 3
+    assert ran == [len(REQS) * 2, len(REQS)]
     fwd.edited(2)
     fwd.outputs[1] = fwd.outputs[1] + 1.0
     K, h = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
