@@ -88,15 +88,25 @@ def _check_text(req: EditRequest, name: str, value: Any) -> None:
 
 # --- schema readers ----------------------------------------------------------------------------
 
+def _str_field(rw: dict, name: str) -> str:
+    value = rw[name]
+    if not isinstance(value, dict) or "str" not in value:
+        raise KeyError(f"{name}.str")
+    return value["str"]
+
+
 def from_rome(record: dict) -> EditRequest:
-    """ROME/MEMIT CounterFact: ``{"case_id", "requested_rewrite": {...}, "paraphrase_prompts", ...}``."""
-    rw = record["requested_rewrite"]
+    """ROME/MEMIT: a CounterFact record ``{"case_id", "requested_rewrite": {...}, "paraphrase_prompts",
+    ...}``, or the bare request their ``apply_rome_to_model``/``apply_memit_to_model`` take:
+    ``{"prompt": "{} ...", "subject", "target_new": {"str"}, "target_true": {"str"} (optional)}``."""
+    rw = record.get("requested_rewrite", record)
+    true = _str_field(rw, "target_true") if "requested_rewrite" in record or rw.get("target_true") is not None else None
+    neighbours = record.get("neighborhood_prompts", ())
     return EditRequest(
-        prompt=rw["prompt"], subject=rw["subject"],
-        target_new=rw["target_new"]["str"], target_true=rw["target_true"]["str"],
+        prompt=rw["prompt"], subject=rw["subject"], target_new=_str_field(rw, "target_new"), target_true=true,
         paraphrase_prompts=record.get("paraphrase_prompts", ()),
-        neighborhood_prompts=record.get("neighborhood_prompts", ()),
-        neighborhood_answers=[rw["target_true"]["str"]] * len(record.get("neighborhood_prompts", ())),
+        neighborhood_prompts=neighbours,
+        neighborhood_answers=[true] * len(neighbours) if true is not None else (),
         case_id=record.get("case_id"))
 
 
@@ -130,14 +140,14 @@ def from_mend(record: dict) -> EditRequest:
 
 
 def detect_schema(record: dict) -> str:
-    if "requested_rewrite" in record:
+    if "requested_rewrite" in record or "prompt" in record and isinstance(record.get("target_new"), dict):
         return "rome"
     if "src" in record and "alt" in record:
         return "mend"
     if "prompt" in record and "target_new" in record:
         return "easyedit"
     raise ValueError(f"unrecognised edit-request schema with keys {sorted(record)}: expected ROME "
-                     "('requested_rewrite'), EasyEdit ('prompt','subject','target_new',...) or MEND "
+                     "('requested_rewrite', or 'prompt','subject','target_new': {'str'}), EasyEdit ('prompt','subject','target_new',...) or MEND "
                      "('src','alt','answers',...)")
 
 

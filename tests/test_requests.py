@@ -83,6 +83,22 @@ def test_schema_readers():
     assert m.template == "What university did {} attend?"
 
 
+def test_rome_bare_request_as_apply_rome_to_model_takes_it():
+    bare = {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower", "target_new": {"str": "Rome"}}
+    assert detect_schema(bare) == "rome"
+    r, = parse_records([bare])
+    assert (r.template, r.subject, r.target_new, r.target_true) == ("{} is located in the city of",
+                                                                    "The Eiffel Tower", "Rome", None)
+    r, = parse_records([ROME["requested_rewrite"]])
+    assert (r.target_new, r.target_true, r.neighborhood_prompts) == ("English", "French", ())
+    with pytest.raises(ValueError, match="request #0 \\(rome schema\\) lacks field 'target_new.str'"):
+        parse_records([dict(bare, target_new={"text": "Rome"})])
+    record = {k: v for k, v in ROME.items()}
+    record["requested_rewrite"] = {k: v for k, v in ROME["requested_rewrite"].items() if k != "target_true"}
+    with pytest.raises(ValueError, match="request #0 \\(rome schema\\) lacks field 'target_true'"):
+        parse_records([record])          # a CounterFact record's neighbours need the true object
+
+
 def test_load_requests_json_and_errors_name_the_file(tmp_path):
     p = tmp_path / "r.json"
     p.write_text(json.dumps([ROME, EASY, MEND]))
