@@ -101,19 +101,27 @@ def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.d
     return W
 
 
+def _factored_operands(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tensor, compute_dtype: torch.dtype | None,
+                       right: bool) -> tuple[torch.dtype, torch.Tensor, torch.Tensor]:
+    """Checked shapes of R = I + Q·(Rk − I)·Qᵀ acting on W's rows (``right``: on its columns), and
+    the compute dtype, Q and Rk − I in it."""
+    d, shape = (W.shape[1], "W (n × d)") if right else (W.shape[0], "W (d × n)")
+    if Q.ndim != 2 or Q.shape[0] != d or Rk.shape != (Q.shape[1], Q.shape[1]):
+        raise ValueError(f"need {shape}, Q (d × k), Rk (k × k); got {tuple(W.shape)}, {tuple(Q.shape)}, "
+                         f"{tuple(Rk.shape)}")
+    cd = compute_dtype_for(W.dtype, compute_dtype)
+    return cd, Q.to(cd), Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device)
+
+
 @torch.no_grad()
 def orth_matmul_factored_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tensor,
                           compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """W ← W + Q·((Rk − I)·(Qᵀ·W)) in place: R = I + Q·(Rk − I)·Qᵀ acting on a k-dimensional
     subspace.  Workspace k × d_in; O(d_out·d_in·k) instead of O(d_out²·d_in).  Q and Rk are used
     in ``compute_dtype`` (default W's dtype) raised to at least float32."""
-    if Q.ndim != 2 or Q.shape[0] != W.shape[0] or Rk.shape != (Q.shape[1], Q.shape[1]):
-        raise ValueError(f"need W (d × n), Q (d × k), Rk (k × k); got {tuple(W.shape)}, {tuple(Q.shape)}, "
-                         f"{tuple(Rk.shape)}")
-    cd = compute_dtype_for(W.dtype, compute_dtype)
+    cd, Qc, D = _factored_operands(W, Q, Rk, compute_dtype, right=False)
     with full_precision_matmul():
-        Qc = Q.to(cd)
-        left = Qc @ (Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device))   # d × k
+        left = Qc @ D                                                                     # d × k
         if cd == W.dtype:
             W.addmm_(left, Qc.T @ W)          # extra memory: the k × d_in product only
             return W
@@ -135,13 +143,8 @@ def orth_matmul_factored_right_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tens
     float32) and its panel × k products.  Panels hold 1/8 of W's bytes but at least
     ``RIGHT_PANEL_MIN_ROWS`` rows: narrower ones run the products at half the speed (d_in = 1536,
     k = 660 on a 2-core CPU: 99 ms for 17-row panels, 47 for 144, 41 for one)."""
-    if Q.ndim != 2 or Q.shape[0] != W.shape[1] or Rk.shape != (Q.shape[1], Q.shape[1]):
-        raise ValueError(f"need W (n × d), Q (d × k), Rk (k × k); got {tuple(W.shape)}, {tuple(Q.shape)}, "
-                         f"{tuple(Rk.shape)}")
-    cd = compute_dtype_for(W.dtype, compute_dtype)
+    cd, Qc, D = _factored_operands(W, Q, Rk, compute_dtype, right=True)
     with full_precision_matmul():
-        Qc = Q.to(cd)
-        D = Rk.to(cd) - torch.eye(Rk.shape[0], dtype=cd, device=Rk.device)
         if cd == W.dtype:
             W.addmm_((W @ Qc) @ D, Qc.T)
             return W

@@ -28,6 +28,7 @@ that saves tokens, and the prefixes are computed packed the same way (:class:`_P
 from __future__ import annotations
 
 import copy
+import logging
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from ..hf.arch import ArchSpec
 from ..hf.hooks import _hidden, edit_output, output_kind, relative_difference, replaying, run_until
 from ..hf.tokens import pad_batch, subject_last_index, target_ids
 from ..requests import EditRequest
+
+log = logging.getLogger(__name__)
 
 KL_TEMPLATE = "{} is a"
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8      # torch.optim.Adam's defaults, as MEMIT uses them
@@ -120,6 +123,11 @@ class _Packing:
         return attention_mask_4d(self.allowed, model)
 
 
+def _takes_4d_masks(model) -> bool:
+    """Whether the model's attention is one that ``attention_mask_4d`` makes masks for (eager, SDPA)."""
+    return getattr(model.config, "_attn_implementation", None) in (None, "eager", "sdpa")
+
+
 def attention_mask_4d(allowed: torch.Tensor, model) -> torch.Tensor:
     """A 4-D mask (True: attend) as the model's attention takes it: boolean for SDPA, additive
     (0 / the dtype's min, float64 for a float64 model, else float32) for eager."""
@@ -180,6 +188,15 @@ def causal_within_segments(seg: torch.Tensor) -> torch.Tensor:
     """J × width × width: token t sees token t' ≤ t of its own segment (padding sees padding)."""
     t = torch.arange(seg.shape[1], device=seg.device)
     return (seg[:, :, None] == seg[:, None, :]) & (t[None, None, :] <= t[None, :, None])
+
+
+def _adding_at(rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor):
+    """An edit of a block's output (``edit_output``) adding ``add[i]`` at position (rows[i], cols[i])
+    of its hidden state, out of place (δ's gradient flows through it)."""
+    def bump(hidden: torch.Tensor) -> torch.Tensor:
+        index = (rows.to(hidden.device), cols.to(hidden.device))
+        return hidden.index_put(index, add.to(hidden.device, hidden.dtype), accumulate=True)
+    return bump
 
 
 class _Batch:
@@ -488,8 +505,7 @@ class _PrefixCache:
             exact = self.base_cache if self._cache_exact else self._run_prefix(self._prefix, None)
             unpacked = self._run_prefix(*built[:1], None)
         except Exception as err:         # noqa: BLE001 — any failure of the packed forward means "do not pack"
-            import logging
-            logging.getLogger(__name__).warning("packed target steps not used for this model: %s", err)
+            log.warning("packed target steps not used for this model: %s", err)
             return False
         seen = self.prefix_mask.bool()[:, None, :, None]
         for mine, ref in zip(unpacked.layers, exact.layers):
@@ -510,8 +526,7 @@ class _PrefixCache:
         """Pack the current rows (``choose_packing``); None where that saves too little (unless
         ``force``: then None only where no packed row holds two rows) or the cache is not one of plain
         key/value tensors per layer."""
-        impl = getattr(self.model.config, "_attn_implementation", None)
-        if self.cache is None or impl not in (None, "eager", "sdpa"):
+        if self.cache is None or not _takes_4d_masks(self.model):
             return None
         P = self.prefix_mask.shape[1]
         if not _packable(self.cache, PACK_MAX_SEGMENTS * P + 2 * self.suffix.shape[1]) \
@@ -588,7 +603,7 @@ class _PrefixCache:
         lookup = self.batch.lookup
         have = [r for r, c in enumerate(lookup) if c]
         n, P = len(lookup), self.prefix_mask.shape[1]
-        if not have or getattr(self.model.config, "_attn_implementation", None) not in (None, "eager", "sdpa"):
+        if not have or not _takes_4d_masks(self.model):
             return None
         m, seg, src_row, src_col, _ = packed_layout([lookup[r] for r in have], self.device, force)
         J, width = seg.shape
@@ -730,19 +745,16 @@ class _PrefixCache:
             elif mode == "replay":
                 kinds = [self._output_kinds[k] for k in range(len(self.skipped))]
                 replay = replaying(self.skipped, kinds, self.replay_now[:, :self.suffix.shape[1]])
-            add = None if delta is None else delta[self.row_request]
-
-            def bump(hidden):
-                extra = torch.zeros_like(hidden)
-                extra[:, 0] = add.to(hidden.device, hidden.dtype)
-                return hidden + extra
+            n = len(self.row_request)
+            bump = None if delta is None else _adding_at(torch.arange(n), torch.zeros(n, dtype=torch.long),
+                                                         delta[self.row_request])
             inputs = dict(input_ids=self.suffix, attention_mask=self.mask, position_ids=self.positions,
                           cache=cache, use_cache=cache is not None)
             if mode == "record-only":
                 run_until(self.model, self.block, **inputs)
                 return None
             with replay, self._selected_logits(self.sel_cols_suffix), \
-                    (edit_output(self.block, bump) if add is not None else nullcontext()):
+                    (edit_output(self.block, bump) if bump is not None else nullcontext()):
                 out = self._step_call(inputs) if mode in ("replay", "compute") else self.model(**inputs)
         finally:
             for h in handles:
@@ -756,15 +768,11 @@ class _PrefixCache:
             kinds = [self._output_kinds[k] for k in range(len(self.skipped))]
             replay = replaying(self.skipped, kinds, packing.replay)
         add = None if delta is None else delta[self.row_request]
-
-        def bump(hidden):
-            extra = torch.zeros_like(hidden)
-            extra[packing.start_row, packing.start_col] = add.to(hidden.device, hidden.dtype)
-            return hidden + extra
+        bump = None if add is None else _adding_at(packing.start_row, packing.start_col, add)
         inputs = dict(input_ids=packing.ids, attention_mask=packing.mask(self.model), position_ids=packing.positions,
                       cache=_fork(packing.cache), use_cache=True)
         with replay, self._selected_logits(packing.sel_cols, packing.sel_rows), \
-                (edit_output(self.block, bump) if add is not None else nullcontext()):
+                (edit_output(self.block, bump) if bump is not None else nullcontext()):
             return self._step_call(inputs).logits
 
     def _full_forward(self, delta: torch.Tensor) -> torch.Tensor:
@@ -772,11 +780,7 @@ class _PrefixCache:
         batch = {k: v[rows] for k, v in self.full.items()}
         lookup = torch.tensor([self.batch.lookup[r] for r in self.rows.tolist()], device=self.device)
         add = delta[self.row_request]
-
-        def bump(hidden):
-            extra = torch.zeros_like(hidden)
-            extra[torch.arange(len(rows), device=hidden.device), lookup.to(hidden.device)] = add.to(hidden.device, hidden.dtype)
-            return hidden + extra
+        bump = _adding_at(torch.arange(len(rows)), lookup, add)
         with self._selected_logits(self.sel_cols_full), edit_output(self.block, bump):
             return self._step_call({**batch, "use_cache": False}).logits
 

@@ -31,6 +31,11 @@ def resolve_polar_method(method: str, d: int) -> str:
     return method if method != "auto" else ("svd" if d <= EXACT_SOLVE_MAX_DIM else "krylov")
 
 
+def _apply_dtype(W: torch.Tensor) -> torch.dtype | None:
+    """The precision a rotation of W is formed in: float64 on the CPU, float32 elsewhere (None: W's own)."""
+    return None if W.dtype == torch.float64 else (torch.float64 if W.device.type == "cpu" else torch.float32)
+
+
 @dataclass
 class Rotation:
     """An orthogonal matrix, dense (``R``) or as I + Q·(Rk − I)·Qᵀ (``Q`` d × k orthonormal,
@@ -63,7 +68,7 @@ class Rotation:
     def apply_left_(self, W: torch.Tensor) -> None:
         """W ← R·W in place, the product formed in float64 on the CPU and in float32 (full
         precision) elsewhere, rounded once to W's dtype; R is never rounded below float32."""
-        compute = None if W.dtype == torch.float64 else (torch.float64 if W.device.type == "cpu" else torch.float32)
+        compute = _apply_dtype(W)
         rot = self.to(W.device)
         if rot.R is not None:
             orth_matmul_(W, rot.R if compute is None else rot.R.to(compute), compute_dtype=compute)
@@ -76,7 +81,7 @@ class Rotation:
         if self.R is not None or not W.is_contiguous():
             self.transpose().apply_left_(W.T)
             return
-        compute = None if W.dtype == torch.float64 else (torch.float64 if W.device.type == "cpu" else torch.float32)
+        compute = _apply_dtype(W)
         rot = self.to(W.device)
         orth_matmul_factored_right_(W, rot.Q, rot.Rk, compute_dtype=compute)
 
