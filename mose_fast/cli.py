@@ -67,6 +67,22 @@ def build_config(args, model_type: str | None):
     return MOSEConfig.from_dict(fields, model_type, where=where)
 
 
+def _count_or_all(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+
+
+def _edit_counts(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated edit counts, got {text!r}") from None
+
+
 def _describe(cfg) -> str:
     from .config import PRESETS
     name = cfg.preset_name or cfg.method
@@ -244,7 +260,8 @@ def cmd_eval(args) -> int:
     _, cfg = _model_checks(args)
     settings = EvalSettings(eval_every=args.eval_every, batch_size=args.batch_size, glue_n=args.glue_n,
                             glue_tasks=tuple(t for t in args.glue_tasks.split(",") if t),
-                            ppl_tokens=args.ppl_tokens, data_dir=str(data), checkpoint_every=args.checkpoint_every)
+                            ppl_tokens=args.ppl_tokens, data_dir=str(data), checkpoint_every=args.checkpoint_every,
+                            eval_at=args.eval_at, sample=args.sample, sample_seed=args.sample_seed)
     if not args.before_after:
         settings.validate()
         # a different run in --out is reported now, not after loading the model
@@ -374,7 +391,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="edits between saved states (evaluation points always save)")
     p.add_argument("--glue-tasks", dest="glue_tasks", default="sst2",
                    help="comma-separated: sst2,mrpc,cola,rte,mmlu ('' for none)")
-    p.add_argument("--glue-n", dest="glue_n", type=int, default=200)
+    p.add_argument("--glue-n", dest="glue_n", type=_count_or_all, default=200,
+                   help="items of each task ('all': every item; default 200)")
+    p.add_argument("--eval-at", dest="eval_at", type=_edit_counts,
+                   help="evaluate after these numbers of edits, e.g. 1000,2000,3000,5000,7500,10000 "
+                        "(default: every --eval-every edits); the end of the run is always evaluated")
+    p.add_argument("--sample", type=int,
+                   help="score a uniform sample of this many edited cases at each evaluation (and the last batch "
+                        "on its own); default: every edited case")
+    p.add_argument("--sample-seed", dest="sample_seed", type=int, default=0, help="the sample's seed (default 0)")
     p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=20000)
     p.add_argument("--before-after", dest="before_after", action="store_true",
                    help="short run: scores before and after only, with per-stage timing")

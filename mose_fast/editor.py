@@ -71,6 +71,9 @@ class EditRecord:
     # share of the residual the edit left unmet (0 = the target z reached; 1 = nothing moved)
     target_unmet: list[float] = field(default_factory=list)
     attempts: int = 1               # solves of this edit (1 + retries)
+    # P(new) > P(true) on each request's own prompt, measured on the kept weights by the land check
+    # (None where the kept solve was not checked: no retries configured, or the last one)
+    landed: list[float] | None = None
     edit_weights: list[float] | None = None   # per-request edit-term weights of the kept solve
     seconds_targets: float = 0.0
     seconds_total: float = 0.0      # this edit, excluding one-time setup
@@ -146,8 +149,10 @@ class MOSEEditor:
         self._corpus = None
         self._master: dict[int, torch.Tensor] = {}         # float32 copies of low-precision weights
         self._prepared: set[int] = set()
-        # whether the keys' forwards may replay unchanged blocks (None: not yet checked on this model)
+        # whether the keys' forwards may replay unchanged blocks, and patch a block whose FFN output
+        # projection an edit changed (None: not yet checked on this model)
         self._subject_replay: bool | None = None
+        self._subject_patch: bool | None = None
         self._undo: deque[_Kept] = deque(maxlen=self.cfg.undo_history)
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
@@ -302,19 +307,24 @@ class MOSEEditor:
             forward = SubjectForward(self.model, self.tok, self.arch, requests, templates,
                                      check=self._subject_replay is None)
             forward.replays = self._subject_replay is not False
+            forward.patches = self._subject_patch is not False
+            forward.check_patch = self._subject_patch is None
             weights = edit_weights
+            first_keys: dict = {}       # the first unit's keys: the same in every attempt
             for attempt in range(self.cfg.land_retries + 1):
                 if attempt:     # the retry starts from the weights before this edit, bit for bit
                     self._put_weights(before)
-                    forward.edited(self.units()[0][0])
+                    forward.rewind(self.units()[0][0])
                     pending.clear()
                 record.attempts = attempt + 1
                 record.edit_weights = None if weights is None else weights.tolist()
-                unmet_before = self._pass_units(requests, templates, z, weights, record, pending, attempt, forward)
+                unmet_before = self._pass_units(requests, templates, z, weights, record, pending, attempt, forward,
+                                                first_keys)
                 if attempt == self.cfg.land_retries:
                     break
                 ok = self._landed(requests)
                 if ok is None or all(ok):
+                    record.landed = ok
                     break
                 if weights is None:
                     weights = torch.ones(len(requests), dtype=torch.float64)
@@ -322,6 +332,8 @@ class MOSEEditor:
             after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests, forward)
             if not forward.check:                  # the replay was compared with a full forward
                 self._subject_replay = forward.replays
+            if not forward.check_patch:            # a patched block was compared with a computed one
+                self._subject_patch = forward.patches
             record.target_unmet = ((z - after.to(z)).norm(dim=1)
                                    / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
             for l, m in self.units():
@@ -346,17 +358,24 @@ class MOSEEditor:
         return record
 
     def _pass_units(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
-                    record: EditRecord, pending: dict, attempt: int, forward: SubjectForward) -> torch.Tensor:
+                    record: EditRecord, pending: dict, attempt: int, forward: SubjectForward,
+                    first_keys: dict | None = None) -> torch.Tensor:
         """One pass over the edit's units towards z; returns ‖z − h‖ per request before it.  The keys
-        are read with ``forward`` (told of every block the pass changes)."""
+        are read with ``forward`` (told of every block the pass changes); ``first_keys`` holds the
+        first unit's keys and outputs once read (a re-solve starts from the same weights)."""
         layers = self.cfg.layers
         units = self.units()
         unmet_before = None
+        first_keys = {} if first_keys is None else first_keys
         for i, (layer, module) in enumerate(units):
             t = time.perf_counter()
-            if module == "mlp.down":
+            if module == "mlp.down" and i == 0 and "K" in first_keys:
+                K, current = first_keys["K"], first_keys["h"]
+            elif module == "mlp.down":
                 K, current = keys_and_outputs(self.model, self.tok, self.arch, layer, layers[-1], requests, templates,
                                               forward)
+                if i == 0:
+                    first_keys.update(K=K, h=current)
             else:
                 K, current = unit_keys_and_outputs(self.model, self.tok, self.arch, layer, module, layers[-1],
                                                    requests, templates, forward)
@@ -376,6 +395,9 @@ class MOSEEditor:
                                    **({} if weights is None else {"edit_weights": weights}))
             if layer in self._master:
                 self.arch.weight_view(self.model, layer).copy_(W)
+            t = time.perf_counter()
+            forward.patch(layer)                      # block `layer`'s recorded output, from the new W
+            t_keys += time.perf_counter() - t
             pending[(module, layer)] = res.undo
             record.layers.append(LayerRecord(
                 layer=layer, objective=res.objective, objective_identity=res.objective_identity,
@@ -528,6 +550,10 @@ class MOSEEditor:
                 self.rules[m].load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
         self.n_edits = int(state["n_edits"])
         self._undo.clear()
+
+    def rule_state_bytes(self) -> int:
+        """Bytes of every tensor the rules hold (all modules, all layers)."""
+        return sum(rule.state_bytes() for rule in self.rules.values())
 
     # --- inspection and saving ----------------------------------------------------------------------
     @torch.no_grad()

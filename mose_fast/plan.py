@@ -149,7 +149,11 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
                      f"cross Gram G ({cross_dtype(d_in)})": torch.empty((), dtype=cross_dtype(d_in)).element_size() * d_in * d_in,
                      "W·Wᵀ (float64)": 8 * d_out * d_out, "S = W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
             if cfg.rule_hparams.get("edit_memory"):
-                parts["edit memory (key columns, float64)"] = 8 * d_in * n_keys
+                from .rules.mose_input import MEMORY_DTYPE
+                # key columns, compressed to a d_in × d_in factor once there are more (compress_memory)
+                size = torch.empty((), dtype=MEMORY_DTYPE).element_size()
+                parts[f"edit memory (min(edits, d_in) columns, {str(MEMORY_DTYPE)[6:]})"] = size * d_in * min(n_keys, d_in)
+            return parts
             return parts
         if cfg.method == "mose":
             return {"retention Gram P (float64)": 8 * d_out * d_out}
@@ -239,7 +243,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     d_out, d_in = max(shapes.values(), key=lambda s: s[0] * s[1])
     n = batch
     if cfg.method == "mose" and side == "input":
-        method = resolve_polar_method(cfg.polar_method, d_in)
+        method = resolve_polar_method(cfg.polar_method, d_in, n)
         # S = W·C0⁻¹·Wᵀ is built from X = L⁻¹·Wᵀ where no kept edit moved it (gram_by_change)
         solve_parts = {"W (float64)": 8 * d_out * d_in,
                        "building S: L⁻¹·Wᵀ (float64)": 8 * d_in * d_out}
@@ -252,6 +256,12 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
         else:
             solve_parts["dense M, U, Vᴴ, R (float64)"] = 4 * 8 * d_in * d_in
             solve_parts["retention λ·G + μ·E formed (float64)"] = 8 * d_in * d_in
+        if cfg.rule_hparams.get("edit_memory"):
+            # the memory in float64 for the products, and where the commit compresses it, its QR
+            m = min(n_keys, d_in)
+            solve_parts["edit memory in float64"] = 8 * d_in * m
+            if n_keys + n > d_in:
+                solve_parts["compressing the memory at commit: QR of d_in × (d_in + n), float64"] = 2 * 8 * d_in * (m + n)
     elif cfg.method == "mose":
         s_solve = 8 if cfg.solve_dtype == "float64" else 4
         solve_parts = {"dense M, U, Vᴴ, R": 4 * s_solve * d_out * d_out, "P in the solve dtype": s_solve * d_out * d_out}

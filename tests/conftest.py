@@ -141,7 +141,8 @@ D_OUT, D_IN, N0, N = 12, 20, 400, 3
 def synthetic_problem(seed=0, low_rank_keys=False):
     """(W, K0, C0 = K0·K0ᵀ/N0, K, resid) in float64: a d_out × d_in matrix, N0 corpus keys, N edit
     keys and residuals.  ``low_rank_keys``: the corpus keys live in a 14-dim subspace (C0 has a
-    6-dim null space)."""
+    6-dim null space).  The edit keys are float32 values, as a float32 model's keys are (the
+    input-side rule's edit memory holds them in float32)."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(D_OUT, D_IN, generator=g, dtype=torch.float64)
     if low_rank_keys:
@@ -150,7 +151,7 @@ def synthetic_problem(seed=0, low_rank_keys=False):
     else:
         K0 = torch.randn(D_IN, N0, generator=g, dtype=torch.float64)
     C0 = K0 @ K0.T / N0
-    K = torch.randn(D_IN, N, generator=g, dtype=torch.float64)
+    K = torch.randn(D_IN, N, generator=g, dtype=torch.float64).float().double()
     resid = torch.randn(D_OUT, N, generator=g, dtype=torch.float64)
     return W, K0, C0, K, resid
 

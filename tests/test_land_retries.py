@@ -59,7 +59,7 @@ def test_weighted_input_rotation_solves_the_weighted_stacked_problem_and_remembe
     torch.testing.assert_close(W, W0 @ Q, atol=1e-10, rtol=0)
     assert rule.memory[0].shape == (K.shape[0], 0)          # update alone: the memory is as it was
     rule.commit(0, res.undo)
-    assert torch.equal(rule.memory[0], K)
+    assert torch.equal(rule.memory[0], K.float())          # float32 keys, held exactly
 
 
 @pytest.mark.parametrize("bad", [[1.0, 2.0], [1.0, 0.0, 1.0], [1.0, float("nan"), 1.0], [-1.0, 1.0, 1.0]])
@@ -113,6 +113,7 @@ def test_an_edit_that_lands_is_solved_once():
     editor = _editor("output", 0.1, land_retries=2, land_boost=10.0)
     record = editor.edit(REQ)
     assert landed(editor.model, editor.tok, [REQ]) == [1.0]
+    assert record.landed == [1.0]            # the check of the kept weights, recorded (the runner reuses it)
     assert record.attempts == 1 and record.edit_weights is None
     assert {l.attempt for l in record.layers} == {0}
 

@@ -33,14 +33,9 @@ def test_rule_state_and_weights_match_a_real_editor(preset, dtype):
     assert stage.parts["masters (float32)"] == masters and (masters > 0) == (dtype == torch.bfloat16)
     rule_parts = sum(v for k, v in stage.parts.items()
                      if k not in ("weights", "masters (float32)") and not k.startswith("host copies"))
-    held = editor.rule.state_bytes()
-    if preset == "mose":                       # Cholesky factor and W·Wᵀ are not in the state dict (S is)
-        held += sum(t.numel() * t.element_size() for d in (editor.rule.chol, editor.rule.wwt) for t in d.values())
-        # S = W·C0⁻¹·Wᵀ is state where the last edit moved it, else the next edit builds it again
+    held = editor.rule.state_bytes()         # every tensor the rule holds per layer
+    if preset == "mose":                       # S = W·C0⁻¹·Wᵀ is state where the last edit moved it, else
         held += sum(editor.rule.wwt[l].numel() * 8 for l in cfg.layers if l not in editor.rule.sgram)
-    if preset == "alphaedit":                  # C0, W0 and the projector live beside C_p
-        held += sum(t.numel() * t.element_size() for d in (editor.rule.C0, editor.rule.W0, editor.rule.P)
-                    for t in d.values())
     assert rule_parts == held
     targets = {s.name: s for s in pl.stages}["targets"].parts
     copies = targets.get("bf16 weight copies for the steps")

@@ -39,8 +39,12 @@ def build_report(identity: dict, journal: list[dict], evals: list[dict], wall: f
         e["retention"] = {k: e["general"][k] / base["general"][k] for k in e["general"]}
         # share of the edits since the previous evaluation that succeeded right after being made
         # (journals written before this was recorded have no "landed": nan)
-        window = [x for j in journal if prev <= j["index"] < e["n_edits"] for x in (j.get("landed") or [])]
+        entries = [j for j in journal if prev <= j["index"] < e["n_edits"]]
+        window = [x for j in entries for x in (j.get("landed") or [])]
         e["landed"] = statistics.mean(window) if window else float("nan")
+        # seconds per edit call (batch) in the window, and the rules' state after its last edit
+        e["seconds_per_batch"] = statistics.mean(j["seconds"]["total"] for j in entries) if entries else float("nan")
+        e["rule_state_bytes"] = entries[-1].get("rule_state_bytes") if entries else None
         prev = e["n_edits"]
         e["stability_ratio"] = {l: {"fro": s["fro"] / base["stability"][l]["fro"],
                                     "kappa": s["kappa"] / base["stability"][l]["kappa"]}
@@ -88,8 +92,9 @@ def markdown_summary(rep: dict) -> str:
              _code_line(rep),
              f"Protocol: {rep['protocol']}.", "",
              "| edits | efficacy | paraphrase | neighbourhood | Score | rewrite acc | rephrase acc | locality | " +
-             " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio | landed |",
-             "|---" * (10 + len(ev[0]["general"]) + 1) + "|"]
+             " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio | landed | "
+             "s/batch | state MiB |",
+             "|---" * (12 + len(ev[0]["general"]) + 1) + "|"]
     for e in ev:
         m = e["edit"]
         gen = " | ".join(f"{e['general'][k]:.3f} ({e['retention'][k]:.3f})" for k in e["general"])
@@ -97,19 +102,31 @@ def markdown_summary(rep: dict) -> str:
         kap = max(r["kappa"] for r in e["stability_ratio"].values())
         t = e.get("edit_token", {})
         tok_cols = " | ".join(f"{t.get(k, float('nan')):.3f}" for k in ("rewrite_acc", "rephrase_acc", "locality"))
+        state = e.get("rule_state_bytes")
         lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
-                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} | {e.get('landed', float('nan')):.2f} |")
+                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} | {e.get('landed', float('nan')):.2f} | "
+                     f"{e.get('seconds_per_batch', float('nan')):.1f} | "
+                     f"{'–' if state is None else f'{state / 2 ** 20:.1f}'} |")
     sp, med = rep["seconds_per_edit"], rep.get("seconds_per_edit_median", {})
     if sp:
         lines += ["", "Seconds per edit, median (mean): " +
                   ", ".join(f"{k} {med.get(k, float('nan')):.2f} ({v:.2f})" for k, v in sp.items()) +
                   f"; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.1e}."]
+    sample = st.get("sample")
+    scope = ("row k the k cases edited so far, after k edits" if sample is None else
+             f"row k a uniform sample of {sample} of the k cases edited so far (seed {st.get('sample_seed', 0)}; "
+             "`evaluation_sample`), after k edits; the last batch's scores on their own are in report.json "
+             "(`edit_last_batch`)")
+    general_n = ev[0].get("general_n")
+    items = "" if not general_n else " General tasks on all their items (" + ", ".join(
+        f"{k} {v}" for k, v in general_n.items()) + ")."
     lines += ["", f"Row 0 scores the run's first {ev[0]['edit'].get('n', '')} cases before any edit; "
-              "row k the k cases edited so far, "
-              "after k edits. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
+              f"{scope}. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
               "(teacher-forced target-token accuracy; locality = agreement with the pre-edit argmax tokens). "
               "Landed: share of the edits since the previous row that succeeded (efficacy) right after being made. "
-              "Retention = value / value before editing (perplexity: ratio, lower is better)."]
+              "Retention = value / value before editing (perplexity: ratio, lower is better). "
+              "s/batch: seconds per edit call since the previous row; state MiB: every tensor the rules hold "
+              f"after the row's last edit.{items}"]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 (``store.RunFolder``); and the short before/after run.  Uses only the editor's public API."""
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -16,8 +17,8 @@ from ..editor import MOSEEditor, spectrum
 from ..hf.scoring import landed
 from ..memit.stats import default_data_dir
 from ..requests import EditRequest
-from .general import perplexity, task_accuracy
-from .metrics import score_cases, summarize, token_scores
+from .general import load_task, perplexity, task_accuracy
+from .metrics import locality_items, score_cases, summarize, teacher_forced_argmax, token_scores
 from .report import before_after_summary, build_report, git_commit, machine
 from .store import INITIAL_EVAL_SETTINGS, RunFolder, read_lines, write_report
 
@@ -27,14 +28,28 @@ class EvalSettings:
     eval_every: int = 100
     batch_size: int = 1
     glue_tasks: tuple[str, ...] = ("sst2",)
-    glue_n: int = 200
+    glue_n: int | None = 200        # items of each task (None: all of them)
     ppl_tokens: int = 20_000
     data_dir: str | None = None
     checkpoint_every: int = 1       # edits (batches) between saved states; evaluation points always save
+    # evaluation points (edits made); None: every ``eval_every`` edits.  The end of the run always is one.
+    eval_at: tuple[int, ...] | None = None
+    # edited cases scored at an evaluation point: a uniform sample of this many of the cases edited so
+    # far (``evaluation_sample``, fixed by ``sample_seed`` and the case ids), and the last batch on its
+    # own; None: every edited case
+    sample: int | None = None
+    sample_seed: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["glue_tasks"] = list(self.glue_tasks)
+        for name in ("eval_at", "sample"):       # unset: as runs made before these settings existed
+            if d[name] is None:
+                del d[name]
+            elif name == "eval_at":
+                d[name] = list(d[name])
+        if self.sample is None:
+            del d["sample_seed"]
         return d
 
     def validate(self) -> None:
@@ -44,8 +59,19 @@ class EvalSettings:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"evaluation setting {name} = {v!r}: must be an integer ≥ 1")
-        if self.glue_n < 1 or self.ppl_tokens < 0:
-            raise ValueError(f"evaluation settings glue_n = {self.glue_n}, ppl_tokens = {self.ppl_tokens}: need ≥ 1 / ≥ 0")
+        if (self.glue_n is not None and self.glue_n < 1) or self.ppl_tokens < 0:
+            raise ValueError(f"evaluation settings glue_n = {self.glue_n}, ppl_tokens = {self.ppl_tokens}: need ≥ 1 "
+                             "(or all) / ≥ 0")
+        if self.eval_at is not None:
+            points = list(self.eval_at)
+            if not points or any(isinstance(p, bool) or not isinstance(p, int) or p < 1 for p in points) \
+                    or points != sorted(set(points)):
+                raise ValueError(f"evaluation setting eval_at = {self.eval_at!r}: must be increasing edit counts ≥ 1")
+        if self.sample is not None and (isinstance(self.sample, bool) or not isinstance(self.sample, int)
+                                        or self.sample < 1):
+            raise ValueError(f"evaluation setting sample = {self.sample!r}: must be an integer ≥ 1 (or None: all cases)")
+        if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int):
+            raise ValueError(f"evaluation setting sample_seed = {self.sample_seed!r}: must be an integer")
         data = Path(self.data_dir) if self.data_dir else default_data_dir()
         for task in self.glue_tasks:
             if task not in TASKS:
@@ -58,21 +84,65 @@ class EvalSettings:
 
 # --- evaluation at one point of the run ---------------------------------------------------------
 
+def evaluation_sample(case_ids: list, size: int | None, seed: int) -> list[int]:
+    """Positions (in order) of a uniform sample of ``size`` of the cases ``case_ids``: those whose
+    SHA-256 of ``"{seed}:{case_id}"`` is smallest.  The same seed and cases give the same sample on
+    any machine and Python; a case's rank does not depend on the other cases, so the sample of a
+    longer prefix of a run keeps every earlier-sampled case that still ranks among the smallest."""
+    if size is None or size >= len(case_ids):
+        return list(range(len(case_ids)))
+    rank = sorted(range(len(case_ids)),
+                  key=lambda i: hashlib.sha256(f"{seed}:{case_ids[i]}".encode()).digest())
+    return sorted(rank[:size])
+
+
+def _locality_slices(requests: list[EditRequest], reference: list, picked: list[int]) -> list:
+    """The entries of a run's flat locality reference (every case's neighbourhood prompts in order)
+    that belong to the cases at ``picked``."""
+    offsets = [0]
+    for r in requests:
+        offsets.append(offsets[-1] + len(r.neighborhood_prompts))
+    return [p for i in picked for p in reference[offsets[i]:offsets[i + 1]]]
+
+
 def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSettings, W0: dict[int, torch.Tensor],
-             n_done: int, locality_reference: list[list[int]] | None = None) -> dict:
+             n_done: int, locality_reference: list[list[int]] | None = None, last_batch: int = 0) -> dict:
+    """One evaluation point after ``n_done`` edits: the edited cases (all, or the sample of
+    ``settings.sample`` and the last ``last_batch`` cases scored on their own), general ability and
+    the edited matrices' spectra.  Before editing (``n_done`` 0) the cases are all of the run's
+    (or their sample), and ``locality_predictions`` holds the model's argmax on every case's
+    locality prompts: the token protocol's reference for the rest of the run."""
     model, tok = editor.model, editor.tok
     data = Path(settings.data_dir) if settings.data_dir else default_data_dir()
     t = time.perf_counter()
     out: dict = {"n_edits": n_done}
-    cases = requests[:n_done] if n_done else requests
-    scores = score_cases(model, tok, cases)
-    out["edit"] = summarize(scores)
+    edited = requests[:n_done] if n_done else requests
+    picked = evaluation_sample([r.case_id for r in edited], settings.sample, settings.sample_seed)
+    last = list(range(n_done - last_batch, n_done)) if (settings.sample is not None and n_done) else []
+    scored = sorted(set(picked) | set(last))
+    scores = dict(zip(scored, score_cases(model, tok, [requests[i] for i in scored])))
+    cases = [requests[i] for i in picked]
+    out["edit"] = summarize([scores[i] for i in picked])
     out["edit"]["cases"] = "edited so far" if n_done else "all cases of the run, before editing"
-    tokens = token_scores(model, tok, cases, locality_reference)
+    if settings.sample is not None:
+        out["edit"]["cases"] += f" (uniform sample of {len(picked)}, seed {settings.sample_seed})"
+        out["sample"] = {"size": settings.sample, "seed": settings.sample_seed,
+                         "case_ids": [requests[i].case_id for i in picked]}
+        if last:
+            out["edit_last_batch"] = summarize([scores[i] for i in last])
+    reference = None
+    if locality_reference is not None:
+        reference = _locality_slices(requests, locality_reference, picked) if settings.sample is not None \
+            else locality_reference
+    tokens = token_scores(model, tok, cases, reference)
     out["locality_predictions"] = tokens.pop("locality_predictions")
+    if not n_done and len(picked) < len(requests):    # the reference covers every case of the run
+        out["locality_predictions"] = teacher_forced_argmax(model, tok, *locality_items(requests))
     out["edit_token"] = tokens
     out["general"] = {task: task_accuracy(model, tok, data, task, settings.glue_n)["accuracy"]
                       for task in settings.glue_tasks}
+    if settings.glue_n is None:
+        out["general_n"] = {task: len(load_task(data, task)) for task in settings.glue_tasks}
     if settings.ppl_tokens:
         out["general"]["perplexity"] = perplexity(model, tok, data / "wikitext-2" / "test.txt",
                                                   settings.ppl_tokens)["perplexity"]
@@ -134,11 +204,16 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
 
     bs = settings.batch_size
 
-    def due(n: int) -> bool:   # an evaluation point: every eval_every edits, and the end of the run
-        return n == len(requests) or n % settings.eval_every < bs
+    def due(n: int) -> bool:   # an evaluation point: every eval_every edits (or at eval_at), and the end
+        if n == len(requests):
+            return True
+        if settings.eval_at is not None:
+            return any(n - bs < p <= n for p in settings.eval_at)
+        return n % settings.eval_every < bs
 
     def evaluate_now() -> None:
-        evals.append(evaluate(editor, requests, settings, W0, n_done, locality_ref))
+        last = journal[-1]["case_ids"] if journal else []
+        evals.append(evaluate(editor, requests, settings, W0, n_done, locality_ref, last_batch=len(last)))
         evals[-1].pop("locality_predictions", None)
         folder.append_eval(evals[-1])
 
@@ -155,7 +230,8 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
         # "index": the position of the batch's first case in the run (what resume, the landed windows
         # and the report count in); the editor's own record index counts edit calls, i.e. batches
         entry = {**rec.to_dict(), "index": n_done, "edit_call": rec.index, "case_ids": [r.case_id for r in batch],
-                 "landed": landed(editor.model, editor.tok, batch)}
+                 "landed": rec.landed if rec.landed is not None else landed(editor.model, editor.tok, batch),
+                 "rule_state_bytes": editor.rule_state_bytes()}
         if due(n_done + len(batch)) and editor.modules != ["mlp.down"]:
             # ‖W‖_F, σ_max, σ_min, κ₂ of every matrix the other modules rotate (the evaluation's
             # stability columns cover mlp.down), at the evaluation points
@@ -193,7 +269,7 @@ def _borrow_initial_eval(source: Path, identity: dict, folder: RunFolder, W0: di
     differs = [k for k in ("model",) if theirs.get(k) != identity[k]]
     differs += ["case_ids"] if scored != identity["case_ids"] else []
     differs += [f"settings.{k}" for k in INITIAL_EVAL_SETTINGS
-                if theirs.get("settings", {}).get(k) != identity["settings"][k]]
+                if theirs.get("settings", {}).get(k) != identity["settings"].get(k)]
     if differs:
         raise ValueError(f"initial_eval_from: {source} evaluated something else ({', '.join(differs)} differ)")
     folder.note("initial_eval_from", {"folder": str(source), "commit": theirs.get("commit")})

@@ -32,7 +32,7 @@ from .report import build_report, git_commit, markdown_summary, plot_report
 BOOKKEEPING = ("undo_history", "stats_cache_dir", "preset", "target_batch")
 IDENTITY = ("model", "config", "settings", "case_ids", "method")
 # Settings that change what the pre-edit evaluation measures (the rest only schedule the run).
-INITIAL_EVAL_SETTINGS = ("glue_tasks", "glue_n", "ppl_tokens")
+INITIAL_EVAL_SETTINGS = ("glue_tasks", "glue_n", "ppl_tokens", "sample", "sample_seed")
 SCHEDULE_SETTINGS = ("checkpoint_every", "data_dir")
 
 

@@ -242,9 +242,17 @@ def compute_targets(model, tok, arch: ArchSpec, layer: int, requests: list[EditR
     (see the module doc; a request's target does not depend on the chunk it is in)."""
     size = getattr(cfg, "target_batch", None) or len(requests)
     out: list[TargetResult] = []
-    for start in range(0, len(requests), size):
-        out += _optimise(model, tok, arch, layer, requests[start:start + size], context_templates, cfg)
+    for chunk in even_chunks(len(requests), size):
+        out += _optimise(model, tok, arch, layer, requests[chunk], context_templates, cfg)
     return out
+
+
+def even_chunks(n: int, size: int) -> list[slice]:
+    """``n`` items in as few chunks of at most ``size`` as possible, their sizes differing by at most
+    one (100 at 16: seven chunks of 15 or 14, not six of 16 and one of 4)."""
+    count = -(-n // size)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],

@@ -87,8 +87,15 @@ class Rule(abc.ABC):
             raise ValueError(f"the {self.name} rule keeps no state, got {sorted(state)}")
 
     def state_bytes(self) -> int:
-        """Bytes held by the rule's state (tensors on any device)."""
-        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+        """Bytes of every tensor the rule holds per layer (its state dict and what ``prepare`` builds,
+        on any device): the tensors in the rule's ``{layer: tensor}`` attributes."""
+        seen: dict[int, int] = {}
+        for value in vars(self).values():
+            if isinstance(value, dict):
+                for t in value.values():
+                    if isinstance(t, torch.Tensor):
+                        seen[id(t)] = t.numel() * t.element_size()
+        return sum(seen.values())
 
 
 def positive(x) -> bool:

@@ -27,8 +27,15 @@ from .base import Option, Rule, UpdateResult, layer_tensors, positive
 EXACT_SOLVE_MAX_DIM = 768
 
 
-def resolve_polar_method(method: str, d: int) -> str:
-    return method if method != "auto" else ("svd" if d <= EXACT_SOLVE_MAX_DIM else "krylov")
+def resolve_polar_method(method: str, d: int, n: int = 1) -> str:
+    """The solve "auto" means for a d-dimensional rotation and an edit of n keys: exact up to
+    ``EXACT_SOLVE_MAX_DIM``, and where the Krylov basis (2n columns per block, depth + 1 blocks)
+    would span the whole space anyway — it then finds the exact solution more slowly (at d = 1536,
+    n = 30 and 100: 1.9–2.1 s against 1.4 s for the SVD on the 2-core CPU) — else block Krylov."""
+    if method != "auto":
+        return method
+    krylov_basis = 2 * n * (SUBSPACE_METHODS["krylov"]["krylov_depth"] + 1)
+    return "svd" if d <= EXACT_SOLVE_MAX_DIM or krylov_basis >= d else "krylov"
 
 
 def _apply_dtype(W: torch.Tensor) -> torch.dtype | None:
@@ -139,7 +146,7 @@ def solve_polar(P: RetentionOperator, A: torch.Tensor, V: torch.Tensor, polar_me
                 retention_trace: float) -> tuple[SolveResult, Rotation]:
     """argmax tr(Rᵀ·(P + V·Aᵀ)) over rotations: dense from the exact/iterative polar methods,
     factored from the subspace ones (which apply P only as products)."""
-    method = resolve_polar_method(polar_method, P.shape[0])
+    method = resolve_polar_method(polar_method, P.shape[0], A.shape[1])
     if method in SUBSPACE_METHODS:
         sub = solve_subspace(P, A, V, 1.0, dtype, retention_trace=retention_trace, **SUBSPACE_METHODS[method])
         return (SolveResult(R=None, objective=sub.objective, objective_identity=sub.objective_identity,

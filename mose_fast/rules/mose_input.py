@@ -24,7 +24,11 @@ State per layer (d = d_in):
                (the preimage solves need float64: C0's eigenvalues span many decades);
   * ``cross``  G = Q_totᵀ·C0, float64 for d ≤ 8192 and float32 above (a rotation's rounding in
                G moves the retention term by ~1e-7 relative, far below what an edit changes);
-  * ``memory`` the earlier edits' keys as columns (d × edits), never the d × d matrix E;
+  * ``memory`` a factor F of E = F·Fᵀ (float32, d × m), never the d × d matrix E: the earlier edits'
+               keys as columns (a float32 model's keys exactly) until there are more than d of them,
+               then the d × d triangular factor of their QR (``compress_memory``), which every later
+               edit's keys extend and which is compressed again — so E is exact to float32 rounding
+               and the memory is at most d × (d + n) however many edits are kept;
   * ``wwt``    W·Wᵀ (d_out × d_out), constant under W ← W·Q;
   * ``sgram``  S = W·C0⁻¹·Wᵀ (d_out × d_out, float64), the metric of the preimage step, moved by each
                kept edit's low-rank change (O(d_in²·k), see ``PreimageGramChange``) where that is cheaper
@@ -145,11 +149,33 @@ def reachable_key_targets(W: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
     return shifted - in_null * t
 
 
+# the edit memory's dtype: a float32 model's keys exactly, its compressed factor to float32 rounding (the
+# memory is a soft penalty on the rotation, which is solved and applied in float64 either way)
+MEMORY_DTYPE = torch.float32
+
+
+def compress_memory(F: torch.Tensor) -> torch.Tensor:
+    """A factor with F·Fᵀ's product in at most d columns: F itself while it has ≤ d columns, else Rᵀ
+    from the QR factorisation Fᵀ = Q·R (d × d lower triangular; Rᵀ·R = F·Fᵀ), formed in float64."""
+    d, m = F.shape
+    if m <= d:
+        return F
+    R = torch.linalg.qr(F.to(torch.float64).T, mode="r")[1]
+    return R.T.to(F.dtype).contiguous()
+
+
 @dataclass
 class InputRecord:
     rotation: Rotation                  # Q, on the host
-    keys: torch.Tensor | None           # the edit's keys (d_in × n, float64, host): join the memory
+    keys: torch.Tensor | None           # the edit's keys (d_in × n, host): join the memory
     preimage: PreimageGramChange | None = None   # how S = W·C0⁻¹·Wᵀ moves (host); None: rebuilt
+    # the memory before this edit's commit, where the commit compressed it (so undo can put it back)
+    memory_before: torch.Tensor | None = None
+
+
+def memory_trace(F: torch.Tensor) -> float:
+    """tr(F·Fᵀ) = ‖F‖²_F, accumulated in float64."""
+    return float(torch.linalg.vector_norm(F, dtype=torch.float64) ** 2)
 
 
 class MOSEInputRule(Rule):
@@ -199,8 +225,8 @@ class MOSEInputRule(Rule):
             self.cross[layer] = self.cross[layer].to(device)
         if self.edit_memory:
             kept = self.memory.get(layer)
-            self.memory[layer] = (torch.zeros(d, 0, dtype=torch.float64, device=device) if kept is None
-                                  else kept.to(device, torch.float64))
+            self.memory[layer] = (torch.zeros(d, 0, dtype=MEMORY_DTYPE, device=device) if kept is None
+                                  else compress_memory(kept.to(device, MEMORY_DTYPE)))
         self.chol[layer] = ridged_cholesky(C0, trace / d, f"layer {layer}")
         del C0
         Wd = W.to(torch.float64)
@@ -214,7 +240,7 @@ class MOSEInputRule(Rule):
         """μ, or with ``memory_cap`` c: min(μ, c·λ·tr(C0)/tr(E))."""
         mu = self.edit_memory
         if mu and self.memory_cap is not None:
-            held = float(self.memory[layer].pow(2).sum())
+            held = memory_trace(self.memory[layer])
             limit = self.memory_cap * self.lam_for(layer) * self.c0_trace[layer]
             if mu * held > limit:
                 mu = limit / held
@@ -224,10 +250,11 @@ class MOSEInputRule(Rule):
         """(λ·G + μ·E as an operator, the objective's constant λ·tr(C0) + μ·tr(E))."""
         lam = self.lam_for(layer)
         mu = self.memory_weight(layer) if self.edit_memory else 0.0
-        op = RetentionOperator(self.cross[layer], lam, self.memory.get(layer), mu)
+        F = self.memory.get(layer)
+        op = RetentionOperator(self.cross[layer], lam, None if F is None else F.to(torch.float64), mu)
         const = lam * self.c0_trace[layer]
         if op.F is not None:
-            const += mu * float(op.F.pow(2).sum())
+            const += mu * memory_trace(op.F)
         return op, const
 
     # --- the edit ---------------------------------------------------------------------------------
@@ -265,11 +292,15 @@ class MOSEInputRule(Rule):
                             seconds_apply=time.perf_counter() - t)
 
     def commit(self, layer: int, record: InputRecord) -> None:
-        """G ← Qᵀ·G; the edit's keys join the memory."""
+        """G ← Qᵀ·G; the edit's keys join the memory (compressed to d columns once it has more)."""
         with torch.no_grad():
             record.rotation.transpose().apply_left_(self.cross[layer])
         if record.keys is not None and layer in self.memory:
-            self.memory[layer] = torch.cat([self.memory[layer], record.keys.to(self.memory[layer])], 1)
+            old = self.memory[layer]
+            new = compress_memory(torch.cat([old, record.keys.to(old)], 1))
+            if new.shape[1] < old.shape[1] + record.keys.shape[1]:
+                record.memory_before = old.to("cpu")
+            self.memory[layer] = new
         base = self.sgram.pop(layer, None)
         built = self._built.pop(layer, None)
         base = built if base is None else base
@@ -281,7 +312,10 @@ class MOSEInputRule(Rule):
         """G ← Q·G; the edit's keys (the last ones in the memory) leave it."""
         with torch.no_grad():
             record.rotation.apply_left_(self.cross[layer])
-        if record.keys is not None and layer in self.memory:
+        if record.memory_before is not None and layer in self.memory:
+            self.memory[layer] = record.memory_before.to(self.memory[layer].device)
+            record.memory_before = None
+        elif record.keys is not None and layer in self.memory:
             n = record.keys.shape[1]
             self.memory[layer] = self.memory[layer][:, :self.memory[layer].shape[1] - n].contiguous()
         self._built.pop(layer, None)
@@ -300,7 +334,7 @@ class MOSEInputRule(Rule):
         if unknown:
             raise ValueError(f"not a MOSE input-side state: {unknown}")
         self.cross = layer_tensors(state, "G")
-        self.memory = {l: k.to(torch.float64) for l, k in layer_tensors(state, "K").items()}
+        self.memory = {l: compress_memory(k.to(MEMORY_DTYPE)) for l, k in layer_tensors(state, "K").items()}
         # S as it was kept (a state without it: rebuilt from the restored weights at the next edit)
         self.sgram = {l: x.to(torch.float64) for l, x in layer_tensors(state, "S").items()}
         self._built = {}

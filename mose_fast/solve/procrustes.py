@@ -231,7 +231,9 @@ def solve_rotation(P: torch.Tensor, A: torch.Tensor, V: torch.Tensor, lam: float
     if M is None:
         M = cross_covariance(P, V, A, lam)
     R = polar(M)
-    R = newton_schulz_step(R)   # re-orthonormalise in `dtype` before R touches any weight
+    if method != "svd" or dtype != torch.float64:
+        R = newton_schulz_step(R)   # re-orthonormalise in `dtype` before R touches any weight
+    # (a float64 SVD's U·Vᵀ is orthogonal to ~1e-14 already: the step would change R by that much)
     eye = torch.eye(P.shape[0], dtype=dtype, device=P.device)
     return SolveResult(R=R, objective=objective(R, P, A, V, lam, retention_trace),
                        objective_identity=objective(eye, P, A, V, lam, retention_trace),

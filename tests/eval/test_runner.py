@@ -96,10 +96,10 @@ def test_run_killed_during_an_evaluation_evaluates_that_point_on_resume(tmp_path
     model, tok, cfg = setup(monkeypatch)
     real_evaluate = runner.evaluate
 
-    def dying_evaluate(editor, requests, settings, W0, n_done, *a):
+    def dying_evaluate(editor, requests, settings, W0, n_done, *a, **k):
         if n_done == 2:               # killed while evaluating after the 2nd edit (state saved at 2)
             raise KeyboardInterrupt
-        return real_evaluate(editor, requests, settings, W0, n_done, *a)
+        return real_evaluate(editor, requests, settings, W0, n_done, *a, **k)
     monkeypatch.setattr(runner, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "run", settings, "tiny", progress=False)
@@ -111,6 +111,74 @@ def test_run_killed_during_an_evaluation_evaluates_that_point_on_resume(tmp_path
     assert rep["evaluations"][1]["edit"] == ref["evaluations"][1]["edit"]
     journal = [json.loads(l) for l in (tmp_path / "run" / "journal.jsonl").read_text().splitlines()]
     assert [e["index"] for e in journal] == [0, 1, 2]
+
+
+def test_evaluation_sample_is_fixed_by_seed_and_case_ids():
+    ids = [f"case{i}" for i in range(50)]
+    a = runner.evaluation_sample(ids, 10, seed=3)
+    assert len(a) == 10 and a == sorted(set(a)) and all(0 <= i < 50 for i in a)
+    assert runner.evaluation_sample(ids, 10, seed=3) == a                      # same seed: same cases
+    assert runner.evaluation_sample(ids, 10, seed=4) != a                      # another seed: others
+    # a case's membership does not depend on where it sits: reversed, the same case ids are picked
+    rev = runner.evaluation_sample(ids[::-1], 10, seed=3)
+    assert sorted(ids[::-1][i] for i in rev) == sorted(ids[i] for i in a)
+    assert runner.evaluation_sample(ids[:7], 10, seed=3) == list(range(7))    # fewer cases than the size: all
+    assert runner.evaluation_sample(ids, None, seed=3) == list(range(50))
+    # uniform: over 400 seeds every case is picked about 10/50 of the time
+    counts = torch.zeros(50)
+    for seed in range(400):
+        counts[runner.evaluation_sample(ids, 10, seed)] += 1
+    assert float((counts / 400 - 0.2).abs().max()) < 0.1
+
+
+@pytest.mark.model
+def test_sampled_run_scores_the_same_cases_when_resumed_and_records_the_sample(tmp_path, data_dir, monkeypatch):
+    """Evaluations of a sample of 2 edited cases (seed 5) plus the last batch, at edits 2 and 5: a run
+    killed after its third edit and resumed scores the same cases with the same results as one that
+    was not; run.json and the report record the sample's size and seed, each evaluation its case ids."""
+    from mose_fast.eval.metrics import summarize, score_cases
+    settings = runner.EvalSettings(batch_size=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir), eval_at=(2, 5),
+                                   sample=2, sample_seed=5)
+    model, tok, cfg = setup(monkeypatch)
+    ref = runner.run_eval(model, tok, REQS, cfg, tmp_path / "ref", settings, "tiny", progress=False)
+    rows = ref["evaluations"]
+    assert [e["n_edits"] for e in rows] == [0, 2, 5]
+    want = [REQS[i].case_id for i in runner.evaluation_sample([r.case_id for r in REQS], 2, 5)]
+    assert rows[2]["sample"] == {"size": 2, "seed": 5, "case_ids": want}
+    assert rows[0]["sample"]["case_ids"] == want                # before editing: the sample of all cases
+    assert rows[1]["sample"]["case_ids"] == [0, 1]              # 2 cases edited: both
+    assert rows[2]["edit"]["n"] == 2 and rows[2]["edit_last_batch"]["n"] == 1
+    # the sample's scores are the edited model's scores of exactly those cases
+    picked = [r for r in REQS if r.case_id in want]
+    assert rows[2]["edit"]["score"] == summarize(score_cases(model, tok, picked))["score"]
+    assert rows[2]["edit_last_batch"]["efficacy"] == summarize(score_cases(model, tok, REQS[4:]))["efficacy"]
+    run = json.loads((tmp_path / "ref" / "run.json").read_text())
+    assert run["settings"]["sample"] == 2 and run["settings"]["sample_seed"] == 5
+    assert ref["settings"]["sample"] == 2 and ref["settings"]["sample_seed"] == 5
+    assert len(json.loads((tmp_path / "ref" / "locality_ref.json").read_text())) == len(REQS)
+
+    model, tok, cfg = setup(monkeypatch)
+    calls = {"n": 0}
+    real_edit = MOSEEditor.edit
+
+    def dying_edit(self, reqs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_edit(self, reqs)
+    monkeypatch.setattr(MOSEEditor, "edit", dying_edit)
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    monkeypatch.setattr(MOSEEditor, "edit", real_edit)
+    model, tok, cfg = setup(monkeypatch)
+    rep = runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", settings, "tiny", progress=False)
+    for mine, theirs in zip(rep["evaluations"], rows):
+        for key in ("sample", "edit", "edit_token"):        # (json: nan equals nan)
+            assert json.dumps(mine[key]) == json.dumps(theirs[key]), key
+    assert rep["evaluations"][2]["edit_last_batch"] == rows[2]["edit_last_batch"]
+    with pytest.raises(ValueError, match="settings differs"):     # another seed is another run
+        other = runner.EvalSettings(**{**settings.__dict__, "sample_seed": 6})
+        runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", other, "tiny", progress=False)
 
 
 @pytest.mark.model

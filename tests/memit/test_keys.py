@@ -94,16 +94,22 @@ def _perturb(model, arch, layer, seed):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
-def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(family):
+@pytest.mark.parametrize("family, chunk_rows", [("llama", None), ("gpt2", None), ("gpt_neox", None), ("llama", 2)])
+def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(family, chunk_rows):
     """A pass over layers 1 and 2 (the keys of each read after the previous layer's weights
     changed) gives what a fresh full forward gives, in float64, without computing the blocks below
-    the first changed one; a change it is not told of is not seen (the blocks are replayed)."""
+    the first changed one; a change it is not told of is not seen (the blocks are replayed).  With
+    ``chunk_rows`` 2 the rows run in chunks of two (sorted by length, each padded to its own
+    width), with the same results."""
     model, tok = make_tiny_model(family)
     model.double()
     arch = resolve_arch(model)
     templates = generate_context_templates(model, tok, ("The", "I"), 3, seed=0)
-    fwd = SubjectForward(model, tok, arch, REQS, templates, check=False)
+    fwd = SubjectForward(model, tok, arch, REQS, templates, check=False, chunk_rows=chunk_rows)
+    if chunk_rows:
+        assert len(fwd.chunks) == 3 and sorted(r for c in fwd.chunks for r in c) == list(range(6))
+        widths = [int(b["input_ids"].shape[1]) for b in fwd.chunk_inputs]
+        assert widths == sorted(widths) and widths[0] < widths[-1]
     K1, h1 = keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
     torch.testing.assert_close(K1, compute_keys(model, tok, arch, 1, REQS, templates), atol=1e-10, rtol=1e-10)
     _perturb(model, arch, 1, 0)
@@ -118,7 +124,9 @@ def test_subject_forward_replays_unchanged_blocks_and_equals_a_full_forward(fami
             h.remove()
     rows, n = len(REQS) * sum(len(g) for g in templates), len(REQS)
     # block 0 replayed; every row runs blocks 1-2, and the bare prompts alone run 1-3 (from their own record)
-    assert sorted(ran) == sorted([(1, rows), (2, rows), (1, n), (2, n), (3, n)])
+    rows_per_block = {k: sum(m for kk, m in ran if kk == k) for k, _ in ran}
+    assert rows_per_block == {1: rows + n, 2: rows + n, 3: n}
+    assert len(ran) == (9 if chunk_rows else 5)                 # 3 chunks of 2 rows (bare: 1) per block
     K2_full, h2_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
     torch.testing.assert_close(K2, K2_full, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(h2, h2_full, atol=1e-10, rtol=1e-10)
@@ -156,13 +164,94 @@ def test_subject_forward_check_falls_back_to_full_forwards_when_a_replay_differs
     # every row through the keys' layer, then the bare prompts alone through block 3
     assert ran == [len(REQS) * 2, len(REQS)]
     fwd.edited(2)
-    fwd.outputs[1] = fwd.outputs[1] + 1.0
+    fwd.outputs[1] = [o + 1.0 for o in fwd.outputs[1]]
     K, h = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
     K_full, h_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
     torch.testing.assert_close(K, K_full, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(h, h_full, atol=1e-10, rtol=1e-10)
     assert fwd.replays is False and fwd.check is False
     fwd.edited(2)
-    fwd.outputs[1] = fwd.outputs[1] + 1.0
+    fwd.outputs[1] = [o + 1.0 for o in fwd.outputs[1]]
     torch.testing.assert_close(keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)[0], K_full,
                                atol=1e-10, rtol=1e-10)
+
+
+def _rotate_down(model, arch, layer, seed):
+    """W ← W·Q for a random orthogonal Q: what an input-side edit does to the FFN output projection."""
+    g = torch.Generator().manual_seed(seed)
+    W = arch.weight_view(model, layer)
+    Q = torch.linalg.qr(torch.randn(W.shape[1], W.shape[1], generator=g, dtype=torch.float64))[0]
+    with torch.no_grad():
+        W.copy_(W.double() @ Q)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("family, chunk_rows", [("llama", None), ("gpt2", None), ("gpt_neox", None), ("gptj", None),
+                                               ("llama", 4)])
+def test_patching_an_edited_down_projection_equals_computing_its_block(family, chunk_rows):
+    """After the FFN output projection of layer 1 changes, ``patch(1)`` writes block 1's output from
+    the projection's captured input and output without running the block; the next layer's keys and
+    the last layer's outputs are those of a full forward (float64), and ``rewind(1)`` after the
+    weights are put back gives the unedited model's keys again."""
+    model, tok = make_tiny_model(family)
+    model.double()
+    arch = resolve_arch(model)
+    templates = generate_context_templates(model, tok, ("The", "I"), 3, seed=0)
+    fwd = SubjectForward(model, tok, arch, REQS, templates, check=True, chunk_rows=chunk_rows)
+    keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
+    W = arch.weight_view(model, 1)
+    before = W.clone()
+    fwd.edited(1)
+    _rotate_down(model, arch, 1, 0)
+    assert fwd.patch(1) and fwd.patches and fwd.replays and not fwd.check_patch
+    ran = []
+    mlp = arch.mlp_out.rsplit(".", 1)[0]
+    hooks = [arch.block(model, k).get_submodule(mlp).register_forward_pre_hook(
+        lambda _m, args, _k=k: ran.append((_k, args[0].shape[0]))) for k in range(arch.num_layers(model))]
+    try:
+        K2, h2 = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+    finally:
+        for h in hooks:
+            h.remove()
+    rows, n = len(REQS) * sum(len(g) for g in templates), len(REQS)
+    # every row runs block 2 only (block 1 patched); the bare prompts run 1-3 from their own record
+    rows_per_block = {k: sum(m for kk, m in ran if kk == k) for k, _ in ran}
+    assert rows_per_block == {1: n, 2: rows + n, 3: n}
+    K2_full, h2_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
+    torch.testing.assert_close(K2, K2_full, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(h2, h2_full, atol=1e-10, rtol=1e-10)
+    # put the weights back: the rewound record gives the unedited model's keys at layer 2
+    with torch.no_grad():
+        W.copy_(before)
+    assert fwd.rewind(1)
+    K2_again, _ = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+    torch.testing.assert_close(K2_again, compute_keys(model, tok, arch, 2, REQS, templates), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.model
+def test_patch_check_computes_the_block_when_its_output_is_not_the_projection_plus_the_rest():
+    """A block whose output scales the FFN's output (here by a hook: out = mid + 2·down(x)) is not
+    moved by down(x) − y; the first patch is compared with the computed block, patching is turned
+    off, and the keys stay those of a full forward."""
+    model, tok = make_tiny_model("llama")
+    model.double()
+    arch = resolve_arch(model)
+    mlp = arch.block(model, 1).get_submodule(arch.mlp_out.rsplit(".", 1)[0])
+    handle = mlp.register_forward_hook(lambda _m, _a, out: 2 * out)
+    try:
+        templates = [["{}"], ["I think. {}"]]
+        fwd = SubjectForward(model, tok, arch, REQS, templates, check=True)
+        keys_and_outputs(model, tok, arch, 1, 3, REQS, templates, fwd)
+        fwd.edited(1)
+        _rotate_down(model, arch, 1, 1)
+        assert fwd.patch(1)                      # the block was computed instead
+        assert fwd.patches is False and fwd.replays
+        K2, h2 = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates, fwd)
+        K2_full, h2_full = keys_and_outputs(model, tok, arch, 2, 3, REQS, templates)
+        torch.testing.assert_close(K2, K2_full, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(h2, h2_full, atol=1e-10, rtol=1e-10)
+        fwd.edited(2)
+        _rotate_down(model, arch, 2, 2)
+        assert not fwd.patch(2)                  # off for the rest of this forward
+    finally:
+        handle.remove()

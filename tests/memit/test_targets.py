@@ -411,3 +411,12 @@ def test_prefix_cache_above_the_layer_is_computed_in_the_steps_precision():
                 err = float((y.float() - x).abs().max() / x.abs().max())
                 assert 0 < err < 2e-2, (k, err)
             assert b.values.dtype == torch.bfloat16        # a bf16 product (the keys pass float32 rotary)
+
+
+def test_chunks_are_as_even_as_possible():
+    from mose_fast.memit.targets import even_chunks
+    for n, size in ((100, 16), (10, 16), (16, 16), (17, 16), (1, 16), (33, 16), (97, 10)):
+        sizes = [c.stop - c.start for c in even_chunks(n, size)]
+        assert sum(sizes) == n and max(sizes) <= size and max(sizes) - min(sizes) <= 1
+        assert len(sizes) == -(-n // size)                       # no more chunks than needed
+        assert [c.start for c in even_chunks(n, size)] == [sum(sizes[:i]) for i in range(len(sizes))]

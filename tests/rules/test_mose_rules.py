@@ -264,7 +264,7 @@ def test_update_leaves_the_state_commit_folds_it_in_and_undo_takes_it_out(side, 
     # at these widths every rotation rebuilds S = W·C0⁻¹·Wᵀ at the next edit rather than moving it
     assert set(state) == ({"P.0"} if side == "output" else {"G.0", "K.0"})
     if side == "input":         # the memory holds the kept edit's keys as columns
-        assert torch.equal(state["K.0"], K[:, :1])
+        assert torch.equal(state["K.0"], K[:, :1].float())          # float32 keys, held exactly
     W1 = W.clone()
     res = rule.update(0, W, K[:, 1:2], 0.3 * resid[:, 1:2])
     assert not torch.equal(W, W1)
@@ -277,7 +277,7 @@ def test_update_leaves_the_state_commit_folds_it_in_and_undo_takes_it_out(side, 
         torch.testing.assert_close(rule.gram[0], ref, atol=1e-10 * float(ref.abs().max()), rtol=0)
     else:                       # G ← Qᵀ·G; the keys join the memory
         torch.testing.assert_close(rule.cross[0], R.T @ state["G.0"], atol=1e-12, rtol=0)
-        assert torch.equal(rule.memory[0], K[:, :2])
+        assert torch.equal(rule.memory[0], K[:, :2].float())          # float32 keys, held exactly
     rule.undo(0, res.undo)
     after = rule.state_dict()
     for k in state:
@@ -451,3 +451,72 @@ def test_gram_by_change_at_smollm2_widths():
     assert not gram_by_change(1536, 576, 660)
     assert not gram_by_change(20, 12, 20)
     assert gram_by_change(13824, 5120, 66) and not gram_by_change(13824, 5120, 13824)
+
+
+# --- input side: the edit memory stays at most d columns ---------------------------------------------
+
+def test_compress_memory_keeps_the_product_in_d_columns():
+    from mose_fast.rules.mose_input import compress_memory
+    g = torch.Generator().manual_seed(7)
+    F = torch.randn(20, 50, generator=g, dtype=torch.float64).float()
+    C = compress_memory(F)
+    assert C.shape == (20, 20) and C.dtype == torch.float32 and torch.equal(C, C.tril())
+    ref = F.double() @ F.double().T
+    torch.testing.assert_close(C.double() @ C.double().T, ref, atol=1e-5 * float(ref.abs().max()), rtol=0)
+    narrow = F[:, :20]
+    assert compress_memory(narrow) is narrow                  # ≤ d columns: the keys themselves
+
+
+@pytest.mark.parametrize("polar_method", ["svd", "krylov"])
+def test_memory_of_more_edits_than_dimensions_is_compressed_and_solves_the_stacked_problem(polar_method):
+    """Nine edits of 3 keys (27 > d_in = 20 columns): the memory holds a d × d factor, the tenth edit's
+    rotation is SciPy's on the stacked problem with every earlier key (to float32 rounding of the
+    factor), and undoing the commit that compressed puts the uncompressed memory back bit for bit."""
+    W0, K0, C0, _, _ = problem(36)
+    g = torch.Generator().manual_seed(8)
+    lam, mu = 3.0, 0.5
+    rule = MOSEInputRule(lam, polar_method=polar_method, edit_memory=mu)
+    W = W0.clone()
+    rule.prepare(0, W, C0)
+    keys, rotations, records = [], [], []
+    for i in range(9):
+        K = torch.randn(D_IN, 3, generator=g, dtype=torch.float64).float().double()
+        resid = 0.3 * torch.randn(D_OUT, 3, generator=g, dtype=torch.float64)
+        before = {k: v.clone() for k, v in rule.state_dict().items()}
+        res = rule.update(0, W, K, resid)
+        rule.commit(0, res.undo)
+        keys.append(K)
+        rotations.append(_dense(res.undo))
+        records.append((res.undo, before))
+    assert rule.memory[0].shape == (D_IN, D_IN)
+    compressing = [i for i, (rec, _) in enumerate(records) if rec.memory_before is not None]
+    assert compressing == [6, 7, 8]                          # 21, 24, 27 columns > 20
+    K_all = torch.cat(keys, 1)
+    E = K_all @ K_all.T
+    torch.testing.assert_close(rule.memory[0].double() @ rule.memory[0].double().T, E,
+                               atol=1e-5 * float(E.abs().max()), rtol=0)
+    W9 = W.clone()
+    K10 = torch.randn(D_IN, 2, generator=g, dtype=torch.float64).float().double()
+    r10 = 0.3 * torch.randn(D_OUT, 2, generator=g, dtype=torch.float64)
+    Q = _dense(rule.update(0, W, K10, r10).undo)
+    Q_tot = torch.linalg.multi_dot(rotations)
+    target = reachable_key_targets(W9, K10, r10, _chol(C0), W0 @ W0.T)
+    w = (lam / N0) ** 0.5
+    X = torch.cat([w * K0, mu ** 0.5 * K_all, K10], 1)
+    Y = torch.cat([w * (Q_tot.T @ K0), mu ** 0.5 * K_all, target], 1)
+    torch.testing.assert_close(Q, _scipy_rotation(X, Y), atol=1e-5, rtol=0)
+    # undo the last (compressing) commit: the 24-column memory it replaced comes back exactly
+    W.copy_(W9)
+    rule.undo(0, records[-1][0])
+    assert torch.equal(rule.state_dict()["K.0"], records[-1][1]["K.0"])
+
+
+def test_auto_solve_is_exact_where_the_krylov_basis_would_span_the_space():
+    from mose_fast.rules.mose import resolve_polar_method
+    assert resolve_polar_method("auto", 768, 1) == "svd"          # small d: always exact
+    assert resolve_polar_method("auto", 1536, 10) == "krylov"     # 2·10·33 = 660 < 1536
+    assert resolve_polar_method("auto", 1536, 24) == "svd"        # 2·24·33 = 1584 ≥ 1536
+    assert resolve_polar_method("auto", 1536, 23) == "krylov"     # 1518
+    assert resolve_polar_method("auto", 1536, 100) == "svd"
+    assert resolve_polar_method("auto", 13824, 100) == "krylov"   # 6600 < 13824
+    assert resolve_polar_method("svd", 13824, 1) == "svd"         # an explicit method is kept
