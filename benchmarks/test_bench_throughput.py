@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.bench, pytest.mark.skipif(importlib.util.find_spec("ll
 
 PRESETS = ("mose", "mose-paper", "memit", "alphaedit")
 BATCHES = (1, 10, 100)
-ROUNDS = {1: 5, 10: 3, 100: 1}
+ROUNDS = {1: 5, 10: 5, 100: 2}
 
 
 @pytest.fixture(scope="module")

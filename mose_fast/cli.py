@@ -91,13 +91,17 @@ def _describe(cfg) -> str:
 
 
 def _model_checks(args):
-    """(model config, MOSEConfig) with everything checked against the model's config."""
-    from .hf.models import model_config
+    """(model config, MOSEConfig) with everything checked against the model's config — and a
+    ``--stats`` file against the model's config and tokenizer."""
+    from .hf.models import load_tokenizer, model_config
     mcfg = model_config(args.model)
     cfg = build_config(args, getattr(mcfg, "model_type", None))
     n_layers = getattr(mcfg, "num_hidden_layers", None)
     if n_layers is not None:
         cfg.validate_for_model(n_layers, args.config or "--layers")
+    if getattr(args, "stats", None):
+        from .memit.stats_file import check_statistics
+        check_statistics(args.stats, mcfg, load_tokenizer(args.model), cfg.layers)
     return mcfg, cfg
 
 
@@ -126,7 +130,7 @@ def cmd_demo(args) -> int:
     requests = [EditRequest(**r) for r in DEMO_REQUESTS]
     print(f"Using {_describe(cfg)}", flush=True)
     model, tok = _load(args)
-    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir)
+    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir, statistics_file=args.stats)
 
     def show(title):
         scores = score_cases(model, tok, requests)
@@ -169,7 +173,7 @@ def cmd_edit(args) -> int:
     print(f"Using {_describe(cfg)}", flush=True)
     model, tok = _load(args, tok)
     check_savable(model, out, save_dtype)
-    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir)
+    editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir, statistics_file=args.stats)
     t = time.perf_counter()
     batch = args.batch_size or len(requests)
     for b in range(0, len(requests), batch):
@@ -225,7 +229,14 @@ def cmd_apply(args) -> int:
 
 def cmd_stats(args) -> int:
     from .editor import MOSEEditor
+    from .memit.stats import model_fingerprint
+    from .memit.stats_file import save_statistics
+    if args.stats:
+        raise ValueError("--stats reads a statistics file; `mose-fast stats` writes one with --out FILE")
     _, cfg = _model_checks(args)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name (e.g. {out / 'stats.safetensors'})")
     model, tok = _load(args)
     editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir)
     t = time.perf_counter()
@@ -236,6 +247,10 @@ def cmd_stats(args) -> int:
     for l in cfg.layers:
         c = c0[l]
         print(f"layer {l}: C0 {tuple(c.shape)}, trace {float(c.trace()):.4f}")
+    if out is not None:
+        save_statistics(out, {l: c0[l] for l in cfg.layers}, model.config, tok, editor.statistics_corpus_name,
+                        cfg.stats_tokens, model_fingerprint(model))
+        print(f"statistics of layers {cfg.layers} written to {out}: use them with --stats {out}")
     return 0
 
 
@@ -271,10 +286,11 @@ def cmd_eval(args) -> int:
     print(f"Using {_describe(cfg)}", flush=True)
     model, tok = _load(args, tok)
     if args.before_after:
-        run_sequential(model, tok, requests, cfg, args.out, model_name=args.model, data_dir=data)
+        run_sequential(model, tok, requests, cfg, args.out, model_name=args.model, data_dir=data,
+                       statistics_file=args.stats)
     else:
         run_eval(model, tok, requests, cfg, args.out, settings, model_name=args.model, extend=args.extend,
-                 initial_eval_from=args.initial_eval_from)
+                 initial_eval_from=args.initial_eval_from, statistics_file=args.stats)
     print((Path(args.out) / "summary.md").read_text())
     return 0
 
@@ -351,6 +367,8 @@ def _add_model(p, edits: bool = True):
     p.add_argument("--stats-corpus", dest="stats_corpus",
                    help="text file for C0 (default: WikiText-2 in the data folder, else text the model writes)")
     p.add_argument("--seed", type=int)
+    p.add_argument("--stats", help="C0 from a statistics file (`mose-fast stats --out FILE`), checked against the "
+                                   "model and tokenizer before loading")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-dtype", dest="save_dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", required=True)
     p.set_defaults(fn=cmd_apply)
-    p = sub.add_parser("stats", help="precompute and cache the key statistics C0")
+    p = sub.add_parser("stats", help="precompute and cache the key statistics C0 (--out: also write a statistics file)")
     _add_model(p)
+    p.add_argument("--out", help="write C0 of the edited layers to this file, for --stats FILE elsewhere")
     p.set_defaults(fn=cmd_stats)
     p = sub.add_parser("eval", help="sequential edits with periodic metrics; resumable")
     _add_model(p)

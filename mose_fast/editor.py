@@ -125,11 +125,13 @@ class MOSEEditor:
     ``second_moments`` ({layer: C0}) skips the statistics of mlp.down, ``statistics``
     ({module: {layer: {name: tensor}}}, as ``memit.stats.unit_statistics`` returns) those of the
     other modules; ``data_dir`` is where the statistics corpus (WikiText-2) is looked for when
-    ``config.stats_corpus`` is not set."""
+    ``config.stats_corpus`` is not set.  ``statistics_file``: C0 from a file ``mose-fast stats --out``
+    wrote (``memit.stats_file``), checked to belong to this model and tokenizer before anything else."""
 
     def __init__(self, model, tok, config: MOSEConfig | None = None, arch: ArchSpec | dict | None = None,
                  second_moments: dict[int, torch.Tensor] | None = None, progress: bool = True,
-                 data_dir: str | Path | None = None, statistics: dict | None = None):
+                 data_dir: str | Path | None = None, statistics: dict | None = None,
+                 statistics_file: str | Path | None = None):
         self.model, self.tok = model, tok
         self.arch = resolve_arch(model, arch)
         self.cfg = config or MOSEConfig.preset("mose", getattr(model.config, "model_type", None))
@@ -143,6 +145,13 @@ class MOSEEditor:
         self.rules = {m: make_unit_rule(self.cfg, m) for m in self.modules}
         self.rule = self.rules["mlp.down"] if "mlp.down" in self.rules else None   # mlp.down's rule
         self._second_moments = dict(second_moments) if second_moments is not None else None
+        self._statistics_file = None
+        if statistics_file is not None:
+            if second_moments is not None:
+                raise ValueError("give second_moments or statistics_file, not both")
+            from .memit.stats_file import load_statistics
+            self._second_moments = load_statistics(statistics_file, model.config, tok, self.cfg.layers)
+            self._statistics_file = str(statistics_file)
         self._statistics = {m: dict(v) for m, v in statistics.items()} if statistics is not None else None
         self._pmaster: dict[str, torch.Tensor] = {}        # float32 masters of the other modules' parameters
         self._templates: list[list[str]] | None = None
@@ -171,6 +180,8 @@ class MOSEEditor:
     @property
     def statistics_corpus_name(self) -> str | None:
         """The statistics corpus in words (None until the statistics are computed)."""
+        if self._statistics_file is not None:
+            return f"statistics file {self._statistics_file}"
         if self._corpus is None:
             return "given by the caller" if self._prepared else None
         if isinstance(self._corpus, str):

@@ -157,10 +157,11 @@ def plot_comparison(cmp: dict, path: Path) -> None:
     tasks = list(cmp["series"][0]["rows"][0]["general"])
     # ‖W‖_F and κ₂ as |ratio − 1| on a log axis: a rotation stays at rounding level (1e-9),
     # additive rules climb by orders of magnitude, and both show on one panel.
-    panels = [("score", "Score (cases edited so far)"), ("efficacy", "efficacy (cases edited so far)")] + \
+    panels = [("score", "Score (cases edited so far)"), ("efficacy", "efficacy"), ("paraphrase", "paraphrase"),
+              ("neighborhood", "neighbourhood")] + \
              [(t, f"{t}: value / unedited") for t in tasks] + \
              [("fro", "|‖W‖_F / ‖W0‖_F − 1| (furthest layer)"), ("kappa", "|κ₂(W) / κ₂(W0) − 1| (furthest layer)")]
-    cols = 3
+    cols = 4
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     # the default cycle has 10 colours: beyond that, runs would share one

@@ -165,7 +165,8 @@ def run_identity(model_name: str, cfg: MOSEConfig, settings: EvalSettings, reque
 
 def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: str | Path,
              settings: EvalSettings | None = None, model_name: str = "", progress: bool = True,
-             extend: bool = False, initial_eval_from: str | Path | None = None) -> dict:
+             extend: bool = False, initial_eval_from: str | Path | None = None,
+             statistics_file: str | Path | None = None) -> dict:
     """Sequential edits of ``requests`` in batches of ``settings.batch_size``, with an evaluation
     every ``settings.eval_every`` edits; resumable (see ``store``).
 
@@ -175,7 +176,7 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     settings = settings or EvalSettings()
     settings.validate()
     cfg.validate()
-    editor = MOSEEditor(model, tok, cfg, progress=progress, data_dir=settings.data_dir)
+    editor = MOSEEditor(model, tok, cfg, progress=progress, data_dir=settings.data_dir, statistics_file=statistics_file)
     editor.validate(requests)
     folder = RunFolder(out_dir)
     identity = run_identity(model_name, cfg, settings, requests)
@@ -281,9 +282,10 @@ def _borrow_initial_eval(source: Path, identity: dict, folder: RunFolder, W0: di
 # --- short before/after run -----------------------------------------------------------------------
 
 def run_sequential(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: str | Path | None = None,
-                   model_name: str = "", progress: bool = True, data_dir: str | Path | None = None) -> dict:
+                   model_name: str = "", progress: bool = True, data_dir: str | Path | None = None,
+                   statistics_file: str | Path | None = None) -> dict:
     """Scores before, len(requests) sequential edits, scores after, spectra, timing by stage."""
-    editor = MOSEEditor(model, tok, cfg, progress=progress, data_dir=data_dir)
+    editor = MOSEEditor(model, tok, cfg, progress=progress, data_dir=data_dir, statistics_file=statistics_file)
     before = score_cases(model, tok, requests)
     spectra_before = {l: editor.spectrum(l) for l in cfg.layers}
     t0 = time.perf_counter()
