@@ -19,8 +19,10 @@ test: setup
 test-fast:
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests research/tests -m "not slow"
 
-# On a CUDA machine (H100/H200) only: the GPU tests and a benchmark subset within 8 minutes, rows
-# appended to benchmarks/results.csv; refuses without CUDA.  Needs `pip install -e ".[gpu,test]"`.
-# `make gpu-check GPU_CHECK_ARGS=--dry-run` lists what it would run.
+# On a CUDA machine (H100/H200) only: preflight, csrc build, the GPU tests and a benchmark subset
+# within 8 minutes from its start, rows appended to benchmarks/results.csv; refuses without CUDA.
+# Needs `pip install -e ".[gpu-cuda12,test]"` or `".[gpu-cuda13,test]"`, the one matching
+# torch.version.cuda (`python -m mose_fast.gpu_env --install-hint` prints it).
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` prints the preflight and what it would run.
 gpu-check:
 	$(PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)

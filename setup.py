@@ -6,6 +6,26 @@ csrc/ compiled lazily on a CUDA machine (torch.utils.cpp_extension + ninja), nev
 """
 from setuptools import setup
 
+# GPU extras.  CuPy ships one wheel per CUDA major version and must match the CUDA that torch was
+# built with (``python -c "import torch; print(torch.version.cuda)"``): a cupy-cuda12x next to a
+# CUDA 13 torch finds no matching runtime, or loads a second one.  Which one fits cannot be decided
+# reliably while pip resolves, so the extra names it:
+#     torch.version.cuda 12.x  ->  pip install -e ".[gpu-cuda12]"   (cupy-cuda12x)
+#     torch.version.cuda 13.x  ->  pip install -e ".[gpu-cuda13]"   (cupy-cuda13x)
+#     anything else            ->  pip install -e ".[gpu]"          (no CuPy: the cuSOLVER polar
+#                                                                    methods are skipped)
+# `python -m mose_fast.gpu_env --install-hint` prints the line for the torch installed.  The csrc
+# extension also needs nvcc of torch's CUDA major version (the CUDA toolkit), which pip does not bring.
+GPU = ["triton>=3.2", "ninja>=1.11"]
+EXTRAS = {
+    "triton": ["triton>=3.2"],
+    "gpu": GPU,
+    "gpu-cuda12": GPU + ["cupy-cuda12x>=13"],
+    "gpu-cuda13": GPU + ["cupy-cuda13x>=14"],
+    "eval": ["matplotlib>=3.7"],
+    "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "scipy>=1.10"],
+}
+
 setup(
     name="mose-fast",
     version="0.1.0",
@@ -28,11 +48,6 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.26",
     ],
-    extras_require={
-        "triton": ["triton>=3.2"],
-        "gpu": ["triton>=3.2", "cupy-cuda12x>=13", "ninja>=1.11"],
-        "eval": ["matplotlib>=3.7"],
-        "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "scipy>=1.10"],
-    },
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["mose-fast=mose_fast.cli:main"]},
 )

@@ -77,6 +77,13 @@ def test_torch_svd_baseline(benchmark, device, record, size_index):
         record(benchmark, "polar", "torch.linalg.svd fp32", f"{d}x{d}", torch.float32)
 
 
+def floor_note(device, precision: str, flop: float, nbytes: float) -> str:
+    """The floor of the precision a variant computes in, at this GPU's datasheet peak (gpu_check's table)."""
+    from gpu_check import floor_ms
+    floor = floor_ms(torch.cuda.get_device_name(device), precision, flop, nbytes)
+    return f"floor {floor[0]:.3f} ms ({floor[1]})" if floor else ""
+
+
 def apply_shapes(device):
     return GPU_APPLY if device.type == "cuda" else CPU_APPLY
 
@@ -109,7 +116,8 @@ def test_orth_apply(benchmark, device, record, variant, shape_index):
     flop, nbytes = 2.0 * d * d * n, 2 * d * n * W.element_size() + d * d * R.element_size()
     if device.type == "cuda":
         record(time_cuda(fn), "orth_apply", variant, f"{d}x{n}", dtype, flop, nbytes,
-               note="floor 0.92 ms for 5120x13824 at 790 TF/s (bf16 operands)")
+               note=floor_note(device, {"in-place": "fp32", "in-place tf32x3": "3xtf32",
+                                        "out-of-place matmul": "bf16"}[variant], flop, nbytes))
     else:
         benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
         record(benchmark, "orth_apply", variant, f"{d}x{n}", dtype, flop, nbytes)
@@ -126,11 +134,14 @@ def test_crosscov(benchmark, device, record, variant, size_index):
     B = torch.randn(d, k, device=device).to(dtype)
     A = torch.randn(d, k, device=device).to(dtype)
     P = torch.randn(d, d, device=device)
+    B32, At32 = B.float(), A.float().T          # the baseline's operands, prepared outside the timed call
     fn = (lambda: crosscov(B, A, P, 1.0, 100.0)) if variant == "crosscov" else \
-        (lambda: torch.addmm(P, B.float(), A.float().T, beta=100.0))
-    flop, nbytes = 2.0 * d * d * k, 2 * d * d * 4 + 2 * d * k * B.element_size()
+        (lambda: torch.addmm(P, B32, At32, beta=100.0, alpha=1.0))
+    flop = 2.0 * d * d * k
+    nbytes = 2 * d * d * 4 + 2 * d * k * (B.element_size() if variant == "crosscov" else 4)
     if device.type == "cuda":
-        record(time_cuda(fn), "crosscov", variant, f"{d}x{d}x{k}", dtype, flop, nbytes)
+        record(time_cuda(fn), "crosscov", variant, f"{d}x{d}x{k}", dtype, flop, nbytes,
+               note=floor_note(device, "bf16" if variant == "crosscov" else "fp32", flop, nbytes))
     else:
         benchmark.pedantic(fn, rounds=5, warmup_rounds=1)
         record(benchmark, "crosscov", variant, f"{d}x{d}x{k}", dtype, flop, nbytes)

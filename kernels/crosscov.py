@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from mose_fast.backends import full_precision_matmul
+from mose_fast.backends import device_guard, full_precision_matmul
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,11 @@ def crosscov_triton(B, A, P=None, alpha: float = 1.0, beta: float = 1.0,
     M = torch.empty((m, n), dtype=torch.float32, device=B.device)
     Pt = P if P is not None else M   # never read when HAS_P is False
     grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    _crosscov_kernel[grid](B, A, Pt, M, m, n, k, float(alpha), float(beta),
-                           B.stride(0), B.stride(1), A.stride(0), A.stride(1), Pt.stride(0), Pt.stride(1),
-                           M.stride(0), M.stride(1), HAS_P=P is not None, IEEE_FP32=B.dtype == torch.float32,
-                           BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    with device_guard(B):   # Triton launches on the current device: make it the operands'
+        _crosscov_kernel[grid](B, A, Pt, M, m, n, k, float(alpha), float(beta),
+                               B.stride(0), B.stride(1), A.stride(0), A.stride(1), Pt.stride(0), Pt.stride(1),
+                               M.stride(0), M.stride(1), HAS_P=P is not None, IEEE_FP32=B.dtype == torch.float32,
+                               BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
     return M
 
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from mose_fast.backends import full_precision_matmul
+from mose_fast.backends import device_guard, full_precision_matmul
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,8 @@ def orth_matmul_triton_(W: torch.Tensor, R: torch.Tensor, workspace_fraction: fl
     p = panel_width(d_in, workspace_fraction * W.element_size() / 4)    # one float32 panel
     R32 = R.to(torch.float32).contiguous()
     ws = torch.empty((d_out, p), dtype=torch.float32, device=W.device)
-    with full_precision_matmul():
+    # Triton launches on the current device: make it W's (``--device cuda:1``, a device_map)
+    with full_precision_matmul(), device_guard(W):
         for j in range(0, d_in, p):
             n = min(p, d_in - j)
             grid = (triton.cdiv(d_out, BLOCK_M), triton.cdiv(n, BLOCK_N))

@@ -101,13 +101,20 @@ def spectrum(W: torch.Tensor) -> dict[str, float]:
             "kappa": float(s[0] / s[-1])}
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy in host memory (pinned when it comes from a GPU, so the copy back is fast)."""
+def _host_copy(t: torch.Tensor, pin: bool = False) -> torch.Tensor:
+    """A copy in host memory; page-locked (``pin``) only when asked: the undo history's copies are
+    read back only by an undo, and pinned they would lock (undo_history + 1) × the edited matrices
+    of host memory (see ``mose_fast.backends``, MOSE_PIN_UNDO_COPIES)."""
     if t.device.type == "cpu":
         return t.detach().clone()
-    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+    out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=pin)
     out.copy_(t.detach())
     return out
+
+
+def _env_flag(name: str, default: str) -> str:
+    from .backends import env_choice
+    return env_choice(name, default, ("auto", "0", "1"))
 
 
 @dataclass
@@ -126,12 +133,18 @@ class MOSEEditor:
     ({module: {layer: {name: tensor}}}, as ``memit.stats.unit_statistics`` returns) those of the
     other modules; ``data_dir`` is where the statistics corpus (WikiText-2) is looked for when
     ``config.stats_corpus`` is not set.  ``statistics_file``: C0 from a file ``mose-fast stats --out``
-    wrote (``memit.stats_file``), checked to belong to this model and tokenizer before anything else."""
+    wrote (``memit.stats_file``), checked to belong to this model and tokenizer before anything else.
+
+    ``offload_rule_state``: keep each layer's rule state (and C0 until the rule has taken it) in host
+    memory and bring one layer's to its device for each rule call (``mose_fast.offload``); None
+    (default): MOSE_OFFLOAD_RULE_STATE, "auto" = when the edited weights are on a GPU.
+    ``pin_undo_copies``: page-locked host copies for undo; None: MOSE_PIN_UNDO_COPIES (default no)."""
 
     def __init__(self, model, tok, config: MOSEConfig | None = None, arch: ArchSpec | dict | None = None,
                  second_moments: dict[int, torch.Tensor] | None = None, progress: bool = True,
                  data_dir: str | Path | None = None, statistics: dict | None = None,
-                 statistics_file: str | Path | None = None):
+                 statistics_file: str | Path | None = None, offload_rule_state: bool | None = None,
+                 pin_undo_copies: bool | None = None):
         self.model, self.tok = model, tok
         self.arch = resolve_arch(model, arch)
         self.cfg = config or MOSEConfig.preset("mose", getattr(model.config, "model_type", None))
@@ -166,6 +179,31 @@ class MOSEEditor:
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
         self.n_edits = 0
+        from .offload import RuleStateHome
+        self._offload = {"1": True, "0": False, "auto": None}[_env_flag("MOSE_OFFLOAD_RULE_STATE", "auto")] \
+            if offload_rule_state is None else bool(offload_rule_state)
+        self._pin_undo = _env_flag("MOSE_PIN_UNDO_COPIES", "0") == "1" if pin_undo_copies is None \
+            else bool(pin_undo_copies)
+        self._home = RuleStateHome(pin=_env_flag("MOSE_PIN_RULE_STATE", "1") != "0")
+
+    # --- where the rules' state lives -------------------------------------------------------------
+    def offloads(self, device: torch.device) -> bool:
+        """Whether the rule state of a layer on ``device`` lives on the host between rule calls."""
+        return device.type == "cuda" if self._offload is None else self._offload
+
+    def _unit_device(self, layer: int, module: str) -> torch.device:
+        if module == "mlp.down":
+            return self.weight(layer).device
+        return next(iter(self.arch.unit_params(self.model, layer, module).values())).device
+
+    def _state_on_device(self, module: str, layer: int):
+        """Context: the rule state of (module, layer) on the unit's device for a rule call (a no-op
+        where the state is not offloaded)."""
+        import contextlib
+        device = self._unit_device(layer, module)
+        if not self.offloads(device):
+            return contextlib.nullcontext()
+        return self._home.on_device(self.rules[module], layer, device)
 
     # --- lazily built state -------------------------------------------------------------------
     def statistics_corpus(self):
@@ -191,9 +229,18 @@ class MOSEEditor:
     def second_moments(self) -> dict[int, torch.Tensor]:
         need = [l for l in self.cfg.layers if l not in self._prepared]
         if self._second_moments is None or any(l not in self._second_moments for l in need):
-            self._second_moments = key_second_moments(
-                self.model, self.tok, self.arch, need, self.statistics_corpus(), self.cfg.stats_tokens,
-                self.cfg.stats_seq_len, self.cfg.stats_batch_size, self.cfg.stats_cache_dir, self.progress)
+            device = self.weight(need[-1]).device if need else torch.device("cpu")
+            # offloaded: one layer's sums on the device at a time, each C0 on the host until prepared
+            groups = [[l] for l in need] if self.offloads(device) else [need]
+            fingerprint = model_fingerprint(self.model) if len(groups) > 1 else None
+            self._second_moments = {}
+            for group in groups:
+                got = key_second_moments(
+                    self.model, self.tok, self.arch, group, self.statistics_corpus(), self.cfg.stats_tokens,
+                    self.cfg.stats_seq_len, self.cfg.stats_batch_size, self.cfg.stats_cache_dir, self.progress,
+                    fingerprint=fingerprint)
+                self._second_moments.update({l: c.to("cpu") for l, c in got.items()} if len(groups) > 1 else got)
+                del got
         return self._second_moments
 
     def _unit_statistics(self, need: dict[str, list[int]]) -> dict[str, dict[int, dict]]:
@@ -259,13 +306,15 @@ class MOSEEditor:
                         # rounding W to 8 mantissa bits after every rotation would random-walk the weights;
                         # a float32 master keeps the error to one rounding of the exact product
                         self._master[l] = W.float()
-                    self.rule.prepare(l, self.weight(l), C0.pop(l))
+                    with self._state_on_device("mlp.down", l):
+                        self.rule.prepare(l, self.weight(l), C0.pop(l))
                 for m in others:
                     for name, t in self.arch.unit_params(self.model, l, m).items():
                         if self.cfg.master_weights and t.dtype in (torch.bfloat16, torch.float16) \
                                 and name not in self._pmaster:
                             self._pmaster[name] = t.float()
-                    self.rules[m].prepare(l, self.unit_weights(l, m), stats[m].pop(l))
+                    with self._state_on_device(m, l):
+                        self.rules[m].prepare(l, self.unit_weights(l, m), stats[m].pop(l))
                 self._prepared.add(l)
             self._second_moments = None     # the rules keep what they need of the statistics
             self._statistics = None
@@ -299,10 +348,11 @@ class MOSEEditor:
         seconds_setup = time.perf_counter() - t_setup
         t_start = time.perf_counter()
         layers = self.cfg.layers
-        before = {l: _host_copy(self.weight(l)) for l in layers} if "mlp.down" in self.rules else {}
+        pin = self._pin_undo and torch.cuda.is_available()
+        before = {l: _host_copy(self.weight(l), pin) for l in layers} if "mlp.down" in self.rules else {}
         for l, m in self.units():
             if m != "mlp.down":
-                before.update({n: _host_copy(t) for n, t in self.unit_params(l, m).items() if n not in before})
+                before.update({n: _host_copy(t, pin) for n, t in self.unit_params(l, m).items() if n not in before})
         was_training = self.model.training
         grad_flags = [p.requires_grad for p in self.model.parameters()]
         self.model.eval().requires_grad_(False)
@@ -348,11 +398,13 @@ class MOSEEditor:
             record.target_unmet = ((z - after.to(z)).norm(dim=1)
                                    / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
             for l, m in self.units():
-                self.rules[m].commit(l, pending[(m, l)])
+                with self._state_on_device(m, l):
+                    self.rules[m].commit(l, pending[(m, l)])
                 committed.append((m, l))
         except BaseException:
             for m, l in reversed(committed):
-                self.rules[m].undo(l, pending[(m, l)])
+                with self._state_on_device(m, l):
+                    self.rules[m].undo(l, pending[(m, l)])
             self._put_weights(before)
             raise
         finally:
@@ -402,8 +454,9 @@ class MOSEEditor:
                 continue
             W = self.weight(layer)
             norm_before = float(torch.linalg.matrix_norm(W.to(torch.float64)))
-            res = self.rule.update(layer, W, K.T.to(W.device, torch.float64), resid.T.to(W.device),
-                                   **({} if weights is None else {"edit_weights": weights}))
+            with self._state_on_device(module, layer):
+                res = self.rule.update(layer, W, K.T.to(W.device, torch.float64), resid.T.to(W.device),
+                                       **({} if weights is None else {"edit_weights": weights}))
             if layer in self._master:
                 self.arch.weight_view(self.model, layer).copy_(W)
             t = time.perf_counter()
@@ -432,8 +485,9 @@ class MOSEEditor:
             keys = K
         else:
             keys = K.T.to(torch.float64)
-        res = self.rules[module].update(layer, Wu, keys, resid.T.to(torch.float64),
-                                        **({} if weights is None else {"edit_weights": weights}))
+        with self._state_on_device(module, layer):
+            res = self.rules[module].update(layer, Wu, keys, resid.T.to(torch.float64),
+                                            **({} if weights is None else {"edit_weights": weights}))
         with torch.no_grad():
             for name, t in self.arch.unit_params(self.model, layer, module).items():
                 if name in self._pmaster:
@@ -483,7 +537,8 @@ class MOSEEditor:
         for _ in range(n):
             kept = self._undo.pop()
             for module, layer in reversed(list(kept.records)):
-                self.rules[module].undo(layer, kept.records[(module, layer)])
+                with self._state_on_device(module, layer):
+                    self.rules[module].undo(layer, kept.records[(module, layer)])
             self._put_weights(kept.weights)
             self.records = [r for r in self.records if r.index != kept.index]
             self.journal.append({"op": "undo", "index": kept.index})

@@ -15,6 +15,13 @@ the host memory the all-or-nothing copies and the undo history take:
   solve       + one layer's solve: float64 copies of W, C0⁻¹·Wᵀ, the Krylov basis or the dense M
   snapshot    host memory: the edited matrices before the edit, and the undo history's copies
 
+On a GPU the editor keeps the rule state on the host (``mose_fast.offload``, MOSE_OFFLOAD_RULE_STATE):
+the statistics are summed one layer at a time, each C0 waits on the host for its layer's prepare,
+and only the layer being prepared, solved, committed or undone has its state on the device.  The
+device stages then hold the weights, the float32 masters, one layer's state (the largest) where a
+rule call runs, and the stage's working memory; the host holds every layer's state beside the copies.
+On the CPU everything is one memory and every layer's state is counted in every stage.
+
 The sizes are the tensors the code allocates (``rules/``, ``memit/``, ``editor.py``); activations
 are estimated from the model's widths and the prompt lengths of a CounterFact edit.
 """
@@ -53,6 +60,7 @@ class Plan:
     stages: list[Stage]
     host: Stage
     gpu_mem: float | None = None
+    offload: bool = False       # rule state on the host, one layer's on the device at a time
 
     @property
     def peak(self) -> Stage:
@@ -67,7 +75,7 @@ class Plan:
                 "stages": {s.name: {"total": s.total, "parts": s.parts} for s in self.stages},
                 "host": {"total": self.host.total, "parts": self.host.parts},
                 "peak_stage": self.peak.name, "peak_bytes": self.peak.total, "gpu_mem_gib": self.gpu_mem,
-                "fits": self.fits()}
+                "fits": self.fits(), "offload_rule_state": self.offload}
 
     def markdown(self) -> str:
         lines = [f"Memory plan: {self.model}, preset {self.preset!r}, layers {self.layers}, {self.edits} edits of "
@@ -81,6 +89,9 @@ class Plan:
         verdict = "" if self.gpu_mem is None else (
             f"; fits {self.gpu_mem:g} GiB" if self.fits() else f"; does NOT fit {self.gpu_mem:g} GiB")
         lines.append(f"Peak: {self.peak.total / GiB:.2f} GiB at '{self.peak.name}'{verdict}.")
+        if self.offload:
+            lines.append(f"Rule state on the host ({self.host.total / GiB:.2f} GiB with the copies), one layer's on "
+                         f"the device at a time (MOSE_OFFLOAD_RULE_STATE=0 keeps every layer's on the device).")
         return "\n".join(lines)
 
 
@@ -111,10 +122,21 @@ def _read_json(path: Path) -> dict:
     return d
 
 
+def offloads(device: str, offload: bool | None = None) -> bool:
+    """Whether ``MOSEEditor`` keeps the rule state on the host for weights on ``device`` (its
+    ``offload_rule_state`` argument, else MOSE_OFFLOAD_RULE_STATE: "auto" = on a GPU)."""
+    if offload is not None:
+        return bool(offload)
+    from .backends import env_choice
+    choice = env_choice("MOSE_OFFLOAD_RULE_STATE", "auto", ("auto", "0", "1"))
+    return choice == "1" or (choice == "auto" and str(device).startswith("cuda"))
+
+
 def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str = "bfloat16",
-         device: str = "cuda", gpu_mem: float | None = None, config=None) -> Plan:
+         device: str = "cuda", gpu_mem: float | None = None, config=None, offload: bool | None = None) -> Plan:
     """The memory plan of editing ``model`` with ``cfg`` (a MOSEConfig) after ``edits`` kept edits,
-    ``batch`` requests per edit, ``dtype`` weights, on ``device`` ("cuda" or "cpu")."""
+    ``batch`` requests per edit, ``dtype`` weights, on ``device`` ("cuda" or "cpu"); ``offload``:
+    whether the rule state lives on the host (default: as the editor decides, see ``offloads``)."""
     from .hf.arch import resolve_arch
     from .rules import rule_class
     from .rules.mose_input import cross_dtype
@@ -186,17 +208,27 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
                 out[f"{label}{k}"] = out.get(f"{label}{k}", 0) + v
         return out
 
+    offload = offloads(device, offload) and device != "cpu"
+    # the editor sums C0 one layer at a time when it offloads and mlp.down is the only module (the
+    # other modules' statistics come from one pass over every unit)
+    per_layer_stats = offload and not modules
+
+    def layer_total(l: int) -> int:
+        """Bytes of one layer's rule state, every module's, after the edits."""
+        return sum(state_of(l).values()) + sum(v for m in modules for v in module_state[m].values())
+    big_layer = max(cfg.layers, key=layer_total)
     # --- statistics ---------------------------------------------------------------------------
     tokens = cfg.stats_batch_size * cfg.stats_seq_len
     d_ins = [shapes[l][1] for l in cfg.layers]
+    summed_d = [max(d_ins)] if per_layer_stats else d_ins
     stats = Stage("statistics", {
         "weights": weights,
-        "C0 sums (float64)": sum(8 * d * d for d in d_ins),
+        ("C0 sum of one layer (float64)" if per_layer_stats else "C0 sums (float64)"): sum(8 * d * d for d in summed_d),
         "other modules' sums (float64)": len(cfg.layers) * sum(v // (2 if m == "mlp.in" else 1)
                                                                for m in modules for v in module_state[m].values()),
         "batch Gram (float32)": 4 * max(d_ins) * max(d_ins),
         "its float64 block being added": 8 * 1024 * max(d_ins),
-        "captured keys": sum(tokens * d * s_w for d in d_ins) + tokens * max(d_ins) * 4,
+        "captured keys": sum(tokens * d * s_w for d in summed_d) + tokens * max(d_ins) * 4,
         "forward activations": tokens * (4 * hidden + 3 * inter) * s_w
                                + cfg.stats_batch_size * heads * cfg.stats_seq_len ** 2 * 4,
     })
@@ -205,7 +237,23 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     d_last = shapes[last][1]
     others = {k: v for k, v in summed("", state_of).items()}
     prepare_parts = {"weights": weights, "masters": masters}
-    if cfg.method == "mose" and side == "input":
+    if offload:
+        # one layer at a time: its C0 copied from the host to the device, its state built there
+        d_out_big, d_big = shapes[big_layer]
+        built = sum(v for k, v in state_of(big_layer).items() if not k.startswith(("edit memory", "S =")))
+        built += sum(v for m in modules for v in module_state[m].values())
+        if cfg.method == "mose" and side == "input":
+            # C0, then 0.5·(C0 + C0ᵀ) formed through two more float64 copies; then the Cholesky factor,
+            # G and W·Wᵀ beside the symmetrised C0
+            working = max(3 * 8 * d_big * d_big, 8 * d_big * d_big + built)
+        elif cfg.method == "mose":       # P = W·C0·Wᵀ: C0, W and W·C0 in float64 beside P
+            working = 8 * d_big * d_big + 2 * 8 * d_out_big * d_big + built
+        else:                            # the additive rules keep the device copy of C0 as their state
+            working = built
+        prepare_parts["one layer: its C0 (float64) and its state being built"] = working
+        if not per_layer_stats:          # C0 of every layer came to the device in one pass
+            prepare_parts["C0 of the other layers (float64)"] = sum(8 * d * d for d in d_ins) - 8 * d_big * d_big
+    elif cfg.method == "mose" and side == "input":
         # prepare builds the Cholesky factor, G and W·Wᵀ; S and the memory come with the edits
         def built(l):
             return sum(v for k, v in state_of(l).items() if not k.startswith(("edit memory", "S =")))
@@ -221,7 +269,16 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     for m in modules:
         for k, v in module_state[m].items():
             resident[k] = v * len(cfg.layers)
-    state = Stage("rule state", dict(resident))
+    host_state = sum(v for k, v in resident.items() if k not in ("weights", "masters (float32)"))
+    if offload:        # between rule calls the state is on the host; a rule call brings one layer's
+        resident = {"weights": weights, "masters (float32)": masters}
+        one_layer = {**resident, **{f"one layer's state: {k}": v for k, v in state_of(big_layer).items()}}
+        for m in modules:
+            one_layer.update({f"one layer's state: {k}": v for k, v in module_state[m].items()})
+        state = Stage("rule state", dict(resident))
+    else:
+        one_layer = resident
+        state = Stage("rule state", dict(resident))
     # --- targets ------------------------------------------------------------------------------------
     n_templates = 1 + len(cfg.context_template_prefixes)
     rows = min(batch, getattr(cfg, "target_batch", batch) or batch) * (n_templates + 1)
@@ -268,11 +325,17 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     else:
         solve_parts = {"W (float64)": 8 * d_out * d_in, "update Δ (float64)": 8 * d_out * d_in,
                        "solve of a d_in × d_in system (float64)": 8 * d_in * d_in}
-    solve = Stage("solve", {**resident, **solve_parts})
+    solve = Stage("solve", {**one_layer, **solve_parts})
     # --- host copies --------------------------------------------------------------------------------------
     per_copy = (sum(o * i for o, i in shapes.values()) + extra_params) * (4 if (low_precision and cfg.master_weights) else s_w)
     host = Stage("host copies (snapshot + undo history)", {
         "this edit's snapshot": per_copy, f"undo history ({cfg.undo_history} edits)": cfg.undo_history * per_copy})
+    if offload:
+        host.name = "host (rule state + snapshot + undo history)"
+        host.parts["rule state, every layer (pinned)"] = host_state
+        # each layer's C0 waits on the host for its prepare; beyond the state where it is larger
+        c0_total = sum(8 * d * d for d in d_ins) if per_layer_stats else 0
+        host.parts["key statistics C0 waiting for prepare, beyond the state"] = max(0, c0_total - host_state)
     stages = [Stage("weights", {"weights": weights}), stats, prepare, state, targets, solve]
     if device == "cpu":        # on the CPU the host copies sit in the same memory: the undo history
         history, snapshot = host.parts[f"undo history ({cfg.undo_history} edits)"], host.parts["this edit's snapshot"]
@@ -280,7 +343,7 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
         for s in (targets, solve):      # and, during an edit, its snapshot
             s.parts["host copies (undo history and this edit's snapshot)"] = history + snapshot
     return Plan(model=str(model), preset=cfg.preset_name or cfg.method, layers=list(cfg.layers), edits=edits,
-                batch=batch, dtype=dtype, device=device, stages=stages, host=host, gpu_mem=gpu_mem)
+                batch=batch, dtype=dtype, device=device, stages=stages, host=host, gpu_mem=gpu_mem, offload=offload)
 
 
 def llama2_13b_config():

@@ -8,7 +8,14 @@ N(0, C0)), then one real edit is made.  Peak memory per stage is the process's p
 (VmHWM, reset before each stage through /proc/self/clear_refs) minus the resident set before the
 model was built; freed memory is returned to the OS between stages (malloc_trim).
 
-    python research/measure_13b.py [--n-layers 2] [--memory 1000] [--stats-tokens 8192] [--out FILE]
+With ``--device cuda`` the model is built on the GPU and each stage's peak is the device's
+(``torch.cuda.max_memory_allocated``, reset at the stage's start, minus what was allocated before the
+model): the editor then keeps the rule state on the host (one layer's on the device per rule call),
+and the plan compared is ``mose-fast plan``'s for the device; the host's peak resident set is
+reported beside it.
+
+    python research/measure_13b.py [--n-layers 2] [--memory 1000] [--stats-tokens 8192] [--device cpu|cuda]
+                                   [--out FILE]
 """
 from __future__ import annotations
 
@@ -41,15 +48,31 @@ def settle() -> None:
     LIBC.malloc_trim(0)
 
 
+DEVICE = torch.device("cpu")        # set by --device
+
+
 @contextmanager
 def stage(name: str, results: dict, base: int):
     settle()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")                      # reset the peak resident set to the current one
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        torch.cuda.reset_peak_memory_stats(DEVICE)
     t = time.perf_counter()
     yield
-    results[name] = {"seconds": time.perf_counter() - t, "peak_bytes": rss("VmHWM") - base}
-    print(f"{name:12s} {results[name]['seconds']:8.1f} s   peak {results[name]['peak_bytes'] / GiB:6.2f} GiB", flush=True)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+        peak = torch.cuda.max_memory_allocated(DEVICE) - base
+        host = rss("VmHWM") - HOST_BASE[0]
+    else:
+        peak, host = rss("VmHWM") - base, None
+    results[name] = {"seconds": time.perf_counter() - t, "peak_bytes": peak, "host_peak_bytes": host}
+    print(f"{name:12s} {results[name]['seconds']:8.1f} s   peak {results[name]['peak_bytes'] / GiB:6.2f} GiB"
+          + (f"   host {host / GiB:6.2f} GiB" if host is not None else ""), flush=True)
+
+
+HOST_BASE = [0]
 
 
 def small_tokenizer(texts: list[str]):
@@ -68,8 +91,11 @@ def main() -> None:
     ap.add_argument("--n-layers", type=int, default=2)
     ap.add_argument("--memory", type=int, default=1000)
     ap.add_argument("--stats-tokens", type=int, default=16384)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:i]: the model, and the peaks measured, there")
     ap.add_argument("--out")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
 
     from transformers import LlamaForCausalLM
     from mose_fast import EditRequest, MOSEConfig, MOSEEditor
@@ -93,13 +119,15 @@ def main() -> None:
     cfg = MOSEConfig.preset("mose", "llama", layers=layers, stats_tokens=args.stats_tokens, undo_history=0,
                             stats_cache_dir=tempfile.mkdtemp(prefix="mose-13b-"))   # measured, never a cache hit
     settle()
-    base = rss("VmRSS")
+    HOST_BASE[0] = rss("VmRSS")
+    base = torch.cuda.memory_allocated(DEVICE) if DEVICE.type == "cuda" else HOST_BASE[0]
     results: dict = {}
     with stage("weights", results, base):
         default = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)          # built in bf16: no float32 copy on the way
         try:
-            model = LlamaForCausalLM(config).eval().requires_grad_(False)
+            with DEVICE:                                  # built where it is edited
+                model = LlamaForCausalLM(config).eval().requires_grad_(False)
         finally:
             torch.set_default_dtype(default)
     editor = MOSEEditor(model, tok, cfg, progress=False)
@@ -111,9 +139,9 @@ def main() -> None:
     with stage("rule state", results, base):
         g = torch.Generator().manual_seed(1)
         for l in layers:                   # a memory of earlier edits: key columns drawn from N(0, C0)
-            L = editor.rule.chol[l]
+            L = editor.rule.chol[l]          # on the host when the editor offloads the rule state
             z = torch.randn(L.shape[0], args.memory, generator=g, dtype=torch.float64)
-            editor.rule.memory[l] = L @ z
+            editor.rule.memory[l] = (L @ z).to(editor.rule.memory[l])
         del z
     req = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 
@@ -137,7 +165,8 @@ def main() -> None:
     solve = {"seconds": sum(v["seconds"] for k, v in results.items() if k.startswith("solve")),
              "peak_bytes": max(v["peak_bytes"] for k, v in results.items() if k.startswith("solve"))}
     results["solve"] = solve
-    pl = plan("llama2-13b widths", cfg, edits=args.memory, batch=1, dtype="bfloat16", device="cpu", config=config)
+    pl = plan("llama2-13b widths", cfg, edits=args.memory, batch=1, dtype="bfloat16",
+              device="cuda" if DEVICE.type == "cuda" else "cpu", config=config)
     predicted = {s.name: s.total for s in pl.stages}
     print(f"\nedit: {edit_seconds:.1f} s (targets {record.seconds['targets']:.1f}, keys {record.seconds['keys']:.1f}, "
           f"solve {record.seconds['solve']:.1f}, apply {record.seconds['apply']:.1f})")
@@ -147,7 +176,8 @@ def main() -> None:
         print(f"| {name} | {m / GiB:.2f} | {p / GiB:.2f} | {p / m:.3f} | {results[name]['seconds']:.1f} |")
     out = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "n_layers": args.n_layers, "memory": args.memory,
-           "stats_tokens": args.stats_tokens, "measured": results, "predicted": predicted,
+           "stats_tokens": args.stats_tokens, "device": str(DEVICE), "measured": results, "predicted": predicted,
+           "predicted_host": pl.host.total,
            "edit_seconds": edit_seconds, "record": record.to_dict(),
            "cross_dtype": str(mose_input.cross_dtype(config.intermediate_size))}
     if args.out:

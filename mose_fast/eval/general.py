@@ -51,14 +51,17 @@ def label_scores(model, tok, prompts: list[str], labels: list[str], batch_size: 
     device = next(model.parameters()).device
     if all(len(ids) == 1 for ids in label_ids):
         first = torch.tensor([ids[0] for ids in label_ids], device=device)
-        rows = []
-        for b in range(0, len(prompts), batch_size):
-            seqs = [prompt_ids(tok, p) for p in prompts[b:b + batch_size]]
+        all_seqs = [prompt_ids(tok, p) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(all_seqs[i]))    # batches of similar length
+        out = torch.empty(len(prompts), len(labels))
+        for b in range(0, len(order), batch_size):
+            idx = order[b:b + batch_size]
+            seqs = [all_seqs[i] for i in idx]
             last = torch.tensor([len(s) - 1 for s in seqs], device=device)
             logits = logits_at(model, pad_batch(tok, seqs, device), torch.arange(len(seqs), device=device), last)
             lp = torch.log_softmax(logits.float(), dim=-1)
-            rows.append(lp[:, first])
-        return torch.cat(rows).cpu()
+            out[torch.tensor(idx)] = lp[:, first].cpu()
+        return out
     nll = answer_nll(model, tok, [p for p in prompts for _ in labels], [l.strip() for _ in prompts for l in labels],
                      batch_size)
     return -torch.tensor(nll).view(len(prompts), len(labels))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditRequest
-from ..hf.scoring import _answer_logits, answer_nll
+from ..hf.scoring import _answer_logits, answer_nll, by_length
 from ..hf.tokens import target_ids
 
 
@@ -91,10 +91,11 @@ def teacher_forced_argmax(model, tok, prompts: list[str], answers: list[str], ba
     """For each (prompt, answer): the model's argmax token at every answer position, with the
     answer's own tokens fed in (teacher forcing)."""
     device = next(model.parameters()).device
-    out: list[list[int]] = []
-    for b in range(0, len(prompts), batch_size):
-        logits, _, sizes = _answer_logits(model, tok, prompts[b:b + batch_size], answers[b:b + batch_size], device)
-        out += [chunk.tolist() for chunk in logits.argmax(-1).split(sizes)]
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in by_length(tok, prompts, answers, batch_size):
+        logits, _, sizes = _answer_logits(model, tok, [prompts[i] for i in idx], [answers[i] for i in idx], device)
+        for i, chunk in zip(idx, logits.argmax(-1).split(sizes)):
+            out[i] = chunk.tolist()
     return out
 
 

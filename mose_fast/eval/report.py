@@ -90,6 +90,7 @@ def markdown_summary(rep: dict) -> str:
              f"{rep['n_edits']} sequential edits (batch {st['batch_size']}), preset {name!r}, layers {cfg['layers']}; "
              f"report written at commit {rep['commit']}, {rep['date']}, {rep['machine']}.",
              _code_line(rep),
+             *([f"Key statistics C0: {rep['statistics_corpus']}."] if rep.get("statistics_corpus") else []),
              f"Protocol: {rep['protocol']}.", "",
              "| edits | efficacy | paraphrase | neighbourhood | Score | rewrite acc | rephrase acc | locality | " +
              " | ".join(f"{k} (ret.)" for k in ev[0]["general"]) + " | max ‖W‖_F ratio−1 | max κ₂ ratio | landed | "

@@ -183,6 +183,8 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     folder.check_or_start(identity, extend)
 
     editor.prepare()       # statistics and templates from the unedited model, also when resuming
+    if folder.read_identity().get("statistics_corpus") != editor.statistics_corpus_name:
+        folder.note("statistics_corpus", editor.statistics_corpus_name)
     folder.save_w0({l: editor.arch.weight_view(model, l) for l in cfg.layers})
     W0 = folder.load_w0()
     state, n_done = folder.load_state(next(model.parameters()).device)

@@ -106,7 +106,7 @@ class RunFolder:
         stored = self.read_identity()
         return {"started_commit": stored.get("commit"), "started": stored.get("started"),
                 "resumes": stored.get("resumes", []), "extended": stored.get("extended", []),
-                "initial_eval_from": stored.get("initial_eval_from")}
+                "initial_eval_from": stored.get("initial_eval_from"), "statistics_corpus": stored.get("statistics_corpus")}
 
     def _write_json(self, data: dict) -> None:
         tmp = self.run_file.with_suffix(".tmp")

@@ -38,18 +38,28 @@ def _answer_logits(model, tok, prompts: list[str], answers: list[str], device) -
     return logits, labels, sizes
 
 
+def by_length(tok, prompts: list[str], answers: list[str], batch_size: int) -> list[list[int]]:
+    """Batches of item indices in order of prompt + answer length: a batch pads only to its own
+    longest sequence (a third of the positions of unsorted batches of CounterFact prompts)."""
+    lengths = [len(prompt_ids(tok, p)) + len(target_ids(tok, a)) for p, a in zip(prompts, answers)]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    return [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[float]:
-    """Mean-token NLL of each answer (with a leading space) after its prompt, batched."""
+    """Mean-token NLL of each answer (with a leading space) after its prompt, in batches of similar
+    length (``by_length``), returned in the order given."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     device = next(model.parameters()).device
-    out: list[float] = []
-    for b in range(0, len(prompts), batch_size):
-        logits, labels, sizes = _answer_logits(model, tok, prompts[b:b + batch_size], answers[b:b + batch_size], device)
+    out: list[float] = [0.0] * len(prompts)
+    for idx in by_length(tok, prompts, answers, batch_size):
+        logits, labels, sizes = _answer_logits(model, tok, [prompts[i] for i in idx], [answers[i] for i in idx], device)
         lp = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(labels), device=device),
                                                        torch.tensor(labels, device=device)]
-        out += [float(-chunk.mean()) for chunk in lp.split(sizes)]
+        for i, chunk in zip(idx, lp.split(sizes)):
+            out[i] = float(-chunk.mean())
     return out
 
 

@@ -3,6 +3,10 @@
 Exact (SVD, eigen route, cuSOLVER through CuPy) and matmul-only (Newton–Schulz, Polar Express)
 methods; every one returns R in M's dtype, and ``solve_rotation`` re-orthonormalises it once more
 before it touches a weight.
+
+Every torch method runs its float32 products at full precision (``full_precision_matmul``), also
+when called outside ``solve_rotation``: under a global TF32 setting a float32 U·Vᵀ or Newton–Schulz
+step would be orthogonal only to ~1e-3, and a convergence test on a TF32 XᵀX would never pass.
 """
 from __future__ import annotations
 
@@ -11,13 +15,17 @@ from typing import Callable
 
 import torch
 
+from ..backends import full_precision_matmul
 
+
+@full_precision_matmul()
 def polar_svd(M: torch.Tensor) -> torch.Tensor:
     """Exact: R = U·Vᵀ from the full SVD of M."""
     U, _, Vh = torch.linalg.svd(M)
     return U @ Vh
 
 
+@full_precision_matmul()
 def polar_eigh(M: torch.Tensor) -> torch.Tensor:
     """Eigen route: MᵀM = Q·Σ²·Qᵀ, R = M·Q·Σ⁻¹·Qᵀ.  Squares the condition number, so it is only
     accurate when M is well conditioned (λ·P dominant and full rank); finished by one
@@ -28,6 +36,7 @@ def polar_eigh(M: torch.Tensor) -> torch.Tensor:
     return newton_schulz_step(R @ Q.T)
 
 
+@full_precision_matmul()
 def polar_newton_schulz(M: torch.Tensor, steps: int = 60, tol: float | None = None) -> torch.Tensor:
     """Matmul-only iteration X ← X·(3I − XᵀX)/2 from X₀ = M/‖M‖_F (converges for full-rank M;
     slowly for directions with tiny singular values)."""
@@ -41,6 +50,7 @@ def polar_newton_schulz(M: torch.Tensor, steps: int = 60, tol: float | None = No
     return X
 
 
+@full_precision_matmul()
 def polar_newton_schulz_fp32(M: torch.Tensor) -> torch.Tensor:
     """Newton–Schulz in float32 (the fast matmul precision), finished in M's dtype: two
     full-precision steps take ‖XᵀX − I‖ from float32 level (~1e-6) to float64 level."""
@@ -64,6 +74,7 @@ def optimal_cubic(lo: float) -> tuple[float, float, float]:
     return a, b, e
 
 
+@full_precision_matmul()
 def polar_express(M: torch.Tensor, lo: float = 1e-6, steps: int = 60, tol: float | None = None) -> torch.Tensor:
     """Matmul-only polar factor with the per-step minimax cubic of ``optimal_cubic``.
 
@@ -91,12 +102,14 @@ def polar_express(M: torch.Tensor, lo: float = 1e-6, steps: int = 60, tol: float
     return X
 
 
+@full_precision_matmul()
 def polar_express_fp32(M: torch.Tensor) -> torch.Tensor:
     """Polar Express in float32, finished by two Newton–Schulz steps in M's dtype."""
     X = polar_express(M.to(torch.float32), steps=40, tol=1e-5).to(M.dtype)
     return newton_schulz_step(newton_schulz_step(X))
 
 
+@full_precision_matmul()
 def newton_schulz_step(R: torch.Tensor, eye: torch.Tensor | None = None) -> torch.Tensor:
     """One step towards the nearest orthogonal matrix; squares a small ‖RᵀR − I‖."""
     if eye is None:
@@ -131,7 +144,11 @@ def polar_cupy(M: torch.Tensor, driver: str = "gesvd") -> torch.Tensor:
     if not M.is_cuda:
         raise ValueError("the cupy polar methods need a CUDA tensor")
     import cupy
-    return torch.from_dlpack(polar_from_cusolver(cupy.from_dlpack(M.contiguous()), driver))
+    from ..backends import device_guard
+    # on M's GPU, for torch (its current stream, which the DLPack exchange synchronises with) and
+    # for CuPy (whose cuSOLVER handle and allocations follow its own current device)
+    with device_guard(M), cupy.cuda.Device(M.device.index if M.device.index is not None else torch.cuda.current_device()):
+        return torch.from_dlpack(polar_from_cusolver(cupy.from_dlpack(M.contiguous()), driver))
 
 
 POLAR_METHODS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

@@ -49,8 +49,13 @@ def objective(R: torch.Tensor, P: torch.Tensor, A: torch.Tensor, V: torch.Tensor
 
 
 def orthogonality_error(R: torch.Tensor) -> float:
-    eye = torch.eye(R.shape[0], dtype=R.dtype, device=R.device)
-    return float(torch.linalg.matrix_norm(R.T @ R - eye))
+    """‖RᵀR − I‖_F with RᵀR formed in float64 from R's entries, whatever R's dtype and the global
+    float32 matmul precision: a float32 (let alone TF32) RᵀR carries rounding of its own of ~1e-7
+    (~1e-3 in TF32) per entry, as large as the error it is to measure."""
+    R64 = R.detach().to(torch.float64)
+    G = R64.T @ R64                 # float64 products never run in TF32
+    G.diagonal().sub_(1.0)
+    return float(torch.linalg.matrix_norm(G))
 
 
 # Methods that never form the d_out × d_out M (see solve_subspace), with their subspace settings:

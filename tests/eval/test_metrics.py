@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
+from conftest import make_tiny_model, tiny_tokenizer
 from mose_fast.eval import general
 from mose_fast.eval.metrics import score_cases, summarize
 from mose_fast.hf.scoring import answer_nll, landed, logits_at
@@ -159,3 +159,25 @@ def test_logits_at_equals_the_full_logits_at_those_positions():
         got = logits_at(model, batch, rows, cols)
     assert got.shape == (3, full.shape[-1])
     torch.testing.assert_close(got, full[rows, cols], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.model
+def test_scores_in_length_sorted_batches_are_each_items_own(tmp_path):
+    """answer_nll, teacher_forced_argmax and the label scores batch items by length; each result is
+    the item's own, in the order given (float64: one item at a time is the reference)."""
+    from mose_fast.eval.general import label_scores
+    from mose_fast.eval.metrics import teacher_forced_argmax
+    from mose_fast.hf.scoring import answer_nll
+    model, tok = make_tiny_model("llama")
+    model.double()
+    prompts = ["The capital of France is", "Paris", "The mother tongue of Danielle Darrieux is French and", "I",
+               "Michael Jordan plays the sport of", "The Eiffel Tower is located in the city of"]
+    answers = ["Paris", "is a city", "English", "think", "basketball", "Rome"]
+    batched = answer_nll(model, tok, prompts, answers, batch_size=4)
+    alone = [answer_nll(model, tok, [p], [a], batch_size=1)[0] for p, a in zip(prompts, answers)]
+    assert batched == pytest.approx(alone, rel=1e-10, abs=1e-12)
+    assert teacher_forced_argmax(model, tok, prompts, answers, batch_size=4) == \
+        [teacher_forced_argmax(model, tok, [p], [a], batch_size=1)[0] for p, a in zip(prompts, answers)]
+    scores = label_scores(model, tok, prompts, [" negative", " positive"], batch_size=4)
+    one = torch.cat([label_scores(model, tok, [p], [" negative", " positive"], batch_size=1) for p in prompts])
+    torch.testing.assert_close(scores, one, atol=1e-10, rtol=1e-10)

@@ -95,3 +95,47 @@ def test_embedded_default_edits_saves_and_reloads(tmp_path):
     for l in cfg.layers:
         name = f"model.layers.{l}.mlp.down_proj.weight"
         assert torch.equal(reloaded.state_dict()[name], model.state_dict()[name])
+
+
+class _StubModel:
+    """What load_model does to the model it gets: eval, requires_grad_, to, config."""
+    def __init__(self):
+        self.moved_to, self.config = [], type("Config", (), {})()
+
+    def to(self, device):
+        self.moved_to.append(str(device))
+        return self
+
+    def eval(self):
+        return self
+
+    def requires_grad_(self, flag):
+        return self
+
+
+@pytest.mark.parametrize("device, gguf, want_map, want_moves", [
+    ("cuda:1", False, {"": torch.device("cuda", 1)}, []),       # straight onto the GPU from the files
+    ("cuda", False, {"": torch.device("cuda")}, []),
+    (None, False, None, ["cpu"]),                               # CPU: as before
+    ("cpu", False, None, ["cpu"]),
+    ("cuda:0", True, None, ["cuda:0"]),                         # GGUF: dequantised on the host anyway
+])
+def test_load_model_places_weights_on_the_device_while_loading(tmp_path, monkeypatch, device, gguf, want_map,
+                                                                want_moves):
+    from transformers import AutoModelForCausalLM
+    _, tok = make_tiny_model("llama")
+    (tmp_path / "config.json").write_text("{}")
+    path = tmp_path / "m.gguf" if gguf else tmp_path
+    if gguf:
+        path.write_bytes(b"")
+    calls, stub = [], _StubModel()
+
+    def from_pretrained(src, **kw):
+        calls.append(kw)
+        return stub
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    model, _ = load_model(path, dtype="bfloat16", device=device, tokenizer=tok)
+    assert model is stub and len(calls) == 1
+    assert calls[0].get("device_map") == want_map and calls[0]["dtype"] == torch.bfloat16
+    assert stub.moved_to == want_moves
+    assert ("gguf_file" in calls[0]) == gguf

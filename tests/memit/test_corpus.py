@@ -50,3 +50,29 @@ def test_generated_corpus_is_reproducible_cached_and_large_enough(tmp_path, monk
     got, count = stats.compute_second_moments(model, tok, __import__("mose_fast").hf.arch.resolve_arch(model), [1],
                                               first, n_tokens=100, seq_len=16, batch_size=2, progress=False)
     assert count == 100 and torch.isfinite(got[1]).all()
+
+
+@pytest.mark.model
+def test_generated_corpus_runs_one_batched_generate_per_round_and_fewer_tokens_are_a_prefix(tmp_path, monkeypatch):
+    model, tok = make_tiny_model("llama")
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or real(*a, **k))
+    small = stats.generated_corpus(model, tok, 200, seed=5, length=6, rows=16, cache_dir=tmp_path / "a", progress=False)
+    rounds_small = len(calls)
+    assert set(calls) == {16}                                    # every opening row in one call per round
+    large = stats.generated_corpus(model, tok, 900, seed=5, length=6, rows=16, cache_dir=tmp_path / "b", progress=False)
+    assert len(calls) - rounds_small > rounds_small              # more rounds for more tokens ...
+    assert large[:len(small)] == small                           # ... and the first rounds are the same text
+
+
+@pytest.mark.model
+def test_the_generated_fallback_corpus_holds_generated_tokens(tmp_path, monkeypatch):
+    """Without a corpus file or WikiText-2, the statistics come from GENERATED_TOKENS generated tokens
+    (fewer when fewer are asked for)."""
+    model, tok = make_tiny_model("llama")
+    asked = []
+    monkeypatch.setattr(stats, "generated_corpus", lambda m, t, n, *a, **k: asked.append(n) or ["text"])
+    stats.statistics_corpus(None, tmp_path / "nothing-here", model, tok, 0, 100_000)
+    stats.statistics_corpus(None, tmp_path / "nothing-here", model, tok, 0, 500)
+    assert asked == [stats.GENERATED_TOKENS, 500]
