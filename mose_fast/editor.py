@@ -185,11 +185,29 @@ class MOSEEditor:
         self._pin_undo = _env_flag("MOSE_PIN_UNDO_COPIES", "0") == "1" if pin_undo_copies is None \
             else bool(pin_undo_copies)
         self._home = RuleStateHome(pin=_env_flag("MOSE_PIN_RULE_STATE", "1") != "0")
+        self._auto_offload: dict[torch.device, bool] = {}
 
     # --- where the rules' state lives -------------------------------------------------------------
     def offloads(self, device: torch.device) -> bool:
-        """Whether the rule state of a layer on ``device`` lives on the host between rule calls."""
-        return device.type == "cuda" if self._offload is None else self._offload
+        """Whether the rule state of a layer on ``device`` lives on the host between rule calls: as
+        asked, else ("auto") on a GPU where the memory plan with every layer's state resident
+        (``mose_fast.plan``, the edit memory at its largest) would take more than 90 % of the device —
+        on a card where it fits, the state stays and no edit copies it back and forth."""
+        if self._offload is not None:
+            return self._offload
+        if device.type != "cuda":
+            return False
+        if device not in self._auto_offload:
+            self._auto_offload[device] = self._resident_state_does_not_fit(device)
+        return self._auto_offload[device]
+
+    def _resident_state_does_not_fit(self, device: torch.device) -> bool:
+        from .plan import plan
+        total = torch.cuda.get_device_properties(device).total_memory
+        dtype = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        resident = plan("this model", self.cfg, edits=10 ** 6, batch=self.cfg.target_batch, dtype=dtype,
+                        device="cuda", config=self.model.config, offload=False)
+        return resident.peak.total > 0.9 * total
 
     def _unit_device(self, layer: int, module: str) -> torch.device:
         if module == "mlp.down":

@@ -91,7 +91,10 @@ class Plan:
         lines.append(f"Peak: {self.peak.total / GiB:.2f} GiB at '{self.peak.name}'{verdict}.")
         if self.offload:
             lines.append(f"Rule state on the host ({self.host.total / GiB:.2f} GiB with the copies), one layer's on "
-                         f"the device at a time (MOSE_OFFLOAD_RULE_STATE=0 keeps every layer's on the device).")
+                         f"the device at a time (MOSE_OFFLOAD_RULE_STATE=0 keeps every layer's on the device; the "
+                         f"editor's default keeps it there where that fits 90 % of the device).")
+        elif self.device != "cpu":
+            lines.append("Every layer's rule state on the device (it fits; MOSE_OFFLOAD_RULE_STATE=1 keeps it on the host).")
         return "\n".join(lines)
 
 
@@ -122,14 +125,17 @@ def _read_json(path: Path) -> dict:
     return d
 
 
-def offloads(device: str, offload: bool | None = None) -> bool:
+def offloads(device: str, offload: bool | None = None) -> bool | None:
     """Whether ``MOSEEditor`` keeps the rule state on the host for weights on ``device`` (its
-    ``offload_rule_state`` argument, else MOSE_OFFLOAD_RULE_STATE: "auto" = on a GPU)."""
+    ``offload_rule_state`` argument, else MOSE_OFFLOAD_RULE_STATE); None for "auto" on a GPU: the
+    editor offloads where the plan with the state resident does not fit the device (``plan``)."""
     if offload is not None:
         return bool(offload)
     from .backends import env_choice
     choice = env_choice("MOSE_OFFLOAD_RULE_STATE", "auto", ("auto", "0", "1"))
-    return choice == "1" or (choice == "auto" and str(device).startswith("cuda"))
+    if choice != "auto":
+        return choice == "1"
+    return None if str(device).startswith("cuda") else False
 
 
 def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str = "bfloat16",
@@ -208,7 +214,14 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
                 out[f"{label}{k}"] = out.get(f"{label}{k}", 0) + v
         return out
 
-    offload = offloads(device, offload) and device != "cpu"
+    offload = offloads(device, offload)
+    if offload is None:      # "auto", as the editor decides it: resident where that fits 90 % of the device
+        if gpu_mem is None:
+            offload = True   # the device's size unknown: the plan that fits the smaller cards
+        else:
+            resident = plan(model, cfg, edits, batch, dtype, device, gpu_mem, config, offload=False)
+            offload = resident.peak.total > 0.9 * gpu_mem * GiB
+    offload = offload and device != "cpu"
     # the editor sums C0 one layer at a time when it offloads and mlp.down is the only module (the
     # other modules' statistics come from one pass over every unit)
     per_layer_stats = offload and not modules

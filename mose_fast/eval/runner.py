@@ -267,8 +267,10 @@ def _borrow_initial_eval(source: Path, identity: dict, folder: RunFolder, W0: di
     rows = read_lines(source / "evals.jsonl", lambda e: e["n_edits"] == 0, rewrite=False)
     if not rows or "locality_predictions" not in rows[0]:
         raise ValueError(f"initial_eval_from: {source} has no pre-edit evaluation")
-    # row 0 scored the source's first n cases (all of them, unless the source was extended since)
-    scored = theirs.get("case_ids", [])[:rows[0]["edit"]["n"]]
+    # row 0 scored the source's first n cases (all of them, unless the source was extended since), or
+    # with an evaluation sample, a sample of all its cases
+    sampled = theirs.get("settings", {}).get("sample") is not None
+    scored = theirs.get("case_ids", []) if sampled else theirs.get("case_ids", [])[:rows[0]["edit"]["n"]]
     differs = [k for k in ("model",) if theirs.get(k) != identity[k]]
     differs += ["case_ids"] if scored != identity["case_ids"] else []
     differs += [f"settings.{k}" for k in INITIAL_EVAL_SETTINGS
