@@ -179,6 +179,12 @@ def test_sampled_run_scores_the_same_cases_when_resumed_and_records_the_sample(t
     with pytest.raises(ValueError, match="settings differs"):     # another seed is another run
         other = runner.EvalSettings(**{**settings.__dict__, "sample_seed": 6})
         runner.run_eval(model, tok, REQS, cfg, tmp_path / "run", other, "tiny", progress=False)
+    # another rule's run over the same cases borrows the sampled pre-edit row (it scored a sample of all cases)
+    model, tok, cfg = setup(monkeypatch)
+    cfg2 = tiny_mose_config(lam=3.0)
+    borrowed = runner.run_eval(model, tok, REQS, cfg2, tmp_path / "other", settings, "tiny", progress=False,
+                               initial_eval_from=tmp_path / "ref")
+    assert json.dumps(borrowed["evaluations"][0]["edit"]) == json.dumps(rows[0]["edit"])
 
 
 @pytest.mark.model
