@@ -251,14 +251,15 @@ def cmd_stats(args) -> int:
     t = time.perf_counter()
     c0 = editor.second_moments()
     seconds = time.perf_counter() - t
-    print(f"statistics corpus: {editor.statistics_corpus_name}; {cfg.stats_tokens} tokens in {seconds:.0f} s "
-          f"({cfg.stats_tokens / max(seconds, 1e-9):.0f} tokens/s; a cached file reads in well under a second)")
+    n_tokens = max(editor.statistics_tokens.values(), default=cfg.stats_tokens)
+    print(f"statistics corpus: {editor.statistics_corpus_name}; C0 over {n_tokens} tokens, {seconds:.0f} s "
+          "(the corpus and C0 are cached: a second run reads them in well under a second)")
     for l in cfg.layers:
         c = c0[l]
         print(f"layer {l}: C0 {tuple(c.shape)}, trace {float(c.trace()):.4f}")
     if out is not None:
         save_statistics(out, {l: c0[l] for l in cfg.layers}, model.config, tok, editor.statistics_corpus_name,
-                        cfg.stats_tokens, model_fingerprint(model))
+                        n_tokens, model_fingerprint(model))
         print(f"statistics of layers {cfg.layers} written to {out}: use them with --stats {out}")
     return 0
 

@@ -159,6 +159,7 @@ class MOSEEditor:
         self.rule = self.rules["mlp.down"] if "mlp.down" in self.rules else None   # mlp.down's rule
         self._second_moments = dict(second_moments) if second_moments is not None else None
         self._statistics_file = None
+        self.statistics_tokens: dict[int, int] = {}     # corpus tokens behind each computed C0
         if statistics_file is not None:
             if second_moments is not None:
                 raise ValueError("give second_moments or statistics_file, not both")
@@ -252,11 +253,12 @@ class MOSEEditor:
             groups = [[l] for l in need] if self.offloads(device) else [need]
             fingerprint = model_fingerprint(self.model) if len(groups) > 1 else None
             self._second_moments = {}
+            self.statistics_tokens = {}
             for group in groups:
                 got = key_second_moments(
                     self.model, self.tok, self.arch, group, self.statistics_corpus(), self.cfg.stats_tokens,
                     self.cfg.stats_seq_len, self.cfg.stats_batch_size, self.cfg.stats_cache_dir, self.progress,
-                    fingerprint=fingerprint)
+                    fingerprint=fingerprint, used=self.statistics_tokens)
                 self._second_moments.update({l: c.to("cpu") for l, c in got.items()} if len(groups) > 1 else got)
                 del got
         return self._second_moments

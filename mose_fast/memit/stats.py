@@ -476,9 +476,11 @@ def unit_statistics(model, tok, arch: ArchSpec, units: dict[str, list[int]],
 def key_second_moments(model, tok, arch: ArchSpec, layers: list[int],
                        corpus: str | os.PathLike | Iterable[str], n_tokens: int = 100_000,
                        seq_len: int = 256, batch_size: int = 8, cache_dir: str | os.PathLike | None = None,
-                       progress: bool = True, fingerprint: str | None = None) -> dict[int, torch.Tensor]:
+                       progress: bool = True, fingerprint: str | None = None,
+                       used: dict[int, int] | None = None) -> dict[int, torch.Tensor]:
     """``C0`` for each layer, from the disk cache when its key matches, else computed and cached
-    (the same files ``unit_statistics`` reads and writes for "mlp.down")."""
+    (the same files ``unit_statistics`` reads and writes for "mlp.down").  ``used``, when given, gets
+    the number of corpus tokens behind each layer's C0 (fewer than ``n_tokens`` for a short corpus)."""
     texts = read_corpus(corpus)
     chash = corpus_hash(texts)
     fingerprint = fingerprint or model_fingerprint(model)
@@ -493,6 +495,8 @@ def key_second_moments(model, tok, arch: ArchSpec, layers: list[int],
             missing.append(l)
         else:
             out[l] = c0.to(next(model.parameters()).device)
+            if used is not None:
+                used[l] = _stored_tokens_used(path, n_tokens)
     if missing:
         computed, count = compute_second_moments(model, tok, arch, missing, texts, n_tokens, seq_len,
                                                  batch_size, progress)
@@ -502,7 +506,16 @@ def key_second_moments(model, tok, arch: ArchSpec, layers: list[int],
             meta["tokens_used"] = str(count)
             save_file({"C0": c0.cpu().contiguous()}, str(cache / _cache_name(meta)), metadata=meta)
             out[l] = c0
+            if used is not None:
+                used[l] = int(count)
     return out
+
+
+def _stored_tokens_used(path: Path, n_tokens: int) -> int:
+    """The token count a cached C0 records (files written before it was recorded: ``n_tokens``)."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return int((f.metadata() or {}).get("tokens_used", n_tokens))
 
 
 def _cache_meta(fingerprint: str, layer: int, chash: str, n_tokens: int, seq_len: int,

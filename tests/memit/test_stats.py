@@ -90,3 +90,17 @@ def test_corpus_errors(tmp_path):
     p = tmp_path / "w.txt"
     p.write_text(" = Heading = \n\n Some text here . \n")
     assert stats.read_corpus(p) == ["Some text here ."]
+
+
+@pytest.mark.model
+def test_tokens_used_by_a_short_corpus_are_reported_computed_and_cached(tmp_path):
+    """A corpus shorter than n_tokens: C0 and the count behind it are what the corpus has, whether
+    computed or read back from the cache."""
+    model, tok = make_tiny_model("llama")
+    arch = resolve_arch(model)
+    have = sum(len(w) for w in stats._token_windows(tok, stats.read_corpus(CORPUS), 10**6, 32))
+    kw = dict(n_tokens=10**6, seq_len=32, batch_size=4, cache_dir=tmp_path, progress=False)
+    used, again = {}, {}
+    stats.key_second_moments(model, tok, arch, [1, 2], CORPUS, used=used, **kw)
+    stats.key_second_moments(model, tok, arch, [1, 2], CORPUS, used=again, **kw)
+    assert 0 < have < 10**6 and used == again == {1: have, 2: have}

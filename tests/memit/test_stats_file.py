@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
-from mose_fast import EditRequest, MOSEEditor, cli
+from mose_fast import EditRequest, MOSEConfig, MOSEEditor, cli
+from mose_fast.memit.stats import _token_windows, read_corpus
 from mose_fast.memit.stats_file import check_statistics, load_statistics, read_header, save_statistics
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
@@ -104,6 +105,12 @@ def test_stats_command_writes_a_file_the_edit_command_uses(tmp_path, capsys):
     assert f"--stats {stats}" in capsys.readouterr().out
     meta, shapes = read_header(stats)
     assert set(shapes) == {"C0.1", "C0.2"} and meta["n_tokens"] == "400" and str(corpus) in meta["corpus"]
+    # a corpus shorter than --stats-tokens: the file records the tokens C0 was computed over
+    short = tmp_path / "short.safetensors"
+    assert cli.main(["stats", *common[:-1], "100000", "--out", str(short)]) == 0
+    have = sum(len(w) for w in _token_windows(tok, read_corpus(str(corpus)), 100000, MOSEConfig.preset('mose', 'llama').stats_seq_len))
+    assert read_header(short)[0]["n_tokens"] == str(have) and have < 100000
+    assert f"C0 over {have} tokens" in capsys.readouterr().out
     requests = tmp_path / "edits.json"
     requests.write_text(json.dumps([{"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
                                      "target_new": "English", "ground_truth": "French"}]))
