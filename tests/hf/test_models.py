@@ -8,6 +8,7 @@ import torch
 from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
 from gguf_writer import write_tiny_llama_gguf
 from mose_fast import EditRequest, MOSEEditor, MOSEConfig
+from mose_fast.hf import models
 from mose_fast.hf.models import check_savable, load_model, model_config, save_model
 from mose_fast.hf.scoring import answer_nll, landed
 
@@ -36,6 +37,55 @@ def test_gguf_file_loads_the_model_it_was_written_from(tiny_gguf):
     for k, v in original.state_dict().items():
         assert torch.equal(v, model.state_dict()[k]), k
     assert model_config(path).num_hidden_layers == original.config.num_hidden_layers
+
+
+@pytest.mark.model
+def test_a_gguf_file_is_converted_once_and_later_loads_read_the_copy(tiny_gguf, tmp_path, monkeypatch):
+    """The first load caches a float32 copy; the next reads it without touching the GGUF reader and
+    gets the same weights, token ids and fingerprints (so the statistics cache still hits); a changed
+    GGUF file is converted again."""
+    import os
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from mose_fast.hf.models import _source, converted_dir
+    from mose_fast.memit.stats import model_fingerprint
+    from mose_fast.memit.stats_file import tokenizer_fingerprint
+    path, original = tiny_gguf
+    monkeypatch.setenv("MOSE_CACHE_DIR", str(tmp_path / "cache"))
+    first, tok1 = load_model(path)
+    assert (converted_dir(path) / "config.json").is_file() and _source(path)[0] == str(converted_dir(path))
+
+    def no_gguf(*a, **k):
+        raise AssertionError("the GGUF file was read again")
+    monkeypatch.setattr(gguf_utils, "load_gguf_checkpoint", no_gguf)
+    second, tok2 = load_model(path)
+    for k, v in original.state_dict().items():
+        assert torch.equal(second.state_dict()[k], v), k
+    text = "The mother tongue of Danielle Darrieux is French"
+    assert tok2(text)["input_ids"] == tok1(text)["input_ids"] and tok2.pad_token_id == tok1.pad_token_id
+    assert model_fingerprint(second) == model_fingerprint(first)
+    assert tokenizer_fingerprint(tok2) == tokenizer_fingerprint(tok1)
+    assert model_config(path).num_hidden_layers == original.config.num_hidden_layers
+    assert load_model(path, dtype="bfloat16")[0].model.embed_tokens.weight.dtype == torch.bfloat16
+
+    monkeypatch.undo()
+    monkeypatch.setenv("MOSE_CACHE_DIR", str(tmp_path / "cache"))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))      # the file changed: its copy is stale
+    assert _source(path)[2] == path
+    load_model(path)
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 2
+
+
+@pytest.mark.model
+def test_a_cache_folder_that_cannot_be_written_only_costs_speed(tiny_gguf, tmp_path, monkeypatch):
+    path, original = tiny_gguf
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("MOSE_CACHE_DIR", str(blocked))
+    model, _ = load_model(path)
+    for k, v in original.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert blocked.read_text() == "a file where the cache folder would be"
 
 
 @pytest.mark.model
@@ -102,8 +152,9 @@ class _StubModel:
     def __init__(self):
         self.moved_to, self.config = [], type("Config", (), {})()
 
-    def to(self, device):
+    def to(self, device=None, dtype=None):
         self.moved_to.append(str(device))
+        self.cast_to = dtype
         return self
 
     def eval(self):
@@ -134,8 +185,12 @@ def test_load_model_places_weights_on_the_device_while_loading(tmp_path, monkeyp
         calls.append(kw)
         return stub
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    cached = []
+    monkeypatch.setattr(models, "_cache_converted", lambda m, t, g: cached.append(g))
     model, _ = load_model(path, dtype="bfloat16", device=device, tokenizer=tok)
     assert model is stub and len(calls) == 1
-    assert calls[0].get("device_map") == want_map and calls[0]["dtype"] == torch.bfloat16
-    assert stub.moved_to == want_moves
-    assert ("gguf_file" in calls[0]) == gguf
+    assert calls[0].get("device_map") == want_map
+    # GGUF: dequantised in float32 (what its cached copy holds), then cast
+    assert calls[0]["dtype"] == (torch.float32 if gguf else torch.bfloat16)
+    assert stub.moved_to == want_moves and (stub.cast_to == torch.bfloat16 if gguf else True)
+    assert ("gguf_file" in calls[0]) == gguf and cached == ([path] if gguf else [])
