@@ -121,7 +121,10 @@ def markdown_summary(rep: dict) -> str:
     general_n = ev[0].get("general_n")
     items = "" if not general_n else " General tasks on all their items (" + ", ".join(
         f"{k} {v}" for k, v in general_n.items()) + ")."
-    lines += ["", f"Row 0 scores the run's first {ev[0]['edit'].get('n', '')} cases before any edit; "
+    n0 = ev[0]['edit'].get('n', '')
+    row0 = (f"the run's first {n0} cases" if sample is None else
+            f"a uniform sample of {n0} of all the run's cases (the same seed)")
+    lines += ["", f"Row 0 scores {row0} before any edit; "
               f"{scope}. Columns 2-5: probability-comparison protocol; 6-8: token-accuracy protocol "
               "(teacher-forced target-token accuracy; locality = agreement with the pre-edit argmax tokens). "
               "Landed: share of the edits since the previous row that succeeded (efficacy) right after being made. "

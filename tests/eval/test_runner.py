@@ -156,6 +156,8 @@ def test_sampled_run_scores_the_same_cases_when_resumed_and_records_the_sample(t
     assert run["settings"]["sample"] == 2 and run["settings"]["sample_seed"] == 5
     assert ref["settings"]["sample"] == 2 and ref["settings"]["sample_seed"] == 5
     assert len(json.loads((tmp_path / "ref" / "locality_ref.json").read_text())) == len(REQS)
+    summary = (tmp_path / "ref" / "summary.md").read_text()
+    assert "Row 0 scores a uniform sample of 2 of all the run's cases" in summary and "first 2 cases" not in summary
 
     model, tok, cfg = setup(monkeypatch)
     calls = {"n": 0}
