@@ -18,6 +18,7 @@ removed with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -194,11 +195,9 @@ def load():
     finally:
         done.set()
         if owner is not None:
-            try:
+            with contextlib.suppress(OSError):
                 if owner.read_text().strip() == str(os.getpid()):
                     owner.unlink()
-            except OSError:
-                pass
 
 
 def unavailable_reason() -> str | None:

@@ -74,14 +74,20 @@ def recording_guard(log):
     return guard
 
 
-def test_orth_matmul_triton_launches_inside_ws_device_guard(monkeypatch):
-    from mose_fast.kernels import orth_matmul as om
-    if om.triton is None:
+def guarded_stub(monkeypatch, module, kernel: str):
+    """The module's kernel replaced by a stub that records which guards it was launched inside."""
+    if module.triton is None:
         pytest.skip("triton not installed")
     log: list = []
     stub = KernelStub(log)
-    monkeypatch.setattr(om, "device_guard", recording_guard(log))
-    monkeypatch.setattr(om, "_orth_matmul_kernel", stub)
+    monkeypatch.setattr(module, "device_guard", recording_guard(log))
+    monkeypatch.setattr(module, kernel, stub)
+    return log, stub
+
+
+def test_orth_matmul_triton_launches_inside_ws_device_guard(monkeypatch):
+    from mose_fast.kernels import orth_matmul as om
+    log, stub = guarded_stub(monkeypatch, om, "_orth_matmul_kernel")
     W, R = torch.randn(64, 300), torch.eye(64)
     om.orth_matmul_triton_(W, R, workspace_fraction=0.1)
     assert len(stub.launches) > 1                                 # several panels, each launched ...
@@ -91,12 +97,7 @@ def test_orth_matmul_triton_launches_inside_ws_device_guard(monkeypatch):
 
 def test_crosscov_triton_launches_inside_the_operands_device_guard(monkeypatch):
     from mose_fast.kernels import crosscov as cc
-    if cc.triton is None:
-        pytest.skip("triton not installed")
-    log: list = []
-    stub = KernelStub(log)
-    monkeypatch.setattr(cc, "device_guard", recording_guard(log))
-    monkeypatch.setattr(cc, "_crosscov_kernel", stub)
+    log, stub = guarded_stub(monkeypatch, cc, "_crosscov_kernel")
     B, A, P = torch.randn(8, 3), torch.randn(5, 3), torch.randn(8, 5)
     cc.crosscov_triton(B, A, P, 1.0, 2.0)
     assert stub.launches == [[id(B)]]
