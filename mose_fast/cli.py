@@ -88,11 +88,26 @@ def _edit_counts(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated edit counts, got {text!r}") from None
 
 
-def _describe(cfg) -> str:
+def config_changes(cfg, model_type: str | None) -> list[str]:
+    """``field: preset value → value`` for every field a configuration file or flag changed from its
+    preset (``rule_hparams`` key by key)."""
+    from .config import PRESETS, MOSEConfig
+    if cfg.preset_name not in PRESETS:
+        return []
+    base, now = MOSEConfig.preset(cfg.preset_name, model_type).to_dict(), cfg.to_dict()
+    pairs = [(k, base.get(k), now.get(k)) for k in sorted(set(base) | set(now)) if k != "rule_hparams"]
+    b_rule, n_rule = base.get("rule_hparams") or {}, now.get("rule_hparams") or {}
+    pairs += [(f"rule_hparams.{k}", b_rule.get(k), n_rule.get(k)) for k in sorted(set(b_rule) | set(n_rule))]
+    return [f"{k}: {b!r} → {n!r}" for k, b, n in pairs if b != n]
+
+
+def _describe(cfg, model_type: str | None = None) -> str:
     from .config import PRESETS
     name = cfg.preset_name or cfg.method
     summary = PRESETS[name].summary if name in PRESETS else ""
-    return f"preset {name!r} ({summary}); layers {cfg.layers}"
+    changes = config_changes(cfg, model_type)
+    changed = f", changed: {'; '.join(changes)}" if changes else ""
+    return f"preset {name!r} ({summary}){changed}; layers {cfg.layers}"
 
 
 def _model_checks(args):
@@ -131,9 +146,9 @@ def cmd_demo(args) -> int:
     from .eval.metrics import score_cases
     from .hf.scoring import greedy_answer
     from .requests import EditRequest
-    _, cfg = _model_checks(args)
+    mcfg, cfg = _model_checks(args)
     requests = [EditRequest(**r) for r in DEMO_REQUESTS]
-    print(f"Using {_describe(cfg)}", flush=True)
+    print(f"Using {_describe(cfg, getattr(mcfg, 'model_type', None))}", flush=True)
     model, tok = _load(args)
     editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir, statistics_file=args.stats)
 
@@ -172,14 +187,14 @@ def cmd_edit(args) -> int:
     from .hf.models import as_dtype, check_savable, load_tokenizer, save_edits
     from .requests import load_requests
     requests = load_requests(args.requests, limit=args.limit)
-    _, cfg = _model_checks(args)
+    mcfg, cfg = _model_checks(args)
     save_dtype = as_dtype(args.save_dtype)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
         raise ValueError(f"--out {out} exists and is not an empty folder or a saved model")
     tok = load_tokenizer(args.model)
     _check_tokens(tok, requests)
-    print(f"Using {_describe(cfg)}", flush=True)
+    print(f"Using {_describe(cfg, getattr(mcfg, 'model_type', None))}", flush=True)
     model, tok = _load(args, tok)
     check_savable(model, out, save_dtype)
     editor = MOSEEditor(model, tok, cfg, data_dir=args.data_dir, statistics_file=args.stats)
@@ -242,7 +257,7 @@ def cmd_stats(args) -> int:
     from .memit.stats_file import save_statistics
     if args.stats:
         raise ValueError("--stats reads a statistics file; `mose-fast stats` writes one with --out FILE")
-    _, cfg = _model_checks(args)
+    mcfg, cfg = _model_checks(args)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name (e.g. {out / 'stats.safetensors'})")
@@ -282,7 +297,7 @@ def cmd_eval(args) -> int:
     from .eval.store import RunFolder
     from .hf.models import load_tokenizer
     data, requests = _eval_requests(args)
-    _, cfg = _model_checks(args)
+    mcfg, cfg = _model_checks(args)
     settings = EvalSettings(eval_every=args.eval_every, batch_size=args.batch_size, glue_n=args.glue_n,
                             glue_tasks=tuple(t for t in args.glue_tasks.split(",") if t),
                             ppl_tokens=args.ppl_tokens, data_dir=str(data), checkpoint_every=args.checkpoint_every,
@@ -293,7 +308,7 @@ def cmd_eval(args) -> int:
         RunFolder(args.out).check(run_identity(args.model, cfg, settings, requests), args.extend)
     tok = load_tokenizer(args.model)
     _check_tokens(tok, requests)
-    print(f"Using {_describe(cfg)}", flush=True)
+    print(f"Using {_describe(cfg, getattr(mcfg, 'model_type', None))}", flush=True)
     model, tok = _load(args, tok)
     if args.before_after:
         run_sequential(model, tok, requests, cfg, args.out, model_name=args.model, data_dir=data,

@@ -128,11 +128,23 @@ def test_edit_without_a_preset_uses_and_announces_the_mose_preset(tiny_dir, tmp_
     rc, stdout, err = _run(["edit", "--model", tiny_dir, "--requests", _requests(tmp_path, [GOOD]), "--out", out,
                             "--layers", "1-2", "--stats-corpus", corpus, "--stats-tokens", "400"], capsys)
     assert rc == 0, err
-    assert "preset 'mose'" in stdout
+    assert "preset 'mose'" in stdout and "changed: layers: [4, 5, 6, 7, 8] → [1, 2]" in stdout
     journal = json.loads((out / "mose_journal.json").read_text())
     want = MOSEConfig.preset("mose", "llama", layers=[1, 2], stats_corpus=str(corpus), stats_tokens=400).to_dict()
     assert journal["config"] == want
     assert [e["op"] for e in journal["entries"]] == ["edit"]
+
+
+def test_the_banner_names_what_a_configuration_changed_from_its_preset():
+    from mose_fast.config import PRESETS
+    base = MOSEConfig.preset("mose", "llama")
+    hp = {**base.rule_hparams, "memory_cap": 300.0}
+    cfg = MOSEConfig.from_dict({"preset": "mose", "lam": 2.0, "rule_hparams": hp}, "llama")
+    assert cli.config_changes(cfg, "llama") == [f"lam: {base.lam!r} → 2.0",
+                                                 f"rule_hparams.memory_cap: {base.rule_hparams['memory_cap']!r} → 300.0"]
+    text = cli._describe(cfg, "llama")
+    assert text.startswith(f"preset 'mose' ({PRESETS['mose'].summary}), changed: lam: ")
+    assert cli.config_changes(base, "llama") == [] and "changed" not in cli._describe(base, "llama")
 
 
 def test_presets_lists_every_preset(capsys):
