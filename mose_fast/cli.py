@@ -280,16 +280,19 @@ def cmd_stats(args) -> int:
 
 
 def _eval_requests(args):
+    """The evaluation's requests.  A named benchmark passes over records that are no edit (each one
+    reported); a user's own file must be valid throughout."""
     from .memit.stats import default_data_dir
-    from .requests import load_requests
+    from .requests import load_benchmark, load_requests
     data = Path(args.data_dir) if args.data_dir else default_data_dir()
-    if args.dataset == "counterfact":
-        path = data / "counterfact" / f"counterfact-{args.split}.json"
-    elif args.dataset == "zsre":
-        path = data / "zsre" / "zsre_mend_train-1k.json"
-    else:
-        path = Path(args.dataset)
-    return data, load_requests(path, limit=args.n_edits, offset=args.offset)
+    if args.dataset not in ("counterfact", "zsre"):
+        return data, load_requests(Path(args.dataset), limit=args.n_edits, offset=args.offset)
+    path = (data / "counterfact" / f"counterfact-{args.split}.json" if args.dataset == "counterfact"
+            else data / "zsre" / "zsre_mend_train-1k.json")
+    requests, skipped = load_benchmark(path, limit=args.n_edits, offset=args.offset)
+    for i, why in skipped:
+        print(f"{path.name}: record #{i} passed over: {why}", flush=True)
+    return data, requests
 
 
 def cmd_eval(args) -> int:

@@ -155,6 +155,8 @@ READERS = {"rome": from_rome, "easyedit": from_easyedit, "mend": from_mend}
 
 
 def parse_records(records: Iterable[dict], start: int = 0) -> list[EditRequest]:
+    """Requests from records; ``start`` is the first record's position in its file.  A MEND/zsRE
+    record without a ``case_id`` gets its position (as MEMIT's zsRE loader numbers them)."""
     out = []
     for i, rec in enumerate(records, start):
         if not isinstance(rec, dict):
@@ -163,6 +165,8 @@ def parse_records(records: Iterable[dict], start: int = 0) -> list[EditRequest]:
             schema = detect_schema(rec)
         except ValueError as e:
             raise ValueError(f"request #{i}: {e}") from None
+        if schema == "mend" and rec.get("case_id") is None:
+            rec = {**rec, "case_id": i}
         try:
             out.append(READERS[schema](rec))
         except KeyError as e:
@@ -174,14 +178,7 @@ def parse_records(records: Iterable[dict], start: int = 0) -> list[EditRequest]:
     return out
 
 
-def load_requests(path: str | Path, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
-    """Read a JSON list (or JSON-lines) of requests in any of the three schemas.  Errors name the
-    file, the record and the field."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"requests file {path} not found")
-    if limit is not None and limit < 1 or offset < 0:
-        raise ValueError(f"requests file {path}: limit must be ≥ 1 and offset ≥ 0 (got {limit}, {offset})")
+def _read_records(path: Path) -> list:
     text = path.read_text(encoding="utf-8")
     try:
         data = json.loads(text)
@@ -198,10 +195,49 @@ def load_requests(path: str | Path, limit: int | None = None, offset: int = 0) -
         data = [data]
     if not isinstance(data, list):
         raise ValueError(f"requests file {path}: expected a JSON list of request objects, got {type(data).__name__}")
-    data = data[offset: None if limit is None else offset + limit]
+    return data
+
+
+def _check_range(path: Path, limit: int | None, offset: int) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"requests file {path} not found")
+    if limit is not None and limit < 1 or offset < 0:
+        raise ValueError(f"requests file {path}: limit must be ≥ 1 and offset ≥ 0 (got {limit}, {offset})")
+
+
+def load_requests(path: str | Path, limit: int | None = None, offset: int = 0) -> list[EditRequest]:
+    """Read a JSON list (or JSON-lines) of requests in any of the three schemas.  Errors name the
+    file, the record and the field."""
+    path = Path(path)
+    _check_range(path, limit, offset)
+    data = _read_records(path)[offset: None if limit is None else offset + limit]
     if not data:
         raise ValueError(f"requests file {path}: no requests (offset {offset}, limit {limit})")
     try:
         return parse_records(data, offset)
     except ValueError as e:
         raise ValueError(f"requests file {path}: {e}") from None
+
+
+def load_benchmark(path: str | Path, limit: int | None = None, offset: int = 0
+                   ) -> tuple[list[EditRequest], list[tuple[int, str]]]:
+    """A benchmark file's first ``limit`` usable requests from record ``offset`` on, and the records
+    passed over as ``(position, reason)``: a published dataset can hold a record that is no edit
+    (zsRE's ``zsre_mend_train-1k.json`` has two with an empty new answer ``alt``).  Fewer usable
+    records than ``limit`` is an error naming the file, the count and the records passed over."""
+    path = Path(path)
+    _check_range(path, limit, offset)
+    data = _read_records(path)
+    out, skipped = [], []
+    for i in range(offset, len(data)):
+        if limit is not None and len(out) == limit:
+            break
+        try:
+            out.extend(parse_records([data[i]], i))
+        except ValueError as e:
+            skipped.append((i, str(e)))
+    if not out or limit is not None and len(out) < limit:
+        passed = "; ".join(f"#{i}: {why}" for i, why in skipped[:5]) + (" …" if len(skipped) > 5 else "")
+        raise ValueError(f"requests file {path}: {len(out)} usable requests from record {offset} on, "
+                         f"{limit} asked" + (f" ({len(skipped)} passed over: {passed})" if skipped else ""))
+    return out, skipped

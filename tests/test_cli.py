@@ -121,6 +121,23 @@ def test_a_failed_eval_start_leaves_the_folder_reusable(tiny_dir, tmp_path, caps
 
 
 @pytest.mark.model
+def test_zsre_passes_over_a_record_without_a_new_answer_and_counts_before_loading(tiny_dir, tmp_path, capsys,
+                                                                                  no_model_load):
+    mend = {"subject": "Danielle Darrieux", "src": "The mother tongue of Danielle Darrieux is", "alt": "English",
+            "answers": ["French"], "rephrase": "Danielle Darrieux speaks", "loc": "nq question: who", "loc_ans": "x"}
+    data = tmp_path / "data"
+    (data / "zsre").mkdir(parents=True)
+    (data / "zsre" / "zsre_mend_train-1k.json").write_text(json.dumps([mend, {**mend, "alt": ""}, mend]))
+    base = ["eval", "--model", tiny_dir, "--dataset", "zsre", "--data-dir", data, "--out", tmp_path / "run",
+            "--layers", "1-2"]
+    rc, out, err = _run(base + ["--n-edits", "3"], capsys)
+    assert rc == 2 and "2 usable requests from record 0 on, 3 asked (1 passed over: #1: " in err
+    rc, out, err = _run(base + ["--n-edits", "2"], capsys)     # then stops at the missing GLUE data
+    assert "zsre_mend_train-1k.json: record #1 passed over:" in out and "'target_new' is empty" in out
+    assert rc == 2 and "sst2.json" in err and not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.model
 def test_edit_without_a_preset_uses_and_announces_the_mose_preset(tiny_dir, tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS))

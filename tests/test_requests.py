@@ -134,3 +134,22 @@ def test_load_requests_reads_json_lines(tmp_path):
     p = tmp_path / "r.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in (ROME, EASY, MEND)) + "\n\n")
     assert [r.subject for r in load_requests(p)] == ["Danielle Darrieux", "Danielle Darrieux", "Watts Humphrey"]
+
+
+def test_a_benchmark_passes_over_records_that_are_no_edit_and_says_which(tmp_path):
+    from mose_fast.requests import load_benchmark
+    no_answer = {**MEND, "alt": ""}                   # as records #534 and #723 of zsre_mend_train-1k.json
+    p = tmp_path / "zsre.json"
+    p.write_text(json.dumps([MEND, no_answer, MEND, MEND, no_answer, MEND]))
+    with pytest.raises(ValueError, match="request #1: .*'target_new' is empty"):
+        load_requests(p)                              # a user's own file: every record must be valid
+    reqs, skipped = load_benchmark(p, limit=3)
+    assert [r.case_id for r in reqs] == [0, 2, 3]     # MEND records are numbered by their place in the file
+    assert [i for i, _ in skipped] == [1] and "'target_new' is empty" in skipped[0][1]
+    reqs, skipped = load_benchmark(p, limit=2, offset=3)
+    assert [r.case_id for r in reqs] == [3, 5] and [i for i, _ in skipped] == [4]
+    assert [r.case_id for r in load_benchmark(p)[0]] == [0, 2, 3, 5]
+    with pytest.raises(ValueError, match=f"requests file {p}: 4 usable requests from record 0 on, 5 asked "
+                                         r"\(2 passed over: #1: .*; #4: "):
+        load_benchmark(p, limit=5)
+    assert [r.case_id for r in load_requests(p, limit=1)] == [0]

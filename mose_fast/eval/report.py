@@ -110,7 +110,8 @@ def markdown_summary(rep: dict) -> str:
                      f"{'–' if state is None else f'{state / 2 ** 20:.1f}'} |")
     sp, med = rep["seconds_per_edit"], rep.get("seconds_per_edit_median", {})
     if sp:
-        lines += ["", "Seconds per edit, median (mean): " +
+        per = "edit" if st["batch_size"] == 1 else f"edit call (a batch of {st['batch_size']})"
+        lines += ["", f"Seconds per {per}, median (mean): " +
                   ", ".join(f"{k} {med.get(k, float('nan')):.2f} ({v:.2f})" for k, v in sp.items()) +
                   f"; max ‖RᵀR − I‖_F = {rep['max_orth_error']:.1e}."]
     sample = st.get("sample")

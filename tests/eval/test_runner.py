@@ -77,6 +77,7 @@ def test_killed_run_resumes_without_lost_or_repeated_edits(tmp_path, data_dir, m
         assert torch.equal(model.model.layers[l].mlp.down_proj.weight, ref_w[l])
     assert rep["evaluations"][-1]["edit"] == ref["evaluations"][-1]["edit"]
     assert (tmp_path / "run" / "summary.md").read_text().count("\n| ") >= 4
+    assert "Seconds per edit, median (mean)" in (tmp_path / "run" / "summary.md").read_text()
     # token protocol: locality against the pre-edit predictions saved with the run
     assert rep["evaluations"][-1]["edit_token"] == ref["evaluations"][-1]["edit_token"]
     assert 0.0 <= rep["evaluations"][-1]["edit_token"]["locality"] <= 1.0
@@ -447,6 +448,8 @@ def test_batch_run_journal_counts_cases_and_resumes_without_repeats(tmp_path, da
     for ev, lo, hi in zip(rep["evaluations"][1:], (0, 2, 4), (2, 4, 5)):
         window = [x for e in journal if lo <= e["index"] < hi for x in e["landed"]]
         assert len(window) == hi - lo and ev["landed"] == pytest.approx(sum(window) / len(window))
+    # timings are per journal entry: one edit call of two cases here, said so in the summary
+    assert "Seconds per edit call (a batch of 2), median (mean)" in (tmp_path / "run" / "summary.md").read_text()
 
 
 def test_eval_settings_validate_checks_values_and_the_data_files(tmp_path, data_dir):
