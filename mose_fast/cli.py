@@ -257,7 +257,7 @@ def cmd_stats(args) -> int:
     from .memit.stats_file import save_statistics
     if args.stats:
         raise ValueError("--stats reads a statistics file; `mose-fast stats` writes one with --out FILE")
-    mcfg, cfg = _model_checks(args)
+    _, cfg = _model_checks(args)
     out = Path(args.out) if args.out else None
     if out is not None and out.is_dir():
         raise ValueError(f"--out {out} is a folder; give a file name (e.g. {out / 'stats.safetensors'})")

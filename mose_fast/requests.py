@@ -238,6 +238,7 @@ def load_benchmark(path: str | Path, limit: int | None = None, offset: int = 0
             skipped.append((i, str(e)))
     if not out or limit is not None and len(out) < limit:
         passed = "; ".join(f"#{i}: {why}" for i, why in skipped[:5]) + (" …" if len(skipped) > 5 else "")
-        raise ValueError(f"requests file {path}: {len(out)} usable requests from record {offset} on, "
-                         f"{limit} asked" + (f" ({len(skipped)} passed over: {passed})" if skipped else ""))
+        asked = "" if limit is None else f", {limit} asked"
+        raise ValueError(f"requests file {path}: {len(out)} usable requests from record {offset} on{asked}"
+                         + (f" ({len(skipped)} passed over: {passed})" if skipped else ""))
     return out, skipped
