@@ -170,3 +170,43 @@ def test_cli_flags_reach_the_config():
         build_config(parser.parse_args(["--land-retries", "1", "--land-boost", "0.5"]), "llama")
     with pytest.raises(ValueError, match="land_retries.*MOSE rule"):
         build_config(parser.parse_args(["--preset", "memit", "--land-retries", "1"]), "llama")
+
+
+@pytest.mark.model
+def test_token_landing_is_every_target_token_the_argmax_of_a_full_forward():
+    """landed_tokens against the argmax of the full logits of prompt + " " + answer (float64)."""
+    from mose_fast.hf.scoring import landed_tokens
+    from mose_fast.hf.tokens import prompt_ids, target_ids
+    model, tok = make_tiny_model("llama")
+    model.double()
+    reqs = [REQ, EditRequest("The capital of France is", "France", "Paris")]
+    ref = []
+    for r in reqs:
+        p, a = prompt_ids(tok, r.text), target_ids(tok, r.target_new)
+        logits = model(input_ids=torch.tensor([p + a])).logits[0]
+        ref.append(float(logits[len(p) - 1:len(p) - 1 + len(a)].argmax(-1).tolist() == a))
+    assert landed_tokens(model, tok, reqs) == ref
+    # a target made of the model's own greedy tokens lands, one token changed does not
+    p = prompt_ids(tok, REQ.text)
+    greedy = model.generate(input_ids=torch.tensor([p]), max_new_tokens=3, do_sample=False)[0, len(p):].tolist()
+    own = tok.decode(greedy)
+    if target_ids(tok, own.lstrip()) == greedy:
+        assert landed_tokens(model, tok, [EditRequest(REQ.prompt, REQ.subject, own.lstrip())]) == [1.0]
+
+
+@pytest.mark.model
+def test_token_land_check_re_solves_requests_without_a_true_answer():
+    """zsRE-style requests (no target_true): the probability check cannot tell and never re-solves;
+    the token check re-solves until every target token is the argmax or the retries run out."""
+    req = EditRequest(REQ.prompt, REQ.subject, REQ.target_new)
+    prob = _editor("output", 30.0, land_retries=2, land_boost=10.0)
+    assert prob.edit(req).attempts == 1
+    token = _editor("output", 30.0, land_retries=2, land_boost=10.0, land_check="token")
+    record = token.edit(req)
+    assert record.attempts > 1 and record.edit_weights[0] > 1.0
+    assert record.landed is None          # the runner records P(new) > P(true) landing, not this check
+
+
+def test_land_check_is_checked():
+    with pytest.raises(ValueError, match="land_check"):
+        MOSEConfig(land_check="argmax").validate()
