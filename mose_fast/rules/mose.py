@@ -189,8 +189,6 @@ MOSE_OPTIONS = {
                        lambda x: x in LAM_UNITS),
     "edit_memory": Option(0.0, "input side: weight μ ≥ 0 on keeping every earlier edit's keys in place",
                           lambda x: isinstance(x, (int, float)) and x >= 0 and x == x and x != float("inf")),
-    "retain": Option("unedited", "input side: 'unedited' (λ keeps the unedited model's outputs on the corpus keys) "
-                     "or 'current' (the current model's)", lambda x: x in ("unedited", "current")),
     "memory_cap": Option(None, "input side: cap c > 0 on the memory's weight, μ·tr(E) ≤ c·λ·tr(C0), needs edit_memory > 0",
                          lambda x: x is None or positive(x)),
 }
@@ -212,8 +210,8 @@ class MOSERule(Rule):
         opts = self.check_options(hparams)
         if opts["side"] != "output":
             raise ValueError(f"MOSERule rotates the output side; got side={opts['side']!r} (see MOSEInputRule)")
-        if opts["edit_memory"] or opts["memory_cap"] is not None or opts["retain"] != "unedited":
-            raise ValueError("rule_hparams.edit_memory / memory_cap / retain are input-side options (side: 'input')")
+        if opts["edit_memory"] or opts["memory_cap"] is not None:
+            raise ValueError("rule_hparams.edit_memory / memory_cap are input-side options (side: 'input')")
         if not (isinstance(lam, (int, float)) and lam >= 0):
             raise ValueError(f"MOSE λ must be ≥ 0, got {lam!r}")
         self.lam, self.lam_unit = float(lam), opts["lam_unit"]

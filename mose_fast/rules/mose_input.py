@@ -200,7 +200,6 @@ class MOSEInputRule(Rule):
         self.lam, self.lam_unit = float(lam), opts["lam_unit"]
         self.edit_memory = float(opts["edit_memory"])
         self.memory_cap = None if opts["memory_cap"] is None else float(opts["memory_cap"])
-        self.retain = opts["retain"]
         self.polar_method, self.solve_dtype = polar_method, solve_dtype
         self.chol: dict[int, torch.Tensor] = {}
         self.c0_trace: dict[int, float] = {}
@@ -294,9 +293,8 @@ class MOSEInputRule(Rule):
 
     def commit(self, layer: int, record: InputRecord) -> None:
         """G ← Qᵀ·G; the edit's keys join the memory (compressed to d columns once it has more)."""
-        if self.retain == "unedited":
-            with torch.no_grad():
-                record.rotation.transpose().apply_left_(self.cross[layer])
+        with torch.no_grad():
+            record.rotation.transpose().apply_left_(self.cross[layer])
         if record.keys is not None and layer in self.memory:
             old = self.memory[layer]
             new = compress_memory(torch.cat([old, record.keys.to(old)], 1))
@@ -312,9 +310,8 @@ class MOSEInputRule(Rule):
 
     def undo(self, layer: int, record: InputRecord) -> None:
         """G ← Q·G; the edit's keys (the last ones in the memory) leave it."""
-        if self.retain == "unedited":
-            with torch.no_grad():
-                record.rotation.apply_left_(self.cross[layer])
+        with torch.no_grad():
+            record.rotation.apply_left_(self.cross[layer])
         if record.memory_before is not None and layer in self.memory:
             self.memory[layer] = record.memory_before.to(self.memory[layer].device)
             record.memory_before = None

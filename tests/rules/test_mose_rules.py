@@ -103,25 +103,6 @@ def test_with_nothing_to_edit_the_output_side_keeps_a_drifted_model_and_the_inpu
     assert float((W @ K0 - W0 @ K0).norm()) < 0.2 * before
 
 
-def test_input_side_retaining_the_current_model_keeps_a_drifted_model():
-    """retain "current": G stays C0 through a commit, and with nothing to edit the rotation keeps
-    the drifted weights' outputs on the corpus keys (the key's own term asks the same)."""
-    W0, K0, C0, K, _ = problem(22)
-    zero = torch.zeros(D_OUT, 1, dtype=torch.float64)
-    inp = MOSEInputRule(10.0, retain="current")
-    W = W0.clone()
-    inp.prepare(0, W, C0)
-    drift = _rotation(D_IN, 0.2, 2)
-    inp.commit(0, InputRecord(Rotation(R=drift), None))
-    torch.testing.assert_close(inp.cross[0], C0, atol=1e-12, rtol=0)
-    W.copy_(W0 @ drift)
-    W1 = W.clone()
-    inp.update(0, W, K[:, :1], zero)
-    torch.testing.assert_close(W, W1, atol=1e-9, rtol=0)
-    with pytest.raises(ValueError, match="input-side options"):
-        MOSERule(1.0, retain="current")
-
-
 # --- input side: the reachable key targets --------------------------------------------------------
 
 def test_reachable_key_targets_meet_the_output_at_the_keys_norm():
@@ -372,7 +353,7 @@ def test_make_rule_picks_the_side_and_passes_the_options():
         make_rule(tiny_mose_config(rule_hparams={"side": "both"}))
 
 
-@pytest.mark.parametrize("option", ["match_norms", "template_keys", "null_space", "preimage_ridge"])
+@pytest.mark.parametrize("option", ["retain", "match_norms", "template_keys", "null_space", "preimage_ridge"])
 def test_removed_options_are_refused_by_name(option):
     for side in ("output", "input"):
         with pytest.raises(ValueError, match=f"unknown option.*{option}"):
