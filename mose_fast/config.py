@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 DTYPES = ("float64", "float32")
-LAND_CHECKS = ("prob", "token")
 TARGET_DTYPES = ("bfloat16", "float16")
 
 
@@ -47,10 +46,6 @@ class MOSEConfig:
     # missed requests' edit term weighted land_boost times more, up to land_retries times.
     land_retries: int = 2
     land_boost: float = 4.0
-    # what "landed" means for a re-solve: "prob", P(new) > P(true) on the request's own prompt (no
-    # re-solves for requests without target_true), or "token", every token of target_new the argmax
-    # under teacher forcing
-    land_check: str = "prob"
     # --- targets (MEMIT compute_z) ---------------------------------------------------------------
     v_lr: float = 1.0
     v_num_grad_steps: int = 25
@@ -133,8 +128,6 @@ class MOSEConfig:
             bad("land_retries", "must be an integer ≥ 0")
         if not (isinstance(self.land_boost, (int, float)) and self.land_boost > 1.0):
             bad("land_boost", "must be > 1")
-        if self.land_check not in LAND_CHECKS:
-            bad("land_check", f"must be one of {LAND_CHECKS}")
         if self.land_retries and not rule.supports_edit_weights:
             bad("land_retries", f"needs the MOSE rule (per-request edit weights); method is {self.method!r}")
         if isinstance(self.undo_history, bool) or not isinstance(self.undo_history, int) or self.undo_history < 0:

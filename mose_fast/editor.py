@@ -405,8 +405,7 @@ class MOSEEditor:
                     break
                 ok = self._landed(requests)
                 if ok is None or all(ok):
-                    if self.cfg.land_check == "prob":
-                        record.landed = ok
+                    record.landed = ok
                     break
                 if weights is None:
                     weights = torch.ones(len(requests), dtype=torch.float64)
@@ -521,11 +520,8 @@ class MOSEEditor:
             attempt=attempt, module=module, poly_remainder=getattr(res, "poly_remainder", None), gap=gap))
 
     def _landed(self, requests: list[EditRequest]) -> list[float] | None:
-        """Whether each request landed, by ``cfg.land_check``: P(new) > P(true) on its own prompt
-        (None when a request has no target_true), or every target token the argmax."""
-        from .hf.scoring import landed, landed_tokens
-        if self.cfg.land_check == "token":
-            return landed_tokens(self.model, self.tok, requests)
+        """P(new) > P(true) on each request's own prompt (None when a request has no target_true)."""
+        from .hf.scoring import landed
         return landed(self.model, self.tok, requests)
 
     def _put_weights(self, weights: dict[int | str, torch.Tensor]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..requests import EditRequest
-from ..hf.scoring import answer_nll, teacher_forced_argmax
+from ..hf.scoring import _answer_logits, answer_nll, by_length
 from ..hf.tokens import target_ids
 
 
@@ -85,6 +85,19 @@ def summarize(scores: list[CaseScores]) -> dict[str, float]:
 
 
 # --- token-accuracy protocol (EasyEdit; MEMIT's zsRE metric) ------------------------------------
+
+@torch.no_grad()
+def teacher_forced_argmax(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[list[int]]:
+    """For each (prompt, answer): the model's argmax token at every answer position, with the
+    answer's own tokens fed in (teacher forcing)."""
+    device = next(model.parameters()).device
+    out: list[list[int]] = [[] for _ in prompts]
+    for idx in by_length(tok, prompts, answers, batch_size):
+        logits, _, sizes = _answer_logits(model, tok, [prompts[i] for i in idx], [answers[i] for i in idx], device)
+        for i, chunk in zip(idx, logits.argmax(-1).split(sizes)):
+            out[i] = chunk.tolist()
+    return out
+
 
 def locality_items(requests: list[EditRequest]) -> tuple[list[str], list[str]]:
     prompts, answers = [], []

@@ -14,11 +14,11 @@ from tqdm.auto import tqdm
 
 from ..config import MOSEConfig
 from ..editor import MOSEEditor, spectrum
-from ..hf.scoring import landed, teacher_forced_argmax
+from ..hf.scoring import landed
 from ..memit.stats import default_data_dir
 from ..requests import EditRequest
 from .general import load_task, perplexity, task_accuracy
-from .metrics import locality_items, score_cases, summarize, token_scores
+from .metrics import locality_items, score_cases, summarize, teacher_forced_argmax, token_scores
 from .report import before_after_summary, build_report, git_commit, machine
 from .store import INITIAL_EVAL_SETTINGS, RunFolder, read_lines, write_report
 

@@ -31,9 +31,6 @@ from .report import build_report, git_commit, markdown_summary, plot_report
 # MOSEConfig fields that do not change the edits: a run may resume with other values.
 BOOKKEEPING = ("undo_history", "stats_cache_dir", "preset", "target_batch")
 IDENTITY = ("model", "config", "settings", "case_ids", "method")
-# MOSEConfig fields added after run folders were written, with the value that reproduces those runs:
-# a stored config without the field compares as if it held that value.
-ADDED_FIELDS = {"land_check": "prob"}
 # Settings that change what the pre-edit evaluation measures (the rest only schedule the run).
 INITIAL_EVAL_SETTINGS = ("glue_tasks", "glue_n", "ppl_tokens", "sample", "sample_seed")
 SCHEDULE_SETTINGS = ("checkpoint_every", "data_dir")
@@ -42,7 +39,7 @@ SCHEDULE_SETTINGS = ("checkpoint_every", "data_dir")
 def _comparable(key: str, value):
     value = json.loads(json.dumps(value))
     if key == "config" and isinstance(value, dict):
-        return {f: v for f, v in {**ADDED_FIELDS, **value}.items() if f not in BOOKKEEPING}
+        return {f: v for f, v in value.items() if f not in BOOKKEEPING}
     if key == "settings" and isinstance(value, dict):
         return {f: v for f, v in value.items() if f not in SCHEDULE_SETTINGS}
     return value

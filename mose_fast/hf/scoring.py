@@ -63,27 +63,6 @@ def answer_nll(model, tok, prompts: list[str], answers: list[str], batch_size: i
     return out
 
 
-@torch.no_grad()
-def teacher_forced_argmax(model, tok, prompts: list[str], answers: list[str], batch_size: int = 32) -> list[list[int]]:
-    """For each (prompt, answer): the model's argmax token at every answer position, with the
-    answer's own tokens fed in (teacher forcing)."""
-    device = next(model.parameters()).device
-    out: list[list[int]] = [[] for _ in prompts]
-    for idx in by_length(tok, prompts, answers, batch_size):
-        logits, _, sizes = _answer_logits(model, tok, [prompts[i] for i in idx], [answers[i] for i in idx], device)
-        for i, chunk in zip(idx, logits.argmax(-1).split(sizes)):
-            out[i] = chunk.tolist()
-    return out
-
-
-def landed_tokens(model, tok, requests: list[EditRequest]) -> list[float]:
-    """Whether every token of each request's target_new is the argmax on its own prompt under
-    teacher forcing (the token-accuracy protocol's rewrite accuracy, all or nothing)."""
-    answers = [r.target_new for r in requests]
-    preds = teacher_forced_argmax(model, tok, [r.text for r in requests], answers)
-    return [float(p == target_ids(tok, a)) for p, a in zip(preds, answers)]
-
-
 def landed(model, tok, requests: list[EditRequest]) -> list[float] | None:
     """Efficacy of each request on its own prompt, P(new) > P(true), measured right after its
     edit: whether the edit landed, apart from whether later edits keep it.  None without

@@ -166,7 +166,8 @@ def test_scores_in_length_sorted_batches_are_each_items_own(tmp_path):
     """answer_nll, teacher_forced_argmax and the label scores batch items by length; each result is
     the item's own, in the order given (float64: one item at a time is the reference)."""
     from mose_fast.eval.general import label_scores
-    from mose_fast.hf.scoring import answer_nll, teacher_forced_argmax
+    from mose_fast.eval.metrics import teacher_forced_argmax
+    from mose_fast.hf.scoring import answer_nll
     model, tok = make_tiny_model("llama")
     model.double()
     prompts = ["The capital of France is", "Paris", "The mother tongue of Danielle Darrieux is French and", "I",
