@@ -119,14 +119,16 @@ def _env_flag(name: str, default: str) -> str:
 
 
 def _requests_tensor(requests: list[EditRequest]) -> torch.Tensor:
-    """What a replayed request needs (prompt, subject, new answer, case id) as UTF-8 JSON bytes."""
-    rows = [[r.prompt, r.subject, r.target_new, r.case_id] for r in requests]
-    return torch.frombuffer(bytearray(json.dumps(rows).encode()), dtype=torch.uint8)
+    """What a replayed request needs (prompt, subject, new answer, case id) as UTF-8 JSON bytes (a case id
+    that is not JSON comes back as its str)."""
+    rows = [[r.prompt, r.subject, r.target_new, r.case_id, r.target_true] for r in requests]
+    return torch.frombuffer(bytearray(json.dumps(rows, default=str).encode()), dtype=torch.uint8)
 
 
 def _requests_from_tensor(t: torch.Tensor) -> list[EditRequest]:
     rows = json.loads(bytes(t.to("cpu", torch.uint8).numpy()).decode())
-    return [EditRequest(prompt=p, subject=s, target_new=a, case_id=c) for p, s, a, c in rows]
+    return [EditRequest(prompt=r[0], subject=r[1], target_new=r[2], case_id=r[3],
+                        target_true=r[4] if len(r) > 4 else None) for r in rows]
 
 
 @dataclass
@@ -425,13 +427,15 @@ class MOSEEditor:
                                                 first_keys)
                 if attempt == self.cfg.land_retries:
                     break
-                ok = self._landed(requests)
+                ok = self._landed(batch if self.cfg.replay_land else requests)
+                if ok is not None and len(ok) < n + m:
+                    ok = list(ok) + [1.0] * m              # replayed requests: not boosted
                 if ok is None or all(ok):
-                    record.landed = ok
+                    record.landed = None if ok is None else ok[:n]
                     break
                 if weights is None:
                     weights = torch.ones(n + m, dtype=torch.float64)
-                ok = torch.tensor(list(ok) + [True] * m, dtype=torch.bool)     # replayed requests: never boosted
+                ok = torch.tensor(ok, dtype=torch.bool)
                 weights = torch.where(ok, weights, weights * self.cfg.land_boost)
             after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], batch, forward)[:n]
             if not forward.check:                  # the replay was compared with a full forward
@@ -480,7 +484,12 @@ class MOSEEditor:
         reqs = [self._bank[i] for i in pool.tolist()]
         z = self._bank_z[pool].to(torch.float64)
         h = block_outputs_at_subject(self.model, self.tok, self.arch, self.cfg.layers[-1], reqs)
-        top = (z - h.to("cpu", torch.float64)).norm(dim=1).topk(min(m, len(reqs))).indices
+        order = (z - h.to("cpu", torch.float64)).norm(dim=1)
+        if self.cfg.replay_land:
+            ok = self._landed(reqs)
+            if ok is not None:           # the ones that fail their own prompt first
+                order = order + torch.tensor([0.0 if x else 1e300 for x in ok], dtype=torch.float64)
+        top = order.topk(min(m, len(reqs))).indices
         return [reqs[i] for i in top.tolist()], z[top]
 
     def _pass_units(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
