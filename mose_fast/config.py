@@ -46,13 +46,6 @@ class MOSEConfig:
     # missed requests' edit term weighted land_boost times more, up to land_retries times.
     land_retries: int = 2
     land_boost: float = 4.0
-    # Earlier edits re-applied with every edit call: the ``replay`` requests, among 4 × replay earlier
-    # ones drawn at random, whose output at the last edited layer lies farthest from the target z
-    # stored when they were edited (z stays valid: nothing after that layer is edited)
-    replay: int = 0
-    # replay: draw first the earlier requests that fail their own prompt (P(new) ≤ P(true)), and re-solve
-    # replayed requests that do not land like new ones (land_retries, land_boost)
-    replay_land: bool = False
     # --- targets (MEMIT compute_z) ---------------------------------------------------------------
     v_lr: float = 1.0
     v_num_grad_steps: int = 25
@@ -133,10 +126,6 @@ class MOSEConfig:
                 bad(name, "must be ≥ 0")
         if isinstance(self.land_retries, bool) or not isinstance(self.land_retries, int) or self.land_retries < 0:
             bad("land_retries", "must be an integer ≥ 0")
-        if isinstance(self.replay, bool) or not isinstance(self.replay, int) or self.replay < 0:
-            bad("replay", "must be an integer ≥ 0")
-        if not isinstance(self.replay_land, bool):
-            bad("replay_land", "must be true or false")
         if not (isinstance(self.land_boost, (int, float)) and self.land_boost > 1.0):
             bad("land_boost", "must be > 1")
         if self.land_retries and not rule.supports_edit_weights:
@@ -196,10 +185,6 @@ class MOSEConfig:
             del d["target_dtype"]
         if d["v_stop_on"] == "loss":
             del d["v_stop_on"]
-        if d["replay"] == 0:
-            del d["replay"]
-        if not d["replay_land"]:
-            del d["replay_land"]
         return d
 
     @classmethod

@@ -75,7 +75,6 @@ class EditRecord:
     # (None where the kept solve was not checked: no retries configured, or the last one)
     landed: list[float] | None = None
     edit_weights: list[float] | None = None   # per-request edit-term weights of the kept solve
-    replayed: list = field(default_factory=list)  # case ids of the earlier edits re-applied (MOSEConfig.replay)
     seconds_targets: float = 0.0
     seconds_total: float = 0.0      # this edit, excluding one-time setup
     seconds_setup: float = 0.0      # C0 statistics, rule state, context templates (first edit)
@@ -118,19 +117,6 @@ def _env_flag(name: str, default: str) -> str:
     return env_choice(name, default, ("auto", "0", "1"))
 
 
-def _requests_tensor(requests: list[EditRequest]) -> torch.Tensor:
-    """What a replayed request needs (prompt, subject, new answer, case id) as UTF-8 JSON bytes (a case id
-    that is not JSON comes back as its str)."""
-    rows = [[r.prompt, r.subject, r.target_new, r.case_id, r.target_true] for r in requests]
-    return torch.frombuffer(bytearray(json.dumps(rows, default=str).encode()), dtype=torch.uint8)
-
-
-def _requests_from_tensor(t: torch.Tensor) -> list[EditRequest]:
-    rows = json.loads(bytes(t.to("cpu", torch.uint8).numpy()).decode())
-    return [EditRequest(prompt=r[0], subject=r[1], target_new=r[2], case_id=r[3],
-                        target_true=r[4] if len(r) > 4 else None) for r in rows]
-
-
 @dataclass
 class _Kept:
     """What undo() needs of one edit: the weights before it (by layer for mlp.down, by parameter
@@ -138,7 +124,6 @@ class _Kept:
     index: int
     weights: dict[int | str, torch.Tensor]
     records: dict[tuple[str, int], object]
-    bank: int = 0       # requests in the replay bank before the edit
 
 
 class MOSEEditor:
@@ -195,9 +180,6 @@ class MOSEEditor:
         self.records: list[EditRecord] = []
         self.journal: list[dict] = []                      # every edit and undo, in order
         self.n_edits = 0
-        # every edited request and its target z (float32, n × d_model): what ``MOSEConfig.replay`` draws from
-        self._bank: list[EditRequest] = []
-        self._bank_z: torch.Tensor | None = None
         from .offload import RuleStateHome
         self._offload = {"1": True, "0": False, "auto": None}[_env_flag("MOSE_OFFLOAD_RULE_STATE", "auto")] \
             if offload_rule_state is None else bool(offload_rule_state)
@@ -402,19 +384,13 @@ class MOSEEditor:
             targets = compute_targets(self.model, self.tok, self.arch, layers[-1], requests, templates, self.cfg)
             record.seconds_targets = time.perf_counter() - t
             record.target_nll = [tr.nll for tr in targets]
-            z_new = torch.stack([tr.z for tr in targets]).to(torch.float64)        # n × d
-            replayed, z_old = self._pick_replay()
-            record.replayed = [r.case_id for r in replayed]
-            batch, z = requests + replayed, z_new if z_old is None else torch.cat([z_new, z_old])
-            n, m = len(requests), len(replayed)
-            forward = SubjectForward(self.model, self.tok, self.arch, batch, templates,
+            z = torch.stack([tr.z for tr in targets]).to(torch.float64)            # n × d
+            forward = SubjectForward(self.model, self.tok, self.arch, requests, templates,
                                      check=self._subject_replay is None)
             forward.replays = self._subject_replay is not False
             forward.patches = self._subject_patch is not False
             forward.check_patch = self._subject_patch is None
             weights = edit_weights
-            if weights is not None and m:
-                weights = torch.cat([weights, torch.ones(m, dtype=torch.float64)])
             first_keys: dict = {}       # the first unit's keys: the same in every attempt
             for attempt in range(self.cfg.land_retries + 1):
                 if attempt:     # the retry starts from the weights before this edit, bit for bit
@@ -422,28 +398,25 @@ class MOSEEditor:
                     forward.rewind(self.units()[0][0])
                     pending.clear()
                 record.attempts = attempt + 1
-                record.edit_weights = None if weights is None else weights[:n].tolist()
-                unmet_before = self._pass_units(batch, templates, z, weights, record, pending, attempt, forward,
+                record.edit_weights = None if weights is None else weights.tolist()
+                unmet_before = self._pass_units(requests, templates, z, weights, record, pending, attempt, forward,
                                                 first_keys)
                 if attempt == self.cfg.land_retries:
                     break
-                ok = self._landed(batch if self.cfg.replay_land else requests)
-                if ok is not None and len(ok) < n + m:
-                    ok = list(ok) + [1.0] * m              # replayed requests: not boosted
+                ok = self._landed(requests)
                 if ok is None or all(ok):
-                    record.landed = None if ok is None else ok[:n]
+                    record.landed = ok
                     break
                 if weights is None:
-                    weights = torch.ones(n + m, dtype=torch.float64)
-                ok = torch.tensor(ok, dtype=torch.bool)
-                weights = torch.where(ok, weights, weights * self.cfg.land_boost)
-            after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], batch, forward)[:n]
+                    weights = torch.ones(len(requests), dtype=torch.float64)
+                weights = torch.where(torch.tensor(ok, dtype=torch.bool), weights, weights * self.cfg.land_boost)
+            after = block_outputs_at_subject(self.model, self.tok, self.arch, layers[-1], requests, forward)
             if not forward.check:                  # the replay was compared with a full forward
                 self._subject_replay = forward.replays
             if not forward.check_patch:            # a patched block was compared with a computed one
                 self._subject_patch = forward.patches
-            record.target_unmet = ((z_new - after.to(z)).norm(dim=1)
-                                   / unmet_before[:n].clamp_min(torch.finfo(torch.float64).tiny)).tolist()
+            record.target_unmet = ((z - after.to(z)).norm(dim=1)
+                                   / unmet_before.clamp_min(torch.finfo(torch.float64).tiny)).tolist()
             for l, m in self.units():
                 with self._state_on_device(m, l):
                     self.rules[m].commit(l, pending[(m, l)])
@@ -460,37 +433,12 @@ class MOSEEditor:
                 p.requires_grad_(flag)
         record.seconds_total = time.perf_counter() - t_start
         record.seconds_setup = seconds_setup
-        bank_before = len(self._bank)
-        if self.cfg.replay:
-            self._bank.extend(requests)
-            z32 = z_new.to("cpu", torch.float32)
-            self._bank_z = z32 if self._bank_z is None else torch.cat([self._bank_z, z32])
         self.n_edits += 1
         self.records.append(record)
         if self._undo.maxlen != 0:
-            self._undo.append(_Kept(record.index, before, dict(pending), bank_before))
+            self._undo.append(_Kept(record.index, before, dict(pending)))
         self.journal.append({"op": "edit", "requests": [r.to_dict() for r in requests], **record.to_dict()})
         return record
-
-    def _pick_replay(self) -> tuple[list[EditRequest], torch.Tensor | None]:
-        """The ``replay`` earlier requests to edit again with this call, and their targets z (float64):
-        among 4 × replay drawn from the bank (seeded by ``seed`` and the edit count), those whose output
-        at the last edited layer is now farthest from z."""
-        m, n = self.cfg.replay, len(self._bank)
-        if not m or not n:
-            return [], None
-        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.n_edits)
-        pool = torch.randperm(n, generator=gen)[:4 * m]
-        reqs = [self._bank[i] for i in pool.tolist()]
-        z = self._bank_z[pool].to(torch.float64)
-        h = block_outputs_at_subject(self.model, self.tok, self.arch, self.cfg.layers[-1], reqs)
-        order = (z - h.to("cpu", torch.float64)).norm(dim=1)
-        if self.cfg.replay_land:
-            ok = self._landed(reqs)
-            if ok is not None:           # the ones that fail their own prompt first
-                order = order + torch.tensor([0.0 if x else 1e300 for x in ok], dtype=torch.float64)
-        top = order.topk(min(m, len(reqs))).indices
-        return [reqs[i] for i in top.tolist()], z[top]
 
     def _pass_units(self, requests: list[EditRequest], templates, z: torch.Tensor, weights: torch.Tensor | None,
                     record: EditRecord, pending: dict, attempt: int, forward: SubjectForward,
@@ -612,9 +560,6 @@ class MOSEEditor:
                 with self._state_on_device(module, layer):
                     self.rules[module].undo(layer, kept.records[(module, layer)])
             self._put_weights(kept.weights)
-            if len(self._bank) > kept.bank:
-                del self._bank[kept.bank:]
-                self._bank_z = self._bank_z[:kept.bank].clone() if kept.bank else None
             self.records = [r for r in self.records if r.index != kept.index]
             self.journal.append({"op": "undo", "index": kept.index})
 
@@ -639,9 +584,6 @@ class MOSEEditor:
         for m in self.modules:
             if m != "mlp.down":
                 out.update({f"rule.{m}.{k}": v for k, v in self.rules[m].state_dict().items()})
-        if self._bank:
-            out["replay.z"] = self._bank_z
-            out["replay.requests"] = _requests_tensor(self._bank)
         return out
 
     WEIGHT_KEYS = ("weight", "master", "param", "param_master", "n_edits")
@@ -694,13 +636,6 @@ class MOSEEditor:
                 self.rules[m].load_state_dict({k[len(p):]: v for k, v in state.items() if k.startswith(p)})
         self.n_edits = int(state["n_edits"])
         self._undo.clear()
-        self._bank, self._bank_z = [], None
-        if "replay.z" in state:
-            self._bank = _requests_from_tensor(state["replay.requests"])
-            self._bank_z = state["replay.z"].to("cpu", torch.float32).clone()
-            if len(self._bank) != self._bank_z.shape[0]:
-                raise ValueError(f"editor state: replay.requests holds {len(self._bank)} requests, "
-                                 f"replay.z {self._bank_z.shape[0]} targets")
 
     def rule_state_bytes(self) -> int:
         """Bytes of every tensor the rules hold (all modules, all layers)."""
