@@ -28,7 +28,10 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for run in args.runs:
         state = load_file(f"{run}/state.safetensors")
-        for key in sorted(k for k in state if k.startswith("rule.K.")):
+        keys = sorted(k for k in state if k.startswith("rule.K."))
+        if not keys:
+            raise SystemExit(f"{run}/state.safetensors: no edit memory (rule.K.*): not a `mose` input-side run")
+        for key in keys:
             s = spectrum_summary(state[key])
             print(f"| {run} | {int(state['n_edits'])} | {key.split('.')[-1]} | {s['participation_ratio']:.1f} | "
                   + " / ".join(f"{v:.3f}" for v in s["top_share"].values()) + " |")

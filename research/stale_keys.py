@@ -88,7 +88,7 @@ def main() -> None:
         editor.load_weights(state)
         states[name] = snapshot(editor, requests, templates)
     s0, s1, s2 = states["unedited"], states["early"], states["late"]
-    groups = {"all": range(len(requests)),
+    groups = {"all": list(range(len(requests))),
               "kept": [i for i in range(len(requests)) if s1["efficacy"][i] and s2["efficacy"][i]],
               "forgotten": [i for i in range(len(requests)) if s1["efficacy"][i] and not s2["efficacy"][i]]}
     report = {"early": str(early.path), "late": str(late.path), "n_done": n_done, "cases": len(requests),
@@ -104,7 +104,7 @@ def main() -> None:
         drift = (K2 - K1).norm(dim=1) / K1.norm(dim=1)
         report["layers"][l] = {g: {"change": q(total[ix].tolist()), "rotation": q(rotation[ix].tolist()),
                                    "stale": q(stale[ix].tolist()), "key_drift": q(drift[ix].tolist())}
-                               for g, ix in ((g, list(ix)) for g, ix in groups.items())}
+                               for g, ix in groups.items()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"efficacy: {report['efficacy']}, groups {report['group_sizes']}")
