@@ -23,7 +23,7 @@ EXTRAS = {
     "gpu-cuda12": GPU + ["cupy-cuda12x>=13"],
     "gpu-cuda13": GPU + ["cupy-cuda13x>=14"],
     "eval": ["matplotlib>=3.7"],
-    "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "scipy>=1.10"],
+    "test": ["pytest>=8", "pytest-benchmark>=4", "triton>=3.2", "scipy>=1.10", "ruff>=0.17,<0.18"],
 }
 
 setup(

@@ -284,6 +284,7 @@ def apply_fn(variant: str, W, R):
     """The call to time: W ← R·W in place, or the out-of-place product for the baselines (W is not
     written).  Operands of the baselines are prepared here, outside the timed call."""
     import torch
+
     from mose_fast.cuda_ext import orth_matmul_cuda_, unavailable_reason
     from mose_fast.kernels.orth_matmul import orth_matmul_panels_, orth_matmul_triton_
     if variant == "triton ieee":
@@ -350,6 +351,7 @@ def bench_crosscov(csv_path: Path, variant: str, d: int, k: int = 64, lam: float
     """M = λ·P + B·Aᵀ: the fused Triton kernel on bf16 B, A; the baseline is one torch.addmm on
     float32 operands prepared outside the timed call (full-precision float32, torch's default)."""
     import torch
+
     from mose_fast.kernels.crosscov import crosscov_reference
     B = torch.randn(d, k, device="cuda").to(torch.bfloat16)
     A = torch.randn(d, k, device="cuda").to(torch.bfloat16)
@@ -366,6 +368,7 @@ def bench_crosscov(csv_path: Path, variant: str, d: int, k: int = 64, lam: float
 
 def bench_polar(csv_path: Path, method: str, d: int, dtype_name: str):
     import torch
+
     from mose_fast.solve.polar import POLAR_METHODS, polar_svd
     from mose_fast.solve.procrustes import orthogonality_error
     dtype = getattr(torch, dtype_name)
@@ -435,6 +438,7 @@ def preflight_report() -> dict:
     """What this machine has and what cannot run, with the reasons (run in a child process)."""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
+
     from mose_fast import backends, cuda_ext
     rep: dict = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "driver": _driver_version()}
     unavailable: dict[str, str] = {}

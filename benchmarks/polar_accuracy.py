@@ -13,11 +13,10 @@ import torch
 
 from mose_fast import MOSEConfig, MOSEEditor, load_model, load_requests
 from mose_fast.memit.keys import block_outputs_at_subject, compute_keys
-from mose_fast.solve.polar import POLAR_METHODS, newton_schulz_step
-from mose_fast.solve.procrustes import (SUBSPACE_METHODS, objective, orthogonality_error,
-                                  solve_subspace)
 from mose_fast.memit.stats import default_data_dir
 from mose_fast.memit.targets import compute_targets
+from mose_fast.solve.polar import POLAR_METHODS, newton_schulz_step
+from mose_fast.solve.procrustes import SUBSPACE_METHODS, objective, orthogonality_error, solve_subspace
 
 
 def real_problem(lam: float, layer: int):

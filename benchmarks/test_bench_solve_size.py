@@ -1,6 +1,6 @@
 """Where the exact solve stops paying: the MOSE solve (retention operator + an edit of n = 10 keys)
 by the dense SVD and by the block-Krylov subspace solve, at growing widths d — on the device the
-benchmarks run on.  ``rules.mose.EXACT_SOLVE_MAX_DIM`` (the "auto" method's switch) is set from
+benchmarks run on.  ``rules.rotation.EXACT_SOLVE_MAX_DIM`` (the "auto" method's switch) is set from
 these rows.  The note gives the Krylov solve's objective relative to the exact one's.
 
     python -m pytest benchmarks/test_bench_solve_size.py -m bench
@@ -26,7 +26,7 @@ def problem(d: int, n: int = 10, seed: int = 0, device="cpu"):
 @pytest.mark.parametrize("method", ["svd", "krylov"])
 @pytest.mark.parametrize("d", DIMS)
 def test_solve_by_width(benchmark, record, device, d, method):
-    from mose_fast.rules.mose import RetentionOperator, solve_polar
+    from mose_fast.rules.rotation import RetentionOperator, solve_polar
     G, K, V = problem(d, device=device)
     P = RetentionOperator(G, 10.0)
     const = P.trace()

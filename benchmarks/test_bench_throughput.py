@@ -1,7 +1,8 @@
 """Edits per second on the embedded SmolLM2: each preset at batch 1, 10 and 100, end to end (targets,
 keys, solves — re-solves included — and apply; the key statistics and context templates are made
-once, before timing, and the undo that puts the model back between rounds is not timed).  One results.csv row per (preset, batch): op ``throughput``, variant the
-preset, shape ``batch N``, p50_ms the milliseconds per batch; the note gives edits per second.
+once, before timing, and the undo that puts the model back between rounds is not timed).  One
+results.csv row per (preset, batch): op ``throughput``, variant the preset, shape ``batch N``,
+p50_ms the milliseconds per batch; the note gives edits per second.
 
     python -m pytest benchmarks/test_bench_throughput.py -m bench [-k "mose and batch10"]
 Requests: the first cases of CounterFact (``counterfact-edit.json`` in the data folder)."""

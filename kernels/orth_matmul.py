@@ -88,7 +88,8 @@ def orth_matmul_panels_(W: torch.Tensor, R: torch.Tensor, compute_dtype: torch.d
     _check(W, R)
     compute_dtype = compute_dtype_for(W.dtype, compute_dtype)
     needs_cast = compute_dtype != W.dtype
-    p = panel_width(W.shape[1], workspace_fraction, W.element_size(), torch.empty((), dtype=compute_dtype).element_size())
+    p = panel_width(W.shape[1], workspace_fraction, W.element_size(),
+                    torch.empty((), dtype=compute_dtype).element_size())
     Rc = R.to(compute_dtype)
     ws = torch.empty((W.shape[0], p), dtype=compute_dtype, device=W.device)
     with full_precision_matmul():
@@ -148,7 +149,8 @@ def orth_matmul_factored_right_(W: torch.Tensor, Q: torch.Tensor, Rk: torch.Tens
         if cd == W.dtype:
             W.addmm_((W @ Qc) @ D, Qc.T)
             return W
-        rows = max(panel_width(W.shape[0], WORKSPACE_FRACTION, W.element_size(), torch.empty((), dtype=cd).element_size()),
+        rows = max(panel_width(W.shape[0], WORKSPACE_FRACTION, W.element_size(),
+                               torch.empty((), dtype=cd).element_size()),
                    RIGHT_PANEL_MIN_ROWS)
         for i in range(0, W.shape[0], rows):
             panel = W[i:i + rows]

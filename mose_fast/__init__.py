@@ -34,12 +34,12 @@ def _register_source_folders() -> None:
 
 _register_source_folders()
 
-from .hf.arch import ARCHS, ArchSpec  # noqa: E402
 from .config import MOSEConfig  # noqa: E402
 from .editor import EditRecord, LayerRecord, MOSEEditor  # noqa: E402
+from .hf.arch import ARCHS, ArchSpec  # noqa: E402
 from .hf.models import DEFAULT_MODEL, load_model  # noqa: E402
-from .solve.procrustes import solve_rotation  # noqa: E402
 from .requests import EditRequest, load_requests  # noqa: E402
+from .solve.procrustes import solve_rotation  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["ARCHS", "ArchSpec", "DEFAULT_MODEL", "EditRecord", "EditRequest", "LayerRecord", "MOSEConfig",

@@ -158,7 +158,8 @@ def cmd_demo(args) -> int:
         for r, s in zip(requests, scores):
             verdict = "new answer preferred" if s.efficacy else "old answer preferred"
             print(f"  {r.text!r} → {greedy_answer(model, tok, r.text)!r}")
-            print(f"      NLL {r.target_new!r} {s.rewrite_nll_new:.2f} vs {r.target_true!r} {s.rewrite_nll_true:.2f}: {verdict}")
+            print(f"      NLL {r.target_new!r} {s.rewrite_nll_new:.2f} vs "
+                  f"{r.target_true!r} {s.rewrite_nll_true:.2f}: {verdict}")
             for p in r.paraphrase_prompts:
                 print(f"    paraphrase {p!r} → {greedy_answer(model, tok, p)!r}")
             for p in r.neighborhood_prompts:
@@ -172,12 +173,13 @@ def cmd_demo(args) -> int:
     print(f"\nEditing {len(requests)} facts in one batch ...", flush=True)
     t = time.perf_counter()
     rec = editor.edit(requests)
-    print(f"  done in {time.perf_counter() - t:.0f} s (setup {rec.seconds_setup:.0f} s, edit {rec.seconds_total:.1f} s); "
-          f"statistics corpus: {editor.statistics_corpus_name}")
+    print(f"  done in {time.perf_counter() - t:.0f} s (setup {rec.seconds_setup:.0f} s, "
+          f"edit {rec.seconds_total:.1f} s); statistics corpus: {editor.statistics_corpus_name}")
     show("after editing")
     s = rec.seconds
     ratio = max(abs(l.weight_norm_after / l.weight_norm_before - 1) for l in rec.layers)
-    print(f"\nSeconds: targets {s['targets']:.1f}, keys {s['keys']:.2f}, solve {s['solve']:.2f}, apply {s['apply']:.2f}; "
+    print(f"\nSeconds: targets {s['targets']:.1f}, keys {s['keys']:.2f}, solve {s['solve']:.2f}, "
+          f"apply {s['apply']:.2f}; "
           f"max ‖RᵀR − I‖_F {max(l.orth_error for l in rec.layers):.1e}; max |‖W‖_F after/before − 1| {ratio:.1e}")
     return 0
 
@@ -225,6 +227,7 @@ def cmd_edit(args) -> int:
 def cmd_apply(args) -> int:
     """Write a model with saved edits applied (from ``edit``'s rescue folder), without editing again."""
     from safetensors.torch import load_file
+
     from .config import MOSEConfig
     from .editor import MOSEEditor
     from .hf.models import as_dtype, model_config

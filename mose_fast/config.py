@@ -8,7 +8,7 @@ The target-optimisation fields follow MEMIT's hparams (``v_lr``, ``v_num_grad_st
 ``clamp_norm_factor``, ``kl_factor``, ``v_weight_decay``).  ``lam`` is MOSE's retention weight λ
 in M = λ·G + V·Aᵀ; C0 is the *mean* second moment E[k kᵀ], so λ weighs the corpus like λ edit keys
 (with ``rule_hparams.lam_unit = "per_dim"``: λ × the width of the rotated space, see
-``rules.mose.effective_lam``).
+``rules.rotation.effective_lam``).
 
 ``modules`` names what an edit rotates at each edited layer, visited in forward order: "attn.qk"
 (q_proj and k_proj by one shared rotation, ``rules/mose_attn.py``), "attn.v" (v_proj per kv
@@ -28,15 +28,19 @@ from typing import Any
 DTYPES = ("float64", "float32")
 TARGET_DTYPES = ("bfloat16", "float16")
 
+# The `mose` preset's rule, which is also MOSEConfig's default (one copy: the dataclass and the
+# preset table both read it).
+MOSE_LAM = 1000 / 1536
+MOSE_RULE_HPARAMS = {"side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0}
+
 
 @dataclass
 class MOSEConfig:
     # --- the update rule -------------------------------------------------------------------------
     method: str = "mose"                 # mose | memit | alphaedit | rome | rect | prune
     layers: list[int] = field(default_factory=lambda: [4, 5, 6, 7, 8])
-    lam: float = 1000 / 1536             # MOSE's λ (per dimension with lam_unit "per_dim")
-    rule_hparams: dict = field(default_factory=lambda: {
-        "side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0})
+    lam: float = MOSE_LAM                # MOSE's λ (per dimension with lam_unit "per_dim")
+    rule_hparams: dict = field(default_factory=lambda: dict(MOSE_RULE_HPARAMS))
     polar_method: str = "auto"           # "auto": exact SVD for small d, block Krylov above
     # what each edited layer rotates, any of "attn.qk", "attn.v", "mlp.in", "mlp.down" (the rule above)
     modules: tuple[str, ...] = ("mlp.down",)
@@ -262,9 +266,8 @@ PRESETS: dict[str, Preset] = {
     "mose": Preset(
         "MOSE, best measured here: input-side rotation keeping the unedited model and every earlier edit "
         "(λ = 1000 at d_in 1536, memory μ = 100 capped at 30), Krylov solve, 2 re-solves of edits that miss",
-        {"method": "mose", "lam": 1000 / 1536, "polar_method": "auto", "solve_dtype": "float64",
-         "land_retries": 2, "land_boost": 4.0,
-         "rule_hparams": {"side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0}}),
+        {"method": "mose", "lam": MOSE_LAM, "polar_method": "auto", "solve_dtype": "float64",
+         "land_retries": 2, "land_boost": 4.0, "rule_hparams": MOSE_RULE_HPARAMS}),
     "mose-paper": Preset(
         "MOSE as the authors release it: output-side rotation keeping the current model, "
         "λ = 15000 on LLaMA3-8B carried per output dimension, float32 SVD",
@@ -277,8 +280,10 @@ PRESETS: dict[str, Preset] = {
     "rome": Preset("ROME (additive, rank one, one layer: the family's last edited layer)",
                    {"method": "rome", "land_retries": 0, "rule_hparams": {}}, layers="last"),
     "rect": Preset("RECT (MEMIT keeping the top 20 % relative changes), λ = 100",
-                   {"method": "rect", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0, "keep_ratio": 0.2}}),
-    "prune": Preset("PRUNE (MEMIT with the accumulated update's singular values above σ_max(W0) log-compressed), λ = 100",
+                   {"method": "rect", "land_retries": 0,
+                    "rule_hparams": {"mom2_update_weight": 100.0, "keep_ratio": 0.2}}),
+    "prune": Preset("PRUNE (MEMIT with the accumulated update's singular values above σ_max(W0) "
+                    "log-compressed), λ = 100",
                     {"method": "prune", "land_retries": 0, "rule_hparams": {"mom2_update_weight": 100.0}}),
 }
 DEFAULT_PRESET = "mose"

@@ -33,13 +33,18 @@ from tqdm.auto import tqdm
 
 from .config import MOSEConfig
 from .hf.arch import ArchSpec, resolve_arch
-from .memit.keys import (SubjectForward, block_outputs_at_subject, generate_context_templates, keys_and_outputs,
-                         unit_keys_and_outputs)
-from .memit.stats import model_fingerprint, statistics_corpus, key_second_moments, unit_statistics
+from .memit.keys import (
+    SubjectForward,
+    block_outputs_at_subject,
+    generate_context_templates,
+    keys_and_outputs,
+    unit_keys_and_outputs,
+)
+from .memit.stats import key_second_moments, model_fingerprint, statistics_corpus, unit_statistics
 from .memit.targets import compute_targets
 from .requests import EditRequest
 from .rules import MODULES, make_unit_rule
-from .rules.mose import check_edit_weights
+from .rules.rotation import check_edit_weights
 
 
 @dataclass

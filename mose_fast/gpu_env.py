@@ -16,7 +16,8 @@ def lines() -> list[str]:
     import torch
 
     from . import backends, cuda_ext
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [])
     triton = importlib.util.find_spec("triton") is not None
     return [f"GPU: {', '.join(gpus) if gpus else 'none'}",
             f"torch {torch.__version__}, built with CUDA {torch.version.cuda or 'none (CPU build)'}",

@@ -94,7 +94,8 @@ class Plan:
                          f"the device at a time (MOSE_OFFLOAD_RULE_STATE=0 keeps every layer's on the device; the "
                          f"editor's default keeps it there where that fits 90 % of the device).")
         elif self.device != "cpu":
-            lines.append("Every layer's rule state on the device (it fits; MOSE_OFFLOAD_RULE_STATE=1 keeps it on the host).")
+            lines.append("Every layer's rule state on the device (it fits; MOSE_OFFLOAD_RULE_STATE=1 keeps it "
+                         "on the host).")
         return "\n".join(lines)
 
 
@@ -109,6 +110,7 @@ def meta_model(config):
 def load_config(model: str | Path):
     """A transformers config from a model directory, a config.json, a GGUF file or 'smollm2-135m'."""
     from transformers import AutoConfig
+
     from .hf.models import model_config
     path = Path(str(model))
     if path.is_file() and path.suffix == ".json":
@@ -144,11 +146,9 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     ``batch`` requests per edit, ``dtype`` weights, on ``device`` ("cuda" or "cpu"); ``offload``:
     whether the rule state lives on the host (default: as the editor decides, see ``offloads``)."""
     from .hf.arch import resolve_arch
-    from .rules import rule_class
-    from .rules.mose_input import cross_dtype
+    from .rules.mose_input import cross_dtype, gram_by_change
+    from .rules.rotation import resolve_polar_method
     from .solve.procrustes import SUBSPACE_METHODS
-    from .rules.mose import resolve_polar_method
-    from .rules.mose_input import gram_by_change
     config = config if config is not None else load_config(model)
     meta = meta_model(config)
     arch = resolve_arch(meta)
@@ -166,7 +166,6 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     weights = n_params * s_w
     low_precision = s_w < 4
     masters = sum(o * i * 4 for o, i in shapes.values()) if (low_precision and cfg.master_weights) else 0
-    rule = rule_class(cfg.method, cfg.rule_hparams)
     side = cfg.rule_hparams.get("side", "output") if cfg.method == "mose" else None
     n_keys = edits * 1          # one key column per request kept in the edit memory
 
@@ -174,13 +173,15 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
         d_out, d_in = shapes[l]
         if cfg.method == "mose" and side == "input":
             parts = {"Cholesky factor of C0 (float64)": 8 * d_in * d_in,
-                     f"cross Gram G ({cross_dtype(d_in)})": torch.empty((), dtype=cross_dtype(d_in)).element_size() * d_in * d_in,
+                     f"cross Gram G ({cross_dtype(d_in)})": torch.empty((), dtype=cross_dtype(d_in)).element_size()
+                                                            * d_in * d_in,
                      "W·Wᵀ (float64)": 8 * d_out * d_out, "S = W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
             if cfg.rule_hparams.get("edit_memory"):
                 from .rules.mose_input import MEMORY_DTYPE
                 # key columns, compressed to a d_in × d_in factor once there are more (compress_memory)
                 size = torch.empty((), dtype=MEMORY_DTYPE).element_size()
-                parts[f"edit memory (min(edits, d_in) columns, {str(MEMORY_DTYPE)[6:]})"] = size * d_in * min(n_keys, d_in)
+                parts["edit memory (min(edits, d_in) columns, "
+                      f"{str(MEMORY_DTYPE)[6:]})"] = size * d_in * min(n_keys, d_in)
             return parts
             return parts
         if cfg.method == "mose":
@@ -331,16 +332,19 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
             m = min(n_keys, d_in)
             solve_parts["edit memory in float64"] = 8 * d_in * m
             if n_keys + n > d_in:
-                solve_parts["compressing the memory at commit: QR of d_in × (d_in + n), float64"] = 2 * 8 * d_in * (m + n)
+                solve_parts["compressing the memory at commit: "
+                            "QR of d_in × (d_in + n), float64"] = 2 * 8 * d_in * (m + n)
     elif cfg.method == "mose":
         s_solve = 8 if cfg.solve_dtype == "float64" else 4
-        solve_parts = {"dense M, U, Vᴴ, R": 4 * s_solve * d_out * d_out, "P in the solve dtype": s_solve * d_out * d_out}
+        solve_parts = {"dense M, U, Vᴴ, R": 4 * s_solve * d_out * d_out,
+                       "P in the solve dtype": s_solve * d_out * d_out}
     else:
         solve_parts = {"W (float64)": 8 * d_out * d_in, "update Δ (float64)": 8 * d_out * d_in,
                        "solve of a d_in × d_in system (float64)": 8 * d_in * d_in}
     solve = Stage("solve", {**one_layer, **solve_parts})
     # --- host copies --------------------------------------------------------------------------------------
-    per_copy = (sum(o * i for o, i in shapes.values()) + extra_params) * (4 if (low_precision and cfg.master_weights) else s_w)
+    per_copy = ((sum(o * i for o, i in shapes.values()) + extra_params)
+                * (4 if (low_precision and cfg.master_weights) else s_w))
     host = Stage("host copies (snapshot + undo history)", {
         "this edit's snapshot": per_copy, f"undo history ({cfg.undo_history} edits)": cfg.undo_history * per_copy})
     if offload:

@@ -147,7 +147,8 @@ def detect_schema(record: dict) -> str:
     if "prompt" in record and "target_new" in record:
         return "easyedit"
     raise ValueError(f"unrecognised edit-request schema with keys {sorted(record)}: expected ROME "
-                     "('requested_rewrite', or 'prompt','subject','target_new': {'str'}), EasyEdit ('prompt','subject','target_new',...) or MEND "
+                     "('requested_rewrite', or 'prompt','subject','target_new': {'str'}), "
+                     "EasyEdit ('prompt','subject','target_new',...) or MEND "
                      "('src','alt','answers',...)")
 
 
@@ -190,7 +191,8 @@ def _read_records(path: Path) -> list:
             try:
                 data.append(json.loads(line))
             except json.JSONDecodeError:
-                raise ValueError(f"requests file {path}: not JSON ({first}) nor JSON lines (line {n} does not parse)") from None
+                raise ValueError(f"requests file {path}: not JSON ({first}) "
+                                 f"nor JSON lines (line {n} does not parse)") from None
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list):

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mose_fast.hf.arch import resolve_arch
 from mose_fast.config import MOSEConfig
+from mose_fast.hf.arch import resolve_arch
 from mose_fast.hf.models import load_model
 from mose_fast.memit.stats import default_data_dir, key_second_moments
 
@@ -33,7 +33,8 @@ def main(folders: list[str]) -> None:
     layers = sorted({l for _, r in runs for l in r["config"]["layers"]})
     model, tok = load_model(runs[0][1]["model"])
     cfg = MOSEConfig()
-    C0 = key_second_moments(model, tok, resolve_arch(model), layers, str(default_data_dir() / "wikitext-2" / "valid.txt"),
+    C0 = key_second_moments(model, tok, resolve_arch(model), layers,
+                            str(default_data_dir() / "wikitext-2" / "valid.txt"),
                             cfg.stats_tokens, cfg.stats_seq_len, cfg.stats_batch_size, progress=False)
     print("| run | edits | " + " | ".join(f"layer {l}" for l in layers) + " |")
     print("|---" * (2 + len(layers)) + "|")

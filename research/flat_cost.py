@@ -24,7 +24,8 @@ def one_batch(editor: MOSEEditor, requests) -> dict:
     t = time.perf_counter()
     rec = editor.edit(requests)
     wall = time.perf_counter() - t
-    out = {"wall_seconds": wall, "stages": rec.seconds, "solves": rec.attempts, "rule_state_bytes": editor.rule_state_bytes()}
+    out = {"wall_seconds": wall, "stages": rec.seconds, "solves": rec.attempts,
+           "rule_state_bytes": editor.rule_state_bytes()}
     editor.undo()
     return out
 
@@ -43,9 +44,11 @@ def main() -> None:
     result = {"run": args.run, "requests": f"the first {args.cases} cases of counterfact-val.json",
               "threads": torch.get_num_threads(),
               "journal_first": {"index": journal[0]["index"], "seconds": journal[0]["seconds"],
-                                "attempts": journal[0]["attempts"], "rule_state_bytes": journal[0].get("rule_state_bytes")},
+                                "attempts": journal[0]["attempts"],
+                                "rule_state_bytes": journal[0].get("rule_state_bytes")},
               "journal_last": {"index": journal[-1]["index"], "seconds": journal[-1]["seconds"],
-                               "attempts": journal[-1]["attempts"], "rule_state_bytes": journal[-1].get("rule_state_bytes")}}
+                               "attempts": journal[-1]["attempts"],
+                               "rule_state_bytes": journal[-1].get("rule_state_bytes")}}
     model, tok = load_model()
     editor = MOSEEditor(model, tok, cfg, progress=False)
     editor.prepare()

@@ -98,6 +98,7 @@ def main() -> None:
     DEVICE = torch.device(args.device)
 
     from transformers import LlamaForCausalLM
+
     from mose_fast import EditRequest, MOSEConfig, MOSEEditor
     from mose_fast.memit import targets as T
     from mose_fast.plan import llama2_13b_config, plan
@@ -170,7 +171,7 @@ def main() -> None:
     predicted = {s.name: s.total for s in pl.stages}
     print(f"\nedit: {edit_seconds:.1f} s (targets {record.seconds['targets']:.1f}, keys {record.seconds['keys']:.1f}, "
           f"solve {record.seconds['solve']:.1f}, apply {record.seconds['apply']:.1f})")
-    print(f"\n| stage | measured peak GiB | plan GiB | plan / measured | seconds |\n|---|---|---|---|---|")
+    print("\n| stage | measured peak GiB | plan GiB | plan / measured | seconds |\n|---|---|---|---|---|")
     for name in ("weights", "statistics", "prepare", "rule state", "targets", "solve"):
         m, p = results[name]["peak_bytes"], predicted[name]
         print(f"| {name} | {m / GiB:.2f} | {p / GiB:.2f} | {p / m:.3f} | {results[name]['seconds']:.1f} |")

@@ -98,7 +98,8 @@ def main() -> None:
         for w in range(0, max(i for i, _ in rem) + 1, 100):
             xs = sorted(r for i, r in rem if w <= i < w + 100 and math.isfinite(r))
             if xs:
-                print(f"| {w + 1}–{w + 100} | {len(xs)} | {sum(xs) / len(xs):.3f} | {xs[len(xs) // 2]:.3f} | {xs[-1]:.3f} |")
+                print(f"| {w + 1}–{w + 100} | {len(xs)} | {sum(xs) / len(xs):.3f} | "
+                      f"{xs[len(xs) // 2]:.3f} | {xs[-1]:.3f} |")
 
 
 if __name__ == "__main__":

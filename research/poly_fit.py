@@ -42,7 +42,8 @@ def main(argv=None) -> None:
     act = unit_weights(model, arch, args.layers[0], "mlp.in").act
     print(f"\n{count} tokens of {source}; activation {type(act).__name__}; "
           "relative error RMS(act − p)/RMS(act) over each layer's pre-activations\n")
-    print("| layer | pre-activation mean ± std | range | " + " | ".join(f"degree {d}" for d in range(1, args.degrees + 1)) + " |")
+    print("| layer | pre-activation mean ± std | range | "
+          + " | ".join(f"degree {d}" for d in range(1, args.degrees + 1)) + " |")
     print("|---" * (3 + args.degrees) + "|")
     for l in args.layers:
         st = stats["mlp.in"][l]

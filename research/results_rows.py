@@ -43,8 +43,8 @@ def main() -> None:
     print("| " + " | ".join([a.label or rep["config"].get("preset") or rep["method"], link, str(last["n_edits"])]
                             + cells(last, rotation)) + " |")
     if a.per_run:
-        print("\n| edits | Score | efficacy | paraphrase | neighb. | rewrite acc | SST-2 ret. | ppl ratio | ‖W‖_F change "
-              "| κ₂ change | landed |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        print("\n| edits | Score | efficacy | paraphrase | neighb. | rewrite acc | SST-2 ret. | ppl ratio "
+              "| ‖W‖_F change | κ₂ change | landed |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for ev in rep["evaluations"]:
             landed = ev.get("landed")
             landed = "–" if landed is None or landed != landed else f"{landed:.2f}"

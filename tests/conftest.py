@@ -34,7 +34,8 @@ def pytest_sessionfinish(session, exitstatus):
     after = cache_listing(USER_CACHE)
     if after != USER_CACHE_BEFORE:
         changed = sorted(set(after or {}) ^ set(USER_CACHE_BEFORE or {})
-                         | {k for k in (after or {}) if k in (USER_CACHE_BEFORE or {}) and after[k] != USER_CACHE_BEFORE[k]})
+                         | {k for k in (after or {})
+                            if k in (USER_CACHE_BEFORE or {}) and after[k] != USER_CACHE_BEFORE[k]})
         session.config.get_terminal_writer().line(
             f"ERROR: the test suite changed the user's cache {USER_CACHE}: {changed[:10]}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import conftest
+
 from mose_fast.memit.stats import default_cache_dir
 
 

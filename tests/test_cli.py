@@ -3,10 +3,9 @@ the field; a failed start leaves nothing behind; the default preset is announced
 import json
 
 import pytest
-
 from conftest import CORPUS, make_tiny_model
-from mose_fast import MOSEConfig
-from mose_fast import cli
+
+from mose_fast import MOSEConfig, cli
 
 GOOD = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
         "target_new": "English", "ground_truth": "French"}
@@ -69,15 +68,18 @@ def test_edit_reports_bad_input_before_loading_the_model(tiny_dir, tmp_path, cap
 
 @pytest.mark.model
 def test_missing_files_and_fields_are_named(tiny_dir, tmp_path, capsys, no_model_load):
-    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", tmp_path / "nope.json", "--out", tmp_path / "o"], capsys)
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", tmp_path / "nope.json",
+                       "--out", tmp_path / "o"], capsys)
     assert rc == 2 and "nope.json" in err and "not found" in err
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"preset": "mose", "lamda": 3}))
     path = _requests(tmp_path, [GOOD])
-    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--config", cfg, "--out", tmp_path / "o"], capsys)
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--config", cfg,
+                       "--out", tmp_path / "o"], capsys)
     assert rc == 2 and str(cfg) in err and "lamda" in err
     cfg.write_text(json.dumps({"rule_hparams": {"side": "input", "edit_memory": -1}}))
-    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--config", cfg, "--out", tmp_path / "o"], capsys)
+    rc, _, err = _run(["edit", "--model", tiny_dir, "--requests", path, "--config", cfg,
+                       "--out", tmp_path / "o"], capsys)
     assert rc == 2 and "rule_hparams.edit_memory" in err
     rc, _, err = _run(["edit", "--model", tmp_path / "no-model", "--requests", path, "--out", tmp_path / "o"], capsys)
     assert rc == 2 and "no-model" in err
@@ -158,7 +160,8 @@ def test_the_banner_names_what_a_configuration_changed_from_its_preset():
     hp = {**base.rule_hparams, "memory_cap": 300.0}
     cfg = MOSEConfig.from_dict({"preset": "mose", "lam": 2.0, "rule_hparams": hp}, "llama")
     assert cli.config_changes(cfg, "llama") == [f"lam: {base.lam!r} → 2.0",
-                                                 f"rule_hparams.memory_cap: {base.rule_hparams['memory_cap']!r} → 300.0"]
+                                                 "rule_hparams.memory_cap: "
+                                                 f"{base.rule_hparams['memory_cap']!r} → 300.0"]
     text = cli._describe(cfg, "llama")
     assert text.startswith(f"preset 'mose' ({PRESETS['mose'].summary}), changed: lam: ")
     assert cli.config_changes(base, "llama") == [] and "changed" not in cli._describe(base, "llama")
@@ -178,6 +181,7 @@ def test_a_failed_save_keeps_the_edits_and_apply_writes_them(tiny_dir, tmp_path,
     the rescue folder, and `apply` writes a model whose every parameter equals the edited model's."""
     import torch
     from transformers import AutoModelForCausalLM
+
     from mose_fast.editor import MOSEEditor
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS))

@@ -18,7 +18,8 @@ def test_the_dataclass_defaults_are_the_mose_preset():
     assert MOSEConfig(lam=2.0).preset_name == "mose" and MOSEConfig(lam=2.0).to_dict()["preset"] == "mose"
     json.dumps(MOSEConfig().to_dict())                     # what run.json and the journal store
     cfg = MOSEConfig()
-    assert (cfg.method, cfg.lam, cfg.polar_method, cfg.land_retries, cfg.preset_name) == ("mose", 1000 / 1536, "auto", 2, "mose")
+    assert ((cfg.method, cfg.lam, cfg.polar_method, cfg.land_retries, cfg.preset_name)
+            == ("mose", 1000 / 1536, "auto", 2, "mose"))
     assert cfg.rule_hparams == {"side": "input", "lam_unit": "per_dim", "edit_memory": 100.0, "memory_cap": 30.0}
     assert not hasattr(cfg, "edit_passes")
     assert set(presets()) == set(PRESETS) == {"mose", "mose-paper", "memit", "alphaedit", "rome", "rect", "prune"}
@@ -59,7 +60,8 @@ def test_mose_paper_is_the_output_side_rule_with_the_published_lambda():
 
 def test_from_dict_is_a_preset_plus_overrides():
     cfg = MOSEConfig.from_dict({"preset": "memit", "layers": [2, 3], "rule_hparams": {"mom2_update_weight": 7.0}})
-    assert (cfg.preset_name, cfg.method, cfg.layers, cfg.rule_hparams) == ("memit", "memit", [2, 3], {"mom2_update_weight": 7.0})
+    assert ((cfg.preset_name, cfg.method, cfg.layers, cfg.rule_hparams)
+            == ("memit", "memit", [2, 3], {"mom2_update_weight": 7.0}))
     assert make_rule(cfg).lam == 7.0
     assert MOSEConfig.from_dict({}).to_dict() == MOSEConfig.preset("mose").to_dict()        # no preset: "mose"
     cfg = MOSEConfig.from_dict({"lam": 2.0, "context_template_prefixes": ["A", "B"]}, "gpt2")
@@ -144,7 +146,8 @@ def test_command_line_builds_preset_then_file_then_flags(tmp_path):
     cfg = build_config(_args(["--config", str(path), "--layers", "3-5", "--seed", "4"]), "llama")
     assert (cfg.method, cfg.layers, cfg.seed) == ("memit", [3, 4, 5], 4)
     cfg = build_config(_args(["--preset", "rect", "--layers", "3"]), "gpt2")
-    assert (cfg.method, cfg.layers, cfg.clamp_norm_factor) == ("rect", [3], FAMILIES["gpt2"]["targets"]["clamp_norm_factor"])
+    assert ((cfg.method, cfg.layers, cfg.clamp_norm_factor)
+            == ("rect", [3], FAMILIES["gpt2"]["targets"]["clamp_norm_factor"]))
     assert build_config(_args([]), "llama").to_dict() == MOSEConfig.preset("mose", "llama").to_dict()
     path.write_text(json.dumps({"preset": "memit", "rule_hparams": {"bogus": 1}}))
     with pytest.raises(ValueError, match=f"{path}.*unknown option"):

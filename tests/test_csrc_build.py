@@ -30,6 +30,7 @@ def test_binding_syntax_checks_against_torch_headers(tmp_path):
     """binding.cpp (the panel loop with cuBLAS through ATen) parses and type-checks against the
     installed torch's C++ headers, as torch.utils.cpp_extension would build it."""
     import sysconfig
+
     from torch.utils.cpp_extension import include_paths
     flags = [f"-I{p}" for p in include_paths()] + [f"-I{_cuda_include()}", f"-I{sysconfig.get_paths()['include']}"]
     # a CPU wheel ships the c10/cuda headers but not the one its CMake build generates; its
@@ -47,6 +48,7 @@ def test_binding_syntax_checks_against_torch_headers(tmp_path):
 
 def test_extension_absent_without_cuda_is_a_fallback():
     import torch
+
     from mose_fast import cuda_ext
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
@@ -107,6 +109,7 @@ def _dead_pid() -> int:
 def test_stale_build_lock_is_removed_live_one_kept(tmp_path):
     import os
     import time
+
     from mose_fast.cuda_ext import OWNER_FILE, clear_stale_lock
     assert clear_stale_lock(tmp_path) is None                        # no lock
     lock, owner = tmp_path / "lock", tmp_path / OWNER_FILE
@@ -131,6 +134,7 @@ def test_load_clears_a_stale_lock_instead_of_waiting_for_ever(tmp_path, monkeypa
     """torch's load() waits while the build folder's lock exists: a lock left by a killed build must be
     gone before it is called."""
     import torch.utils.cpp_extension as cpp
+
     from mose_fast import cuda_ext
     (tmp_path / "lock").touch()
     (tmp_path / cuda_ext.OWNER_FILE).write_text(str(_dead_pid()))

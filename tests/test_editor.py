@@ -4,9 +4,16 @@ import json
 
 import pytest
 import torch
+from conftest import (
+    FAMILIES,
+    assert_state_unchanged,
+    editor_state,
+    fail_at_solve_call,
+    make_tiny_model,
+    tiny_mose_config,
+    tiny_second_moments,
+)
 
-from conftest import (FAMILIES, assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
-                      tiny_mose_config, tiny_second_moments)
 from mose_fast import ARCHS, ArchSpec, EditRequest, MOSEEditor
 from mose_fast.hf.arch import is_conv1d, resolve_arch
 from mose_fast.hf.scoring import answer_nll
@@ -222,7 +229,8 @@ def test_save_reloads_with_from_pretrained(tmp_path):
     saved = reloaded.state_dict()
     for name, v in model.state_dict().items():
         assert torch.equal(saved[name], v), name
-    assert answer_nll(reloaded, tok, [REQ.text], [REQ.target_new]) == answer_nll(model, tok, [REQ.text], [REQ.target_new])
+    assert (answer_nll(reloaded, tok, [REQ.text], [REQ.target_new])
+            == answer_nll(model, tok, [REQ.text], [REQ.target_new]))
     journal = json.loads((out / "mose_journal.json").read_text())
     assert journal["config"]["layers"] == editor.cfg.layers
     assert journal["entries"][0]["requests"][0]["subject"] == "Danielle Darrieux"

@@ -3,8 +3,8 @@ refusal without CUDA, the budget logic, the hard kill at the deadline, and the C
 from __future__ import annotations
 
 import csv
-import json
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -31,7 +31,8 @@ def gpu_check():
 
 
 def _dry_run(*extra):
-    out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", *extra], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", *extra], capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout
 
@@ -118,7 +119,8 @@ def test_deadline_counts_from_process_start(gpu_check, tmp_path):
     assert gpu_check.deadline_from(1000.0, 9999) == 1470.0          # capped at 8 minutes
     assert gpu_check.deadline_from(1000.0, 300, margin_s=5) == 1295.0
     code = ("import time, sys, importlib.util; t0 = time.time(); time.sleep(2.0); "
-            f"spec = importlib.util.spec_from_file_location('g', {str(SCRIPT)!r}); m = importlib.util.module_from_spec(spec); "
+            f"spec = importlib.util.spec_from_file_location('g', {str(SCRIPT)!r}); "
+            "m = importlib.util.module_from_spec(spec); "
             "sys.modules['g'] = m; spec.loader.exec_module(m); "
             "print(t0, m.process_start_epoch(), m._IMPORTED_AT)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

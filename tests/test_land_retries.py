@@ -4,10 +4,19 @@ scaled by √w, the memory left unweighted, and the editor's retry loop — it k
 edit with the final weights would give, bit for bit, and stays all-or-nothing."""
 import pytest
 import torch
+from conftest import (
+    N0,
+    assert_state_unchanged,
+    editor_state,
+    fail_at_solve_call,
+    make_tiny_model,
+    tiny_mose_config,
+    tiny_second_moments,
+)
+from conftest import ridged_cholesky as _chol
+from conftest import scipy_rotation as _scipy_rotation
+from conftest import synthetic_problem as problem
 
-from conftest import (N0, assert_state_unchanged, editor_state, fail_at_solve_call, make_tiny_model,
-                      ridged_cholesky as _chol, scipy_rotation as _scipy_rotation, synthetic_problem as problem,
-                      tiny_mose_config, tiny_second_moments)
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.hf.scoring import landed
 from mose_fast.rules import MOSEInputRule, MOSERule
@@ -159,6 +168,7 @@ def test_land_retry_options_are_checked():
 
 def test_cli_flags_reach_the_config():
     import argparse
+
     from mose_fast.cli import _add_model, build_config
     parser = argparse.ArgumentParser()
     _add_model(parser)

@@ -4,8 +4,8 @@ fused layouts included), state_dict, statistics from one pass — on tiny random
 family."""
 import pytest
 import torch
-
 from conftest import CORPUS, FAMILIES, make_tiny_model, tiny_mose_config
+
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.hf.arch import resolve_arch, unit_weights
 from mose_fast.hf.hooks import capture_outputs
@@ -82,9 +82,12 @@ def assert_same_spectrum(W0: torch.Tensor, W1: torch.Tensor, name: str, rtol: fl
     (dict(modules=["attn.v", "mlp.down"], method="memit", rule_hparams={}, land_retries=0), "modules", "method 'mose'"),
     (dict(module_hparams={"attn.v": {}}), "module_hparams", "does not select"),
     (dict(modules=["mlp.down"], module_hparams={"mlp.down": {}}), "module_hparams", "rule_hparams"),
-    (dict(modules=["mlp.in"], module_hparams={"mlp.in": {"poly_degree": 0}}), "module_hparams['mlp.in'].poly_degree", "degree"),
-    (dict(modules=["attn.qk"], module_hparams={"attn.qk": {"depth": 3}}), "module_hparams['attn.qk']", "unknown option"),
-    (dict(modules=["attn.qk"], module_hparams={"attn.qk": {"ridge": -1.0}}), "module_hparams['attn.qk'].ridge", "ridge"),
+    (dict(modules=["mlp.in"], module_hparams={"mlp.in": {"poly_degree": 0}}), "module_hparams['mlp.in'].poly_degree",
+     "degree"),
+    (dict(modules=["attn.qk"], module_hparams={"attn.qk": {"depth": 3}}), "module_hparams['attn.qk']",
+     "unknown option"),
+    (dict(modules=["attn.qk"], module_hparams={"attn.qk": {"ridge": -1.0}}), "module_hparams['attn.qk'].ridge",
+     "ridge"),
 ])
 def test_module_validation_errors_name_the_field(overrides, field, message):
     with pytest.raises(ValueError) as e:
@@ -382,6 +385,7 @@ def test_a_run_with_every_module_resumes_exactly_and_journals_the_units(tmp_path
     ends with the same weights as an uninterrupted run; the journal has every unit's record and
     the other modules' spectra at the evaluation points."""
     import json
+
     from mose_fast.eval import runner
     data = tmp_path / "data"
     (data / "glue").mkdir(parents=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.offload import RuleStateHome, layer_state
 
@@ -154,12 +154,14 @@ def test_offload_follows_the_device_and_the_environment(monkeypatch):
     """"auto" offloads on a GPU where the plan with every layer's state resident takes more than 90 % of
     the device (a stand-in device of 1 MiB), not where it fits (1 TiB), and never on the CPU."""
     from types import SimpleNamespace
+
     from mose_fast.plan import GiB, plan
     model, tok = make_tiny_model("llama")
     resident = plan("tiny", _cfg(), edits=10 ** 6, batch=_cfg().target_batch, dtype="float32", device="cuda",
                     config=model.config, offload=False).peak.total
     for total, want in ((resident // 2, True), (1024 * GiB, False)):
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, total=total: SimpleNamespace(total_memory=total))
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda d, total=total: SimpleNamespace(total_memory=total))
         editor = MOSEEditor(model, tok, _cfg(), progress=False)
         assert editor.offloads(torch.device("cuda", 1)) is want and not editor.offloads(torch.device("cpu"))
     monkeypatch.setenv("MOSE_OFFLOAD_RULE_STATE", "0")

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
-from mose_fast import EditRequest, MOSEConfig, MOSEEditor
-from mose_fast import cli
+
+from mose_fast import EditRequest, MOSEConfig, MOSEEditor, cli
 from mose_fast.plan import GiB, llama2_13b_config, llama3_8b_config, plan
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),

@@ -1,10 +1,10 @@
 import json
 
 import pytest
-
 from conftest import tiny_tokenizer
-from mose_fast.requests import EditRequest, detect_schema, load_requests, parse_records
+
 from mose_fast.hf.tokens import subject_last_index
+from mose_fast.requests import EditRequest, detect_schema, load_requests, parse_records
 
 
 def test_template_and_text():
@@ -67,8 +67,9 @@ ROME = {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} i
 EASY = {"case_id": 1, "prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
         "target_new": "English", "ground_truth": "French", "rephrase_prompt": "Danielle Darrieux spoke",
         "locality_prompt": "The mother tongue of Léon Blum is", "locality_ground_truth": "French"}
-MEND = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?", "alt": "University of Michigan",
-        "answers": ["Illinois Institute of Technology"], "rephrase": "What university did Watts Humphrey go to?",
+MEND = {"subject": "Watts Humphrey", "src": "What university did Watts Humphrey attend?",
+        "alt": "University of Michigan", "answers": ["Illinois Institute of Technology"],
+        "rephrase": "What university did Watts Humphrey go to?",
         "loc": "nq question: who played desmond doss father in hacksaw ridge", "loc_ans": "Hugo Weaving"}
 
 
@@ -79,7 +80,8 @@ def test_schema_readers():
     assert r.neighborhood_answers == ("French", "French")
     assert (e.paraphrase_prompts, e.neighborhood_answers) == (("Danielle Darrieux spoke",), ("French",))
     assert (m.target_new, m.target_true, m.neighborhood_answers) == ("University of Michigan",
-                                                                    "Illinois Institute of Technology", ("Hugo Weaving",))
+                                                                    "Illinois Institute of Technology",
+                                                                    ("Hugo Weaving",))
     assert m.template == "What university did {} attend?"
 
 

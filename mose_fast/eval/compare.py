@@ -138,12 +138,14 @@ def comparison_markdown(cmp: dict) -> str:
             gen = " | ".join(f"{_fmt(r['general'][t][0], '.3f')} ({_fmt(r['general'][t][1], '.3f')})" for t in tasks)
             lines.append(f"| {r['label']} | {_fmt(r['efficacy'], '.3f')} | {_fmt(r['paraphrase'], '.3f')} | "
                          f"{_fmt(r['neighborhood'], '.3f')} | {'**' + score + '**' if r['score'] == best else score} | "
-                         f"{_fmt(r['rewrite_acc'], '.3f')} | {_fmt(r['landed'], '.2f')} | {gen} | {_fmt(r['fro'], '.6f')} | {_fmt(r['kappa'], '.4f')} | "
+                         f"{_fmt(r['rewrite_acc'], '.3f')} | {_fmt(r['landed'], '.2f')} | {gen} | "
+                         f"{_fmt(r['fro'], '.6f')} | {_fmt(r['kappa'], '.4f')} | "
                          f"{_fmt(r['seconds_median'], '.2f')} |")
         lines.append("")
     lines += ["Efficacy, paraphrase, neighbourhood, Score: probability comparison over the cases edited so far; "
               "rewrite acc: teacher-forced target-token accuracy; landed: share of the edits since the previous "
-              "evaluation that succeeded right after being made (nan: not recorded by that run). Ratios are against each run's unedited model "
+              "evaluation that succeeded right after being made (nan: not recorded by that run). "
+              "Ratios are against each run's unedited model "
               "(perplexity ratio: lower is better); ‖W‖_F and κ₂ ratio: the edited layer furthest from 1; "
               "s/case: median wall seconds of an edit divided by its number of cases (batch 1: per edit).", ""]
     return "\n".join(lines)
@@ -151,6 +153,7 @@ def comparison_markdown(cmp: dict) -> str:
 
 def plot_comparison(cmp: dict, path: Path) -> None:
     import itertools
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..hf.tokens import pad_batch, prompt_ids, target_ids
 from ..hf.scoring import answer_nll, logits_at
+from ..hf.tokens import pad_batch, prompt_ids, target_ids
 
 # task → (prompt builder, label strings in label-id order)
 TASKS = {

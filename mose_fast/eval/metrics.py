@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..requests import EditRequest
 from ..hf.scoring import _answer_logits, answer_nll, by_length
 from ..hf.tokens import target_ids
+from ..requests import EditRequest
 
 
 @dataclass

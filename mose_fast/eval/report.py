@@ -2,7 +2,6 @@
 short before/after run."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -105,7 +104,8 @@ def markdown_summary(rep: dict) -> str:
         tok_cols = " | ".join(f"{t.get(k, float('nan')):.3f}" for k in ("rewrite_acc", "rephrase_acc", "locality"))
         state = e.get("rule_state_bytes")
         lines.append(f"| {e['n_edits']} | {m['efficacy']:.3f} | {m['paraphrase']:.3f} | {m['neighborhood']:.3f} | "
-                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} | {e.get('landed', float('nan')):.2f} | "
+                     f"{m['score']:.3f} | {tok_cols} | {gen} | {fro:.1e} | {kap:.6f} | "
+                     f"{e.get('landed', float('nan')):.2f} | "
                      f"{e.get('seconds_per_batch', float('nan')):.1f} | "
                      f"{'–' if state is None else f'{state / 2 ** 20:.1f}'} |")
     sp, med = rep["seconds_per_edit"], rep.get("seconds_per_edit_median", {})

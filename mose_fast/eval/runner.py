@@ -69,7 +69,8 @@ class EvalSettings:
                 raise ValueError(f"evaluation setting eval_at = {self.eval_at!r}: must be increasing edit counts ≥ 1")
         if self.sample is not None and (isinstance(self.sample, bool) or not isinstance(self.sample, int)
                                         or self.sample < 1):
-            raise ValueError(f"evaluation setting sample = {self.sample!r}: must be an integer ≥ 1 (or None: all cases)")
+            raise ValueError(f"evaluation setting sample = {self.sample!r}: "
+                             "must be an integer ≥ 1 (or None: all cases)")
         if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int):
             raise ValueError(f"evaluation setting sample_seed = {self.sample_seed!r}: must be an integer")
         data = Path(self.data_dir) if self.data_dir else default_data_dir()

@@ -94,7 +94,8 @@ class RunFolder:
 
     def note_resume(self, n_done: int) -> None:
         stored = self.read_identity()
-        stored.setdefault("resumes", []).append({"n_done": n_done, "commit": git_commit(), "at": time.strftime("%F %T")})
+        stored.setdefault("resumes", []).append({"n_done": n_done, "commit": git_commit(),
+                                                 "at": time.strftime("%F %T")})
         self._write_json(stored)
 
     def note(self, key: str, value) -> None:
@@ -106,7 +107,8 @@ class RunFolder:
         stored = self.read_identity()
         return {"started_commit": stored.get("commit"), "started": stored.get("started"),
                 "resumes": stored.get("resumes", []), "extended": stored.get("extended", []),
-                "initial_eval_from": stored.get("initial_eval_from"), "statistics_corpus": stored.get("statistics_corpus")}
+                "initial_eval_from": stored.get("initial_eval_from"),
+                "statistics_corpus": stored.get("statistics_corpus")}
 
     def _write_json(self, data: dict) -> None:
         tmp = self.run_file.with_suffix(".tmp")

@@ -70,6 +70,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> tuple[str, dict]:
 def converted_dir(gguf_file: str | os.PathLike) -> Path:
     """Where the float32 copy of a GGUF file is (or would be) cached."""
     import transformers
+
     from ..memit.stats import default_cache_dir
     path = Path(gguf_file).resolve()
     st = path.stat()
@@ -224,7 +225,8 @@ def check_savable(model, out_dir: str | os.PathLike, dtype: torch.dtype | str | 
     need = sum(p.numel() * (itemsize or p.element_size()) for p in model.parameters())
     free = shutil.disk_usage(out).free
     if need * 1.05 > free:
-        raise OSError(f"not enough disk space in {out}: the model needs {need / 2**30:.2f} GiB, {free / 2**30:.2f} GiB free")
+        raise OSError(f"not enough disk space in {out}: the model needs {need / 2**30:.2f} GiB, "
+                      f"{free / 2**30:.2f} GiB free")
 
 
 def save_model(model, tok, out_dir: str | os.PathLike, dtype: torch.dtype | str | None = None,

@@ -22,7 +22,8 @@ def logits_at(model, batch: dict, rows: torch.Tensor, cols: torch.Tensor) -> tor
         handle.remove()
 
 
-def _answer_logits(model, tok, prompts: list[str], answers: list[str], device) -> tuple[torch.Tensor, list[int], list[int]]:
+def _answer_logits(model, tok, prompts: list[str], answers: list[str],
+                   device) -> tuple[torch.Tensor, list[int], list[int]]:
     """One padded batch of prompt + " "+answer sequences: the logits that predict each answer
     token (rows stacked answer after answer), the answer tokens, and each answer's length."""
     seqs, rows, cols, labels, sizes = [], [], [], [], []

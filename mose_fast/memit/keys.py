@@ -16,10 +16,9 @@ from contextlib import nullcontext
 import torch
 
 from ..hf.arch import ArchSpec, attention_geometry, qkv_modules, rotary_cos_sin, split_qkv
-from ..hf.hooks import (_hidden, capture_inputs, capture_outputs, output_kind, relative_difference, replaying,
-                        run_until)
-from ..requests import EditRequest
+from ..hf.hooks import _hidden, capture_inputs, capture_outputs, output_kind, relative_difference, replaying, run_until
 from ..hf.tokens import pad_batch, subject_last_index
+from ..requests import EditRequest
 
 
 @torch.no_grad()
@@ -144,7 +143,8 @@ class SubjectForward:
         if start and self.check:
             self.check = False
             full = self._parts(0, stop, inputs_of, outputs_of, bare_of, bare_stop, replay_bare=False)
-            same = all(relative_difference(got[i][name][0], full[i][name][0]) <= _REPLAY_TOLERANCE.get(full[i][name][0].dtype, 1e-3)
+            same = all(relative_difference(got[i][name][0], full[i][name][0])
+                       <= _REPLAY_TOLERANCE.get(full[i][name][0].dtype, 1e-3)
                        for i in (0, 1) for name in full[i])
             if not same:
                 self.replays = False

@@ -284,7 +284,8 @@ def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest
                 kl_lp = log_probs[kl_row:kl_row + 1]
                 if j not in kl_init:
                     kl_init[j] = kl_lp.detach().clone()
-                kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[j], kl_lp, log_target=True, reduction="batchmean")
+                kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init[j], kl_lp, log_target=True,
+                                                                reduction="batchmean")
                 decay = cfg.v_weight_decay * (delta[j].norm() / h0_norm[j] ** 2)
                 loss = nll + kl + decay
                 measure = nll if cfg.v_stop_on == "nll" else loss
@@ -470,7 +471,8 @@ class _PrefixCache:
                 replayed = self._cached_forward(None, "replay").float() if can_replay else None
                 tol = prefix_cache_tolerance(dtype)
                 usable = bool(relative_difference(computed.float(), ref) < tol)
-                known = (usable, bool(usable and replayed is not None and relative_difference(replayed, computed.float()) < tol),
+                known = (usable, bool(usable and replayed is not None
+                                      and relative_difference(replayed, computed.float()) < tol),
                          None)
             self.usable = known[0]
             self.replays = known[1] and can_replay

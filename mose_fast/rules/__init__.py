@@ -13,13 +13,14 @@ import torch
 from .alphaedit import AlphaEditRule
 from .base import AdditiveRule, Rule, UpdateResult
 from .memit import MEMITRule
-from .mose import MOSE_OPTIONS, MOSERule, Rotation
 from .mose_attn import MOSEAttnQKRule, MOSEAttnVRule
 from .mose_ffn_in import MOSEFFNInputRule
 from .mose_input import MOSEInputRule
+from .mose_output import MOSERule
 from .prune import PRUNERule
 from .rect import RECTRule
 from .rome import ROMERule
+from .rotation import MOSE_OPTIONS, Rotation
 
 RULES: dict[str, type[Rule]] = {"mose": MOSERule, "memit": MEMITRule, "rome": ROMERule,
                                 "alphaedit": AlphaEditRule, "rect": RECTRule, "prune": PRUNERule}
@@ -63,5 +64,5 @@ def make_unit_rule(cfg, module: str) -> Rule:
 
 
 __all__ = ["AdditiveRule", "AlphaEditRule", "MEMITRule", "MODULES", "MODULE_RULES", "MOSEAttnQKRule", "MOSEAttnVRule",
-           "MOSEFFNInputRule", "MOSEInputRule", "MOSERule", "MOSE_OPTIONS", "PRUNERule", "RECTRule", "ROMERule", "RULES",
-           "Rotation", "Rule", "UpdateResult", "make_rule", "make_unit_rule", "rule_class"]
+           "MOSEFFNInputRule", "MOSEInputRule", "MOSERule", "MOSE_OPTIONS", "PRUNERule", "RECTRule", "ROMERule",
+           "RULES", "Rotation", "Rule", "UpdateResult", "make_rule", "make_unit_rule", "rule_class"]

@@ -20,7 +20,8 @@ def null_space_projector(C0: torch.Tensor, threshold: float) -> torch.Tensor:
     return small @ small.T
 
 
-def alphaedit_delta(P: torch.Tensor, C_p: torch.Tensor, K: torch.Tensor, resid: torch.Tensor, l2: float) -> torch.Tensor:
+def alphaedit_delta(P: torch.Tensor, C_p: torch.Tensor, K: torch.Tensor, resid: torch.Tensor,
+                    l2: float) -> torch.Tensor:
     eye = torch.eye(P.shape[0], dtype=P.dtype, device=P.device)
     upd = torch.linalg.solve(P @ (K @ K.T + C_p) + l2 * eye, P @ K @ resid.T)   # d_in × d_out
     return upd.T

@@ -126,7 +126,7 @@ import torch
 from ..hf.arch import AttnGeometry, AttnWeights, apply_rotary
 from ..solve.procrustes import objective, orthogonality_error
 from .base import Option, Rule, UpdateResult, layer_tensors, non_negative, positive
-from .mose import LAM_UNITS, effective_lam, weighted
+from .rotation import LAM_UNITS, effective_lam, weighted
 
 # C_u (attn.v) has eigenvalues down to ~0 in a trained model; the preimage solve adds this ridge
 # (relative to its mean eigenvalue), as the input-side rule does for C0.

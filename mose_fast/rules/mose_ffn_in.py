@@ -71,9 +71,9 @@ import torch
 
 from ..hf.arch import MLPWeights
 from .base import Option, Rule, UpdateResult, layer_tensors, positive
-from .mose import RetentionOperator, Rotation, effective_lam, solve_polar, weighted
 from .mose_attn import lam_options, tangent_step
 from .mose_input import PREIMAGE_RIDGE
+from .rotation import RetentionOperator, Rotation, effective_lam, solve_polar, weighted
 
 
 def _int_in(lo, hi):

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from .base import Rule, UpdateResult, layer_tensors
-from .mose import (MOSE_OPTIONS, RetentionOperator, Rotation, effective_lam, solve_polar, weighted)
+from .rotation import MOSE_OPTIONS, RetentionOperator, Rotation, effective_lam, solve_polar, weighted
 
 # C0 of a SwiGLU/GELU key space has eigenvalues down to ~0; a ridge of 1e-8 of its mean
 # eigenvalue keeps the Cholesky factor finite without moving the preimage of any direction the

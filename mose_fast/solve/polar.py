@@ -144,10 +144,12 @@ def polar_cupy(M: torch.Tensor, driver: str = "gesvd") -> torch.Tensor:
     if not M.is_cuda:
         raise ValueError("the cupy polar methods need a CUDA tensor")
     import cupy
+
     from ..backends import device_guard
     # on M's GPU, for torch (its current stream, which the DLPack exchange synchronises with) and
     # for CuPy (whose cuSOLVER handle and allocations follow its own current device)
-    with device_guard(M), cupy.cuda.Device(M.device.index if M.device.index is not None else torch.cuda.current_device()):
+    with device_guard(M), cupy.cuda.Device(M.device.index if M.device.index is not None
+                                           else torch.cuda.current_device()):
         return torch.from_dlpack(polar_from_cusolver(cupy.from_dlpack(M.contiguous()), driver))
 
 

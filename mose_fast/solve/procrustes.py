@@ -16,6 +16,7 @@ the fused cross-covariance live in ``mose_fast.kernels`` and are chosen by ``mos
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..backends import full_precision_matmul
@@ -79,7 +80,8 @@ class SubspaceSolve:
 
     def full(self) -> torch.Tensor:
         eye = torch.eye(self.Q.shape[0], dtype=self.Q.dtype, device=self.Q.device)
-        return eye + self.Q @ (self.Rk - torch.eye(self.Rk.shape[0], dtype=self.Rk.dtype, device=self.Rk.device)) @ self.Q.T
+        return eye + self.Q @ (self.Rk - torch.eye(self.Rk.shape[0], dtype=self.Rk.dtype,
+                                                   device=self.Rk.device)) @ self.Q.T
 
 
 def _orthonormal_basis(X: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-spec = importlib.util.spec_from_file_location("corpus_drift", Path(__file__).resolve().parent.parent / "corpus_drift.py")
+spec = importlib.util.spec_from_file_location("corpus_drift",
+                                              Path(__file__).resolve().parent.parent / "corpus_drift.py")
 corpus_drift = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(corpus_drift)
 

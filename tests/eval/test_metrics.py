@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, tiny_tokenizer
+
 from mose_fast.eval import general
 from mose_fast.eval.metrics import score_cases, summarize
 from mose_fast.hf.scoring import answer_nll, landed, logits_at
@@ -149,6 +149,7 @@ def test_token_accuracy_protocol_on_constant_models():
 @pytest.mark.model
 def test_logits_at_equals_the_full_logits_at_those_positions():
     from conftest import make_tiny_model
+
     from mose_fast.hf.tokens import pad_batch
     model, tok = make_tiny_model("llama")
     seqs = [tok("The capital of France is Paris")["input_ids"], tok("Rome")["input_ids"]]

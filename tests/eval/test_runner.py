@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
+
 from mose_fast import EditRequest, MOSEEditor
 from mose_fast.eval import runner, store
 
@@ -137,7 +137,7 @@ def test_sampled_run_scores_the_same_cases_when_resumed_and_records_the_sample(t
     """Evaluations of a sample of 2 edited cases (seed 5) plus the last batch, at edits 2 and 5: a run
     killed after its third edit and resumed scores the same cases with the same results as one that
     was not; run.json and the report record the sample's size and seed, each evaluation its case ids."""
-    from mose_fast.eval.metrics import summarize, score_cases
+    from mose_fast.eval.metrics import score_cases, summarize
     settings = runner.EvalSettings(batch_size=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir), eval_at=(2, 5),
                                    sample=2, sample_seed=5)
     model, tok, cfg = setup(monkeypatch)
@@ -324,7 +324,8 @@ def test_initial_eval_borrowed_from_a_matching_run_only(tmp_path, data_dir, monk
     assert rep["evaluations"][0]["edit"] == src["evaluations"][0]["edit"]
     assert rep["evaluations"][0]["general"] == src["evaluations"][0]["general"]
     assert (tmp_path / "run" / "locality_ref.json").read_text() == (tmp_path / "src" / "locality_ref.json").read_text()
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["initial_eval_from"]["folder"] == str(tmp_path / "src")
+    assert (json.loads((tmp_path / "run" / "run.json").read_text())["initial_eval_from"]["folder"]
+            == str(tmp_path / "src"))
     row0 = rep["evaluations"][0]["stability"]
     assert sorted(map(int, row0)) == cfg.layers
     for l in cfg.layers:
@@ -388,7 +389,8 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
 
 def _label(cfg, batch_size=1):
     from mose_fast.eval.compare import run_label
-    return run_label({"config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg, "settings": {"batch_size": batch_size}})
+    return run_label({"config": cfg.to_dict() if hasattr(cfg, "to_dict") else cfg,
+                      "settings": {"batch_size": batch_size}})
 
 
 def test_run_label_names_the_preset_and_every_setting_it_overrides():
@@ -416,7 +418,8 @@ def test_run_label_of_a_run_made_before_presets_names_its_method_and_every_rule_
     assert _label(capped) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, memory_cap=30)"
     assert _label(base, 10) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, batch 10)"
     retried = {**base, "land_retries": 2, "land_boost": 4.0}
-    assert _label(retried, 10) == "MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, land_retries=2×4, batch 10)"
+    assert _label(retried, 10) == ("MOSE L4-8 (λ=1000, side=input, retain=original, edit_memory=100, "
+                                   "land_retries=2×4, batch 10)")
     assert _label({"method": "alphaedit", "lam": 1.0, "layers": [4, 5, 6, 7, 8], "rule_hparams": {}}, 10) == \
         "ALPHAEDIT L4-8 (batch 10)"
 
@@ -492,7 +495,8 @@ def test_nothing_is_written_before_settings_config_and_requests_are_checked(tmp_
 
 
 @pytest.mark.model
-def test_checkpoint_every_saves_the_editor_state_and_a_resume_redoes_only_unsaved_edits(tmp_path, data_dir, monkeypatch):
+def test_checkpoint_every_saves_the_editor_state_and_a_resume_redoes_only_unsaved_edits(tmp_path, data_dir,
+                                                                                         monkeypatch):
     """checkpoint_every = 2, one evaluation at the end: killed during the 4th edit, the state holds 2
     edits (the 3rd is journaled but not saved); the resume redoes edits 3-5 once each and ends
     where an uninterrupted run ends.  The state file is the editor's state_dict()."""

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
 from gguf_writer import write_tiny_llama_gguf
-from mose_fast import EditRequest, MOSEEditor, MOSEConfig
+
+from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.hf import models
 from mose_fast.hf.models import check_savable, load_model, model_config, save_model
 from mose_fast.hf.scoring import answer_nll, landed
@@ -45,7 +45,9 @@ def test_a_gguf_file_is_converted_once_and_later_loads_read_the_copy(tiny_gguf, 
     gets the same weights, token ids and fingerprints (so the statistics cache still hits); a changed
     GGUF file is converted again."""
     import os
+
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
     from mose_fast.hf.models import _source, converted_dir
     from mose_fast.memit.stats import model_fingerprint
     from mose_fast.memit.stats_file import tokenizer_fingerprint

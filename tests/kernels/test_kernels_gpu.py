@@ -109,6 +109,7 @@ def test_float32_solve_orthogonal_under_global_tf32(d):
 def test_thousand_bf16_rotations_gpu(backend):
     """The CPU test's harness (tests/kernels/test_bf16_sequential.py) on the GPU paths."""
     from test_bf16_sequential import check, run
+
     from mose_fast.kernels.orth_matmul import orth_matmul_
     if backend == "cuda":
         need_csrc()

@@ -11,8 +11,7 @@ import torch
 
 import mose_fast.kernels.orth_matmul as om
 from mose_fast.kernels.crosscov import crosscov, crosscov_reference, crosscov_torch, crosscov_triton
-from mose_fast.kernels.orth_matmul import (orth_matmul_, orth_matmul_panels_, orth_matmul_reference,
-                                           orth_matmul_triton_)
+from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_panels_, orth_matmul_reference, orth_matmul_triton_
 
 triton = pytest.importorskip("triton")
 pytestmark = [pytest.mark.interp,

@@ -100,7 +100,7 @@ def test_factored_right_multiply_matches_float64(d_out, d_in, k, w_dtype, comput
     the float64 W·R; Rotation.apply_right_ takes this path for a factored rotation and a contiguous W,
     and the transposed one otherwise, with the same result."""
     from mose_fast.kernels.orth_matmul import orth_matmul_factored_right_
-    from mose_fast.rules.mose import Rotation
+    from mose_fast.rules.rotation import Rotation
     Q = random_orthogonal(d_in, 3)[:, :k]
     Rk = random_orthogonal(k, 4)
     R = torch.eye(d_in, dtype=torch.float64) + Q @ (Rk - torch.eye(k, dtype=torch.float64)) @ Q.T
@@ -113,4 +113,5 @@ def test_factored_right_multiply_matches_float64(d_out, d_in, k, w_dtype, comput
     Rotation(Q=Q, Rk=Rk).apply_right_(via_rule)
     Rotation(Q=Q, Rk=Rk).apply_right_(via_transposed)
     for out in (via_rule, via_transposed):
-        assert float((out.double() - ref).abs().max() / ref.abs().max()) <= max(tol, 1e-6 if w_dtype == torch.float32 else tol)
+        assert (float((out.double() - ref).abs().max() / ref.abs().max())
+                <= max(tol, 1e-6 if w_dtype == torch.float32 else tol))

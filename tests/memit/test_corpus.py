@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from mose_fast.memit import stats
 
 

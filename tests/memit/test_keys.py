@@ -3,12 +3,20 @@ time, their group-weighted mean, and the one-forward ``keys_and_outputs`` agains
 ``compute_keys`` and ``block_outputs_at_subject``."""
 import pytest
 import torch
-
 from conftest import make_tiny_model
+
 from mose_fast import EditRequest
 from mose_fast.hf.arch import resolve_arch
-from mose_fast.memit.keys import (SubjectForward, block_outputs_at_subject, compute_keys, compute_template_keys,
-                                  generate_context_templates, keys_and_outputs, mean_key, template_weights)
+from mose_fast.memit.keys import (
+    SubjectForward,
+    block_outputs_at_subject,
+    compute_keys,
+    compute_template_keys,
+    generate_context_templates,
+    keys_and_outputs,
+    mean_key,
+    template_weights,
+)
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),
         EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")]

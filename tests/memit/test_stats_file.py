@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
+
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor, cli
 from mose_fast.memit.stats import _token_windows, read_corpus
 from mose_fast.memit.stats_file import check_statistics, load_statistics, read_header, save_statistics
@@ -78,7 +78,8 @@ def test_cli_refuses_a_statistics_file_of_another_model_before_loading_it(llama_
     model.save_pretrained(d)
     tok.save_pretrained(d)
     requests = tmp_path / "edits.json"
-    requests.write_text(json.dumps([{"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+    requests.write_text(json.dumps([{"prompt": "The mother tongue of Danielle Darrieux is",
+                                     "subject": "Danielle Darrieux",
                                      "target_new": "English", "ground_truth": "French"}]))
 
     def refuse(*a, **k):
@@ -108,11 +109,13 @@ def test_stats_command_writes_a_file_the_edit_command_uses(tmp_path, capsys):
     # a corpus shorter than --stats-tokens: the file records the tokens C0 was computed over
     short = tmp_path / "short.safetensors"
     assert cli.main(["stats", *common[:-1], "100000", "--out", str(short)]) == 0
-    have = sum(len(w) for w in _token_windows(tok, read_corpus(str(corpus)), 100000, MOSEConfig.preset('mose', 'llama').stats_seq_len))
+    have = sum(len(w) for w in _token_windows(tok, read_corpus(str(corpus)), 100000,
+                                              MOSEConfig.preset('mose', 'llama').stats_seq_len))
     assert read_header(short)[0]["n_tokens"] == str(have) and have < 100000
     assert f"C0 over {have} tokens" in capsys.readouterr().out
     requests = tmp_path / "edits.json"
-    requests.write_text(json.dumps([{"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
+    requests.write_text(json.dumps([{"prompt": "The mother tongue of Danielle Darrieux is",
+                                     "subject": "Danielle Darrieux",
                                      "target_new": "English", "ground_truth": "French"}]))
     assert cli.main(["edit", "--model", str(d), "--layers", "1-2", "--requests", str(requests), "--stats", str(stats),
                      "--out", str(tmp_path / "edited")]) == 0

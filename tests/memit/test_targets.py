@@ -2,8 +2,8 @@
 optimisation equals one request at a time (float64); early stopping is per request."""
 import pytest
 import torch
-
 from conftest import FAMILIES, make_tiny_model, tiny_mose_config
+
 from mose_fast import EditRequest
 from mose_fast.hf.arch import resolve_arch
 from mose_fast.hf.hooks import edit_output
@@ -279,8 +279,10 @@ def test_targets_in_chunks_equal_one_batch():
     model, tok = _model("llama", torch.float64)
     arch = resolve_arch(model)
     templates = [["{}"], ["The cat. {}"]]
-    whole = T.compute_targets(model, tok, arch, 2, REQS, templates, tiny_mose_config(v_num_grad_steps=6, target_batch=4))
-    parts = T.compute_targets(model, tok, arch, 2, REQS, templates, tiny_mose_config(v_num_grad_steps=6, target_batch=2))
+    whole = T.compute_targets(model, tok, arch, 2, REQS, templates,
+                              tiny_mose_config(v_num_grad_steps=6, target_batch=4))
+    parts = T.compute_targets(model, tok, arch, 2, REQS, templates,
+                              tiny_mose_config(v_num_grad_steps=6, target_batch=2))
     for a, b in zip(whole, parts):
         assert a.steps == b.steps
         torch.testing.assert_close(a.z.double(), b.z.double(), rtol=0, atol=1e-6)
@@ -347,7 +349,8 @@ def test_stopping_on_the_nll_stops_at_the_first_step_below_the_level():
     templates = [["{}"], ["The cat. {}"]]
     KL = 5.0                                      # a KL term the size of the NLL's steps, as on real models
     capped = [T.compute_target(model, tok, arch, 2, REQS[1], templates,
-                               tiny_mose_config(v_num_grad_steps=k, v_loss_early_stop=0.0, kl_factor=KL)) for k in range(1, 9)]
+                               tiny_mose_config(v_num_grad_steps=k, v_loss_early_stop=0.0, kl_factor=KL))
+              for k in range(1, 9)]
     nll = [c.nll for c in capped]                 # nll[k - 1]: after k - 1 Adam steps
     k = min(i for i in range(3, len(nll) - 2) if nll[i] < min(nll[:i]))  # a new lowest NLL after k steps
     level = 0.5 * (min(nll[:k]) + nll[k])
@@ -356,7 +359,8 @@ def test_stopping_on_the_nll_stops_at_the_first_step_below_the_level():
     assert got.steps == k + 1 and got.nll == pytest.approx(nll[k], abs=1e-9)
     torch.testing.assert_close(got.z, capped[k].z, rtol=0, atol=1e-9)
     on_loss = T.compute_target(model, tok, arch, 2, REQS[1], templates,
-                               tiny_mose_config(v_num_grad_steps=8, v_loss_early_stop=level, v_stop_on="loss", kl_factor=KL))
+                               tiny_mose_config(v_num_grad_steps=8, v_loss_early_stop=level, v_stop_on="loss",
+                                                kl_factor=KL))
     assert on_loss.steps > got.steps              # the KL and decay terms hold the loss above the level
 
 

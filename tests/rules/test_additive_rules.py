@@ -3,8 +3,9 @@ independently here; the Rule interface (update leaves the state alone, commit/un
 and each rule end to end through the editor on a tiny model."""
 import pytest
 import torch
+from conftest import D_IN, D_OUT, make_tiny_model, tiny_mose_config, tiny_second_moments
+from conftest import synthetic_problem as problem
 
-from conftest import D_IN, D_OUT, make_tiny_model, synthetic_problem as problem, tiny_mose_config, tiny_second_moments
 from mose_fast import EditRequest, MOSEEditor
 from mose_fast.rules import AlphaEditRule, MEMITRule, PRUNERule, RECTRule, ROMERule
 from mose_fast.rules.alphaedit import null_space_projector

@@ -4,7 +4,7 @@ within 1e-3 of the start (rounding, no growth); rounding R to bf16 instead break
 import pytest
 import torch
 
-from mose_fast.rules.mose import Rotation
+from mose_fast.rules.rotation import Rotation
 
 
 def edit_like_rotation(d: int, g: torch.Generator, k: int = 4, angle: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:

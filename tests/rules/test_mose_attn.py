@@ -7,14 +7,21 @@ import importlib
 
 import pytest
 import torch
-
 from conftest import FAMILIES
+from test_modules import REQ, unit_editor
+
 from mose_fast.hf.arch import AttnGeometry, attention_geometry, qkv_modules, qkv_views, split_qkv
 from mose_fast.hf.hooks import capture_inputs, capture_outputs
 from mose_fast.memit.keys import unit_keys_and_outputs
-from mose_fast.rules.mose_attn import (attention_at, block_diag_heads, kv_pair_indices, lift_q, random_structured_rotation,
-                                       rotate_heads_, structured_polar)
-from test_modules import REQ, unit_editor
+from mose_fast.rules.mose_attn import (
+    attention_at,
+    block_diag_heads,
+    kv_pair_indices,
+    lift_q,
+    random_structured_rotation,
+    rotate_heads_,
+    structured_polar,
+)
 
 TEXT = "Apple was founded by Steve Jobs. Microsoft was founded by Bill Gates."
 
@@ -108,7 +115,8 @@ def test_q_and_k_receive_the_same_orthogonal_matrix(family):
     assert torch.equal(views1["v"][0], views0["v"][0])
     if views0["v"][1] is not None:
         assert torch.equal(views1["v"][1], views0["v"][1])
-    lhs, rhs = rope_matrix_action(model, family, R, geom, torch.tensor([0, 5, 33, 90]), torch.Generator().manual_seed(2))
+    lhs, rhs = rope_matrix_action(model, family, R, geom, torch.tensor([0, 5, 33, 90]),
+                                  torch.Generator().manual_seed(2))
     torch.testing.assert_close(lhs, rhs, atol=1e-9, rtol=0)
 
 

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-
 from conftest import FAMILIES
+from test_modules import REQ, unit_editor
+
 from mose_fast.hf.hooks import capture_inputs, capture_outputs
 from mose_fast.memit.keys import unit_keys_and_outputs
 from mose_fast.memit.stats import StreamingHistogram
 from mose_fast.rules.mose_ffn_in import FFN64, fit_polynomial, polynomial_targets
-from test_modules import REQ, unit_editor
 
 TEXT = "The Eiffel Tower is located in Paris. The Colosseum is located in Rome."
 
@@ -121,7 +121,8 @@ def test_targets_stay_on_the_sphere_and_lower_the_polynomial_residual(family):
     K, _ = unit_keys_and_outputs(model, tok, editor.arch, 1, "mlp.in", 2, [REQ, REQ], editor.context_templates())
     X = K.T.double()
     gen = torch.Generator().manual_seed(4)
-    resid = 0.2 * ffn(X, poly).norm(dim=0) * torch.randn(X.shape, generator=gen, dtype=torch.float64) / X.shape[0] ** 0.5
+    resid = (0.2 * ffn(X, poly).norm(dim=0) * torch.randn(X.shape, generator=gen, dtype=torch.float64)
+             / X.shape[0] ** 0.5)
     Xs = polynomial_targets(ffn, poly, X, resid, rule.chol[1], steps=3, ridge=1e-2)
     torch.testing.assert_close(Xs.norm(dim=0), X.norm(dim=0), atol=1e-12, rtol=1e-12)
     left = (ffn(Xs, poly) - ffn(X, poly) - resid).norm(dim=0)
@@ -132,7 +133,8 @@ def test_targets_stay_on_the_sphere_and_lower_the_polynomial_residual(family):
 def test_recorded_remainder_is_the_exact_minus_the_predicted_change_and_the_fit_improves_with_degree():
     errors = {}
     for degree in (1, 7):
-        editor, model, tok = unit_editor("llama", modules=("mlp.in",), module_hparams={"mlp.in": {"poly_degree": degree}})
+        editor, model, tok = unit_editor("llama", modules=("mlp.in",),
+                                         module_hparams={"mlp.in": {"poly_degree": degree}})
         editor.prepare()
         errors[degree] = editor.rules["mlp.in"].fit_error[1]
     assert errors[7] < 0.2 * errors[1], errors

@@ -9,12 +9,14 @@ commit folds it in, undo takes it out, state_dict round trip), ``lam_unit`` and 
 import numpy as np
 import pytest
 import torch
+from conftest import D_IN, D_OUT, N0, tiny_mose_config
+from conftest import ridged_cholesky as _chol
+from conftest import scipy_rotation as _scipy_rotation
+from conftest import synthetic_problem as problem
 
-from conftest import (D_IN, D_OUT, N0, ridged_cholesky as _chol, scipy_rotation as _scipy_rotation,
-                      synthetic_problem as problem, tiny_mose_config)
 from mose_fast.rules import MOSEInputRule, MOSERule, Rotation, make_rule
-from mose_fast.rules.mose import OutputRecord
 from mose_fast.rules.mose_input import PREIMAGE_RIDGE, InputRecord, reachable_key_targets
+from mose_fast.rules.mose_output import OutputRecord
 
 
 def _kkt_shift(W, C0, r):
@@ -143,7 +145,8 @@ def test_with_nothing_retained_the_input_rotation_puts_the_key_on_its_reachable_
     ridge = PREIMAGE_RIDGE * float(torch.trace(C0)) / C0.shape[0]
     shifted = k + _kkt_shift(W0, C0 + ridge * torch.eye(C0.shape[0], dtype=C0.dtype), r)
     n = _null_projector(W0) @ shifted
-    roots = np.roots([float((n * n).sum()), -2 * float((n * shifted).sum()), float((shifted * shifted).sum() - (k * k).sum())])
+    roots = np.roots([float((n * n).sum()), -2 * float((n * shifted).sum()),
+                      float((shifted * shifted).sum() - (k * k).sum())])
     want = shifted - min(roots.real, key=abs) * n
     rule = MOSEInputRule(0.0)
     W = W0.clone()
@@ -402,8 +405,7 @@ def test_preimage_gram_follows_the_rotations_and_their_undo(polar_method, by_cha
     commit and built again from the rotated W at the next edit — equals S computed from the rotated
     W (relative 1e-9), the targets from the kept S equal those from the direct formula, and undoing
     the edits brings S back."""
-    from mose_fast.rules import MOSEInputRule
-    from mose_fast.rules import mose_input
+    from mose_fast.rules import MOSEInputRule, mose_input
     from mose_fast.rules.mose_input import preimage_gram, reachable_key_targets
     monkeypatch.setattr(mose_input, "gram_by_change", lambda *shape: by_change)
     W0, _, C0, K, resid = problem(50)
@@ -512,7 +514,7 @@ def test_memory_of_more_edits_than_dimensions_is_compressed_and_solves_the_stack
 
 
 def test_auto_solve_is_exact_where_the_krylov_basis_would_span_the_space():
-    from mose_fast.rules.mose import resolve_polar_method
+    from mose_fast.rules.rotation import resolve_polar_method
     assert resolve_polar_method("auto", 768, 1) == "svd"          # small d: always exact
     assert resolve_polar_method("auto", 1536, 10) == "krylov"     # 2·10·33 = 660 < 1536
     assert resolve_polar_method("auto", 1536, 24) == "svd"        # 2·24·33 = 1584 ≥ 1536

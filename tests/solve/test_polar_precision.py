@@ -16,7 +16,6 @@ from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_factored_
 from mose_fast.solve.polar import CUSOLVER_DRIVERS, polar_from_cusolver
 from mose_fast.solve.procrustes import orthogonality_error, solve_rotation, solve_subspace
 
-
 # --- cuSOLVER conventions through a stand-in CuPy ---------------------------------------------------
 
 @pytest.fixture

@@ -199,7 +199,6 @@ def test_polar_express_converges_on_ill_conditioned_matrices(decades):
     counts = {}
     for name, fn in (("pe", polar_express), ("ns", polar_newton_schulz)):
         calls = [0]
-        real = torch.Tensor.__matmul__
 
         class Counting(torch.overrides.TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):
