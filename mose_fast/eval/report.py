@@ -132,7 +132,26 @@ def markdown_summary(rep: dict) -> str:
               "Retention = value / value before editing (perplexity: ratio, lower is better). "
               "s/batch: seconds per edit call since the previous row; state MiB: every tensor the rules hold "
               f"after the row's last edit.{items}"]
+    lines += _age_table(ev)
     return "\n".join(lines) + "\n"
+
+
+def _age_table(ev: list[dict]) -> list[str]:
+    """The last evaluation's edited cases split by when they were edited (``metrics.by_age``)."""
+    aged = [e for e in ev if e.get("edit_by_age")]
+    if not aged:
+        return []
+    e = aged[-1]
+    lines = ["", f"After {e['n_edits']} edits, the scored cases by when they were edited (oldest first; "
+             "`edit_by_age` in evals.jsonl holds every row's):", "",
+             "| edits | cases | efficacy | paraphrase | neighbourhood | Score |", "|---|---|---|---|---|---|"]
+    for b in e["edit_by_age"]:
+        if not b["n"]:
+            lines.append(f"| {b['first']}–{b['last']} | 0 | – | – | – | – |")
+            continue
+        lines.append(f"| {b['first']}–{b['last']} | {b['n']} | {b['efficacy']:.3f} | {b['paraphrase']:.3f} | "
+                     f"{b['neighborhood']:.3f} | {b['score']:.3f} |")
+    return lines
 
 
 def plot_report(rep: dict, path: Path) -> None:

@@ -18,7 +18,7 @@ from ..hf.scoring import landed
 from ..memit.stats import default_data_dir
 from ..requests import EditRequest
 from .general import load_task, perplexity, task_accuracy
-from .metrics import locality_items, score_cases, summarize, teacher_forced_argmax, token_scores
+from .metrics import AGE_BINS, by_age, locality_items, score_cases, summarize, teacher_forced_argmax, token_scores
 from .report import before_after_summary, build_report, git_commit, machine
 from .store import INITIAL_EVAL_SETTINGS, RunFolder, read_lines, write_report
 
@@ -131,6 +131,8 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
                          "case_ids": [requests[i].case_id for i in picked]}
         if last:
             out["edit_last_batch"] = summarize([scores[i] for i in last])
+    if n_done:
+        out["edit_by_age"] = by_age([scores[i] for i in picked], picked, n_done, min(AGE_BINS, n_done))
     reference = None
     if locality_reference is not None:
         reference = _locality_slices(requests, locality_reference, picked) if settings.sample is not None \

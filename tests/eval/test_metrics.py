@@ -9,7 +9,7 @@ import torch
 from conftest import make_tiny_model, tiny_tokenizer
 
 from mose_fast.eval import general
-from mose_fast.eval.metrics import score_cases, summarize
+from mose_fast.eval.metrics import CaseScores, by_age, score_cases, summarize
 from mose_fast.hf.scoring import answer_nll, landed, logits_at
 from mose_fast.hf.tokens import target_ids
 from mose_fast.requests import EditRequest
@@ -182,3 +182,23 @@ def test_scores_in_length_sorted_batches_are_each_items_own(tmp_path):
     scores = label_scores(model, tok, prompts, [" negative", " positive"], batch_size=4)
     one = torch.cat([label_scores(model, tok, [p], [" negative", " positive"], batch_size=1) for p in prompts])
     torch.testing.assert_close(scores, one, atol=1e-10, rtol=1e-10)
+
+
+def _case(i: int, success: bool) -> CaseScores:
+    new, true = (1.0, 2.0) if success else (2.0, 1.0)
+    return CaseScores(i, new, true, [new], [true], [1.0], [2.0])
+
+
+def test_by_age_splits_the_cases_by_when_they_were_edited():
+    # 20 edits in 4 spans of 5; sampled cases at places 0, 3 (first span), 12 (third), 19 (fourth)
+    scores = [_case(0, True), _case(3, False), _case(12, False), _case(19, True)]
+    spans = by_age(scores, [0, 3, 12, 19], n_done=20, bins=4)
+    assert [(b["first"], b["last"], b["n"]) for b in spans] == [(1, 5, 2), (6, 10, 0), (11, 15, 1), (16, 20, 1)]
+    assert spans[0]["efficacy"] == 0.5 and spans[2]["efficacy"] == 0.0 and spans[3]["efficacy"] == 1.0
+    assert spans[0]["neighborhood"] == 1.0 and "efficacy" not in spans[1]
+    # uneven spans: 7 edits in 3 bins end at round(7k/3)
+    assert [(b["first"], b["last"]) for b in by_age([], [], 7, 3)] == [(1, 2), (3, 5), (6, 7)]
+    with pytest.raises(ValueError, match="outside"):
+        by_age([_case(0, True)], [20], n_done=20, bins=4)
+    with pytest.raises(ValueError, match="age bins"):
+        by_age([], [], n_done=3, bins=4)

@@ -153,6 +153,15 @@ def test_sampled_run_scores_the_same_cases_when_resumed_and_records_the_sample(t
     picked = [r for r in REQS if r.case_id in want]
     assert rows[2]["edit"]["score"] == summarize(score_cases(model, tok, picked))["score"]
     assert rows[2]["edit_last_batch"]["efficacy"] == summarize(score_cases(model, tok, REQS[4:]))["efficacy"]
+    # by when they were edited: 5 edits in 5 spans of one, each sampled case alone in its own
+    spans = rows[2]["edit_by_age"]
+    assert [(b["first"], b["last"]) for b in spans] == [(k, k) for k in range(1, 6)]
+    for b, r in zip(spans, REQS):
+        if r.case_id in want:
+            assert b["n"] == 1 and b["efficacy"] == summarize(score_cases(model, tok, [r]))["efficacy"]
+        else:
+            assert b == {"first": b["first"], "last": b["last"], "n": 0}
+    assert "the scored cases by when they were edited" in (tmp_path / "ref" / "summary.md").read_text()
     run = json.loads((tmp_path / "ref" / "run.json").read_text())
     assert run["settings"]["sample"] == 2 and run["settings"]["sample_seed"] == 5
     assert ref["settings"]["sample"] == 2 and ref["settings"]["sample_seed"] == 5
