@@ -3,9 +3,10 @@ the field; a failed start leaves nothing behind; the default preset is announced
 import json
 
 import pytest
-from conftest import CORPUS, make_tiny_model
 
 from mose_fast import MOSEConfig, cli
+
+from conftest import CORPUS, make_tiny_model
 
 GOOD = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
         "target_new": "English", "ground_truth": "French"}

@@ -153,7 +153,7 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
         if last:
             out["edit_last_batch"] = summarize([scores[i] for i in last])
     if n_done:
-        out["edit_by_age"] = by_age([scores[i] for i in picked], picked, n_done, min(AGE_BINS, n_done))
+        out["edit_by_age"] = by_age([scores[i] for i in picked], picked, n_done, min(AGE_BINS, n_done), offset=start)
     reference = None
     if locality_reference is not None:
         reference = _locality_slices(requests, locality_reference, picked) if settings.sample is not None \

@@ -6,6 +6,8 @@ edited layer) at the subject's last token of each of its rewrite prompts and opt
     NLL(target_new_j | context + prompt_j)  +  kl_factor · KL(p(· | "{subject_j} is a") ‖ p₀)
     + v_weight_decay · ‖δ_j‖ / ‖h₀_j‖²
 
+(the NLL: mean over the target's tokens, then over the context-templated prompts)
+
 with δ_j projected back into the ball ‖δ_j‖ ≤ clamp_norm_factor · ‖h₀_j‖ after each step.  The
 target is ``z_j = h₀_j + δ_j``, ``h₀_j`` the unedited residual on the bare prompt.
 
@@ -22,7 +24,7 @@ same way; h₀, the replayed blocks, δ, Adam and the loss stay in float32.
 
 Each step runs only the prompts' suffixes against a key/value cache of their prefixes, and only the
 blocks after ``layer`` (those below are replayed from a record at δ = 0) (``prefix_cache.PrefixCache``),
-checked against a full forward when it is built; several rows' suffixes share one packed row where
+checked against a full forward when first built on a model; several rows' suffixes share one packed row where
 that saves tokens, and the prefixes are computed packed the same way (``prefix_cache._Packing``).
 ``naive.py`` is the same optimisation written plainly, the reference the tests hold this one to.
 """
@@ -50,8 +52,6 @@ class TargetResult:
     h0: torch.Tensor         # residual before optimisation
     nll: float               # final mean-token NLL of target_new over the rewrite prompts
     steps: int
-
-
 
 
 class _Batch:
@@ -116,7 +116,7 @@ def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest
     batch = _Batch(tok, requests, context_templates)
     low = autocast_dtype(model, cfg.target_dtype)
     runner = PrefixCache(model, arch, layer, batch, tok,
-                          low_weights=low_precision_weights(model, arch, layer, low) if low is not None else None)
+                         low_weights=low_precision_weights(model, arch, layer, low) if low is not None else None)
     first_row = [batch.row_request.index(j) for j in range(batch.n)]
     h0 = runner.h0[first_row].float()                                            # n × d
     h0_norm = h0.norm(dim=1)

@@ -91,7 +91,7 @@ class Rule(abc.ABC):
         """Bytes of what the rule holds for one d_out × d_in layer after edits with ``kept_keys`` key
         columns in all, by part (``plan.py``'s rule-state stage; ``state_bytes`` counts the same
         tensors in a live rule)."""
-        return {}
+        raise NotImplementedError(f"the {cls.name} rule does not say what state it plans")
 
     def state_bytes(self) -> int:
         """Bytes of every tensor the rule holds per layer (its state dict and what ``prepare`` builds,

@@ -2,7 +2,6 @@
 optimisation equals one request at a time (float64); early stopping is per request."""
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny_model, tiny_mose_config
 
 from mose_fast import EditRequest
 from mose_fast.hf.arch import resolve_arch
@@ -12,6 +11,8 @@ from mose_fast.memit import prefix_cache as P
 from mose_fast.memit import targets as T
 from mose_fast.memit.keys import generate_context_templates
 from mose_fast.memit.naive import naive_target
+
+from conftest import FAMILIES, make_tiny_model, tiny_mose_config
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English French")
 REQS = [REQ,
@@ -406,7 +407,7 @@ def test_prefix_cache_above_the_layer_is_computed_in_the_steps_precision():
     P.PrefixCache(model, arch, 1, batch, tok)        # the first build (its checks): the two below are alike
     exact = P.PrefixCache(model, arch, 1, batch, tok)
     mixed = P.PrefixCache(model, arch, 1, batch, tok,
-                           low_weights=T.low_precision_weights(model, arch, 1, torch.bfloat16))
+                          low_weights=T.low_precision_weights(model, arch, 1, torch.bfloat16))
     assert mixed.usable and mixed.replays
     torch.testing.assert_close(mixed.h0, exact.h0, rtol=0, atol=0)
     for k, (a, b) in enumerate(zip(exact.base_cache.layers, mixed.base_cache.layers)):
