@@ -242,6 +242,7 @@ def timed(fn):
     """(p20, p50, p80) in ms of ``fn``, which has run once already (the accuracy call): one probe,
     then triton's do_bench for a fast call, or up to 4 synchronised repeats for a slow one."""
     import torch
+
     from conftest import time_cuda
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -270,6 +271,7 @@ def versions() -> str:
 def record(csv_path: Path, timing, op, variant, shape, dtype, flop=None, nbytes=None, note="", precision=None):
     """Append the row and print it with its floor (the precision's datasheet peak on this GPU)."""
     import torch
+
     from conftest import append_row, device_name, make_row
     name = device_name(torch.device("cuda"))
     floor = floor_ms(name, precision, flop or 0.0, nbytes or 0.0) if precision else None

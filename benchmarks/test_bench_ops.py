@@ -9,11 +9,12 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import time_cuda
 
 from mose_fast.kernels.crosscov import crosscov
 from mose_fast.kernels.orth_matmul import orth_matmul_, orth_matmul_triton_
 from mose_fast.solve.procrustes import POLAR_METHODS, SUBSPACE_METHODS, solve_subspace
+
+from conftest import time_cuda
 
 pytestmark = pytest.mark.bench
 

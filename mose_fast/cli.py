@@ -298,16 +298,40 @@ def _eval_requests(args):
     return data, requests
 
 
+def _background_requests(args, requests: list) -> list:
+    """The first ``--background-n`` cases of ``--background``, edited before the run's own (unscored)."""
+    from .requests import load_benchmark
+    if args.background is None:
+        if args.background_n:
+            raise ValueError("--background-n needs --background FILE")
+        return []
+    if not args.background_n or args.background_n < 1:
+        raise ValueError("--background FILE needs --background-n N ≥ 1 (how many of its cases to edit first)")
+    path = Path(args.background)
+    background, skipped = load_benchmark(path, limit=args.background_n)
+    for i, why in skipped:
+        print(f"{path.name}: record #{i} passed over: {why}", flush=True)
+    shared = sorted({r.case_id for r in background} & {r.case_id for r in requests}, key=str)
+    if shared:
+        raise ValueError(f"--background {path}: case ids {shared[:5]} are also among the run's own cases")
+    return background
+
+
 def cmd_eval(args) -> int:
     from .eval.runner import EvalSettings, run_eval, run_identity, run_sequential
     from .eval.store import RunFolder
     from .hf.models import load_tokenizer
     data, requests = _eval_requests(args)
+    background = _background_requests(args, requests)
+    if background and args.before_after:
+        raise ValueError("--background is for sequential runs (not --before-after)")
+    requests = background + requests
     mcfg, cfg = _model_checks(args)
     settings = EvalSettings(eval_every=args.eval_every, batch_size=args.batch_size, glue_n=args.glue_n,
                             glue_tasks=tuple(t for t in args.glue_tasks.split(",") if t),
                             ppl_tokens=args.ppl_tokens, data_dir=str(data), checkpoint_every=args.checkpoint_every,
-                            eval_at=args.eval_at, sample=args.sample, sample_seed=args.sample_seed)
+                            eval_at=args.eval_at, sample=args.sample, sample_seed=args.sample_seed,
+                            background=len(background))
     if not args.before_after:
         settings.validate()
         # a different run in --out is reported now, not after loading the model
@@ -450,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="score a uniform sample of this many edited cases at each evaluation (and the last batch "
                         "on its own); default: every edited case")
     p.add_argument("--sample-seed", dest="sample_seed", type=int, default=0, help="the sample's seed (default 0)")
+    p.add_argument("--background", metavar="FILE",
+                   help="edit the first --background-n cases of FILE before the run's own cases, unscored: scores "
+                        "of a model that has already taken that many edits (--eval-at and the journal count them)")
+    p.add_argument("--background-n", dest="background_n", type=int, default=0, metavar="N")
     p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=20000)
     p.add_argument("--before-after", dest="before_after", action="store_true",
                    help="short run: scores before and after only, with per-stage timing")

@@ -267,7 +267,7 @@ PRESETS: dict[str, Preset] = {
         "MOSE, best measured here: input-side rotation keeping the unedited model and every earlier edit "
         "(λ = 1000 at d_in 1536, memory μ = 100 capped at 30), Krylov solve, 2 re-solves of edits that miss",
         {"method": "mose", "lam": MOSE_LAM, "polar_method": "auto", "solve_dtype": "float64",
-         "land_retries": 2, "land_boost": 4.0, "rule_hparams": MOSE_RULE_HPARAMS}),
+         "land_retries": 2, "land_boost": 4.0, "rule_hparams": dict(MOSE_RULE_HPARAMS)}),
     "mose-paper": Preset(
         "MOSE as the authors release it: output-side rotation keeping the current model, "
         "λ = 15000 on LLaMA3-8B carried per output dimension, float32 SVD",

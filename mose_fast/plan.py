@@ -146,7 +146,8 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     ``batch`` requests per edit, ``dtype`` weights, on ``device`` ("cuda" or "cpu"); ``offload``:
     whether the rule state lives on the host (default: as the editor decides, see ``offloads``)."""
     from .hf.arch import resolve_arch
-    from .rules.mose_input import cross_dtype, gram_by_change
+    from .rules import rule_class
+    from .rules.mose_input import gram_by_change
     from .rules.rotation import resolve_polar_method
     from .solve.procrustes import SUBSPACE_METHODS
     config = config if config is not None else load_config(model)
@@ -169,30 +170,10 @@ def plan(model: str | Path, cfg, edits: int = 1000, batch: int = 1, dtype: str =
     side = cfg.rule_hparams.get("side", "output") if cfg.method == "mose" else None
     n_keys = edits * 1          # one key column per request kept in the edit memory
 
+    rule = rule_class(cfg.method, cfg.rule_hparams)
+
     def state_of(l: int) -> dict[str, int]:
-        d_out, d_in = shapes[l]
-        if cfg.method == "mose" and side == "input":
-            parts = {"Cholesky factor of C0 (float64)": 8 * d_in * d_in,
-                     f"cross Gram G ({cross_dtype(d_in)})": torch.empty((), dtype=cross_dtype(d_in)).element_size()
-                                                            * d_in * d_in,
-                     "W·Wᵀ (float64)": 8 * d_out * d_out, "S = W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
-            if cfg.rule_hparams.get("edit_memory"):
-                from .rules.mose_input import MEMORY_DTYPE
-                # key columns, compressed to a d_in × d_in factor once there are more (compress_memory)
-                size = torch.empty((), dtype=MEMORY_DTYPE).element_size()
-                parts["edit memory (min(edits, d_in) columns, "
-                      f"{str(MEMORY_DTYPE)[6:]})"] = size * d_in * min(n_keys, d_in)
-            return parts
-            return parts
-        if cfg.method == "mose":
-            return {"retention Gram P (float64)": 8 * d_out * d_out}
-        parts = {"C0 (float64)": 8 * d_in * d_in, "W0 (float64)": 8 * d_out * d_in}
-        if cfg.method == "alphaedit":
-            parts["null-space projector (float64)"] = 8 * d_in * d_in
-            parts["C_p (float64)"] = 8 * d_in * d_in
-        if cfg.method == "prune":
-            pass
-        return parts
+        return rule.planned_state(*shapes[l], n_keys, cfg.rule_hparams)
 
     modules = [m for m in getattr(cfg, "modules", ("mlp.down",)) if m != "mlp.down"]
     d_q = heads * head_dim

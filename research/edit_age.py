@@ -34,15 +34,17 @@ def main() -> None:
     if state is None:
         raise SystemExit(f"{args.run}: no state.safetensors (not in git: only the machine that ran it has it)")
     settings = identity["settings"]
-    picked = evaluation_sample([r.case_id for r in requests[:n_done]], settings.get("sample"),
-                               settings.get("sample_seed", 0))
-    model, tok = load_model()
-    editor = MOSEEditor(model, tok, MOSEConfig.from_dict({**identity["config"], "undo_history": 1}, "llama"),
-                        progress=False)
+    start = settings.get("background", 0)        # background edits are never scored (``runner.evaluate``)
+    scored = requests[start:n_done]
+    picked = evaluation_sample([r.case_id for r in scored], settings.get("sample"), settings.get("sample_seed", 0))
+    model, tok = load_model(identity["model"])
+    cfg = MOSEConfig.from_dict({**identity["config"], "undo_history": 1}, model.config.model_type)
+    editor = MOSEEditor(model, tok, cfg, progress=False)
     editor.load_weights(state)                 # the edited weights; the rule's state is not needed to score
-    scores = score_cases(model, tok, [requests[i] for i in picked])
-    result = {"run": args.run, "n_edits": n_done, "sample": len(picked), "sample_seed": settings.get("sample_seed", 0),
-              "edit": summarize(scores), "edit_by_age": by_age(scores, picked, n_done, min(AGE_BINS, n_done))}
+    scores = score_cases(model, tok, [scored[i] for i in picked])
+    result = {"run": args.run, "n_edits": n_done, "background": start, "sample": len(picked),
+              "sample_seed": settings.get("sample_seed", 0), "edit": summarize(scores),
+              "edit_by_age": by_age(scores, picked, len(scored), min(AGE_BINS, len(scored)), offset=start)}
     logged = [e for e in folder.evals(rewrite=False) if e["n_edits"] == n_done]
     if logged:
         result["run_logged_edit"] = logged[-1]["edit"]

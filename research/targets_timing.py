@@ -9,6 +9,7 @@ import time
 
 from mose_fast import MOSEConfig, MOSEEditor, load_model, load_requests
 from mose_fast.hf.arch import resolve_arch
+from mose_fast.memit import prefix_cache as P
 from mose_fast.memit import targets as T
 from mose_fast.memit.stats import default_data_dir
 
@@ -31,7 +32,7 @@ def main() -> None:
     cfg = MOSEConfig.preset("mose", "llama")
     templates = MOSEEditor(model, tok, cfg, progress=False).context_templates()
     arch, layer = resolve_arch(model), max(cfg.layers)
-    real_init = T._PrefixCache.__init__
+    real_init = P.PrefixCache.__init__
     try:
         for mode in ("replay", "compute"):
             def init(self, *a, _mode=mode, **k):      # the replay verified, then kept or switched off
@@ -39,14 +40,14 @@ def main() -> None:
                 if not self.replays:
                     raise SystemExit("the replay check failed on this model: nothing to compare")
                 self.replays = _mode == "replay"
-            T._PrefixCache.__init__ = init
+            P.PrefixCache.__init__ = init
             for b in batches:
                 t = time.perf_counter()
                 res = T.compute_targets(model, tok, arch, layer, requests[:b], templates, cfg)
                 print(f"{mode:8s} batch {b:3d}: {time.perf_counter() - t:7.2f} s; "
                       f"Adam steps {[r.steps for r in res]}", flush=True)
     finally:
-        T._PrefixCache.__init__ = real_init
+        P.PrefixCache.__init__ = real_init
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 import os
 from pathlib import Path
 
-import conftest
-
 from mose_fast.memit.stats import default_cache_dir
+
+import conftest
 
 
 def test_the_suite_caches_in_a_temporary_folder_not_the_users():

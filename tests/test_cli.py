@@ -3,9 +3,10 @@ the field; a failed start leaves nothing behind; the default preset is announced
 import json
 
 import pytest
-from conftest import CORPUS, make_tiny_model
 
 from mose_fast import MOSEConfig, cli
+
+from conftest import CORPUS, make_tiny_model
 
 GOOD = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
         "target_new": "English", "ground_truth": "French"}
@@ -222,3 +223,27 @@ def test_apply_checks_its_folder_before_loading_the_model(tiny_dir, tmp_path, ca
     journal.write_text(json.dumps({"config": MOSEConfig.preset("mose", "llama", layers=[1, 9]).to_dict()}))
     rc, _, err = _run(["apply", "--model", tiny_dir, "--edits", edits, "--out", tmp_path / "o"], capsys)
     assert rc == 2 and str(journal) in err and "out of range" in err
+
+
+@pytest.mark.model
+def test_background_edits_are_checked_before_loading(tiny_dir, tmp_path, capsys, no_model_load):
+    own = _requests(tmp_path, [GOOD, {**GOOD, "target_new": "German"}])
+    other = _requests(tmp_path, [{**GOOD, "case_id": 10 + i, "target_new": t}
+                                 for i, t in enumerate(("Dutch", "Latin"))], "other.json")
+    data = tmp_path / "data"
+    (data / "glue").mkdir(parents=True)
+    (data / "wikitext-2").mkdir()
+    base = ["eval", "--model", tiny_dir, "--dataset", own, "--n-edits", "2", "--data-dir", data,
+            "--out", tmp_path / "run", "--layers", "1-2", "--glue-tasks", "", "--ppl-tokens", "0"]
+    for flags, message in [(["--background-n", "2"], "--background-n needs --background FILE"),
+                           (["--background", other], "needs --background-n N"),
+                           (["--background", other, "--background-n", "3"],
+                            "2 usable requests from record 0 on, 3 asked"),
+                           (["--background", own, "--background-n", "1"], "also among the run's own cases"),
+                           (["--background", other, "--background-n", "2", "--eval-at", "2,4"],
+                            "every point must come after the 2 background edits"),
+                           (["--background", other, "--background-n", "1", "--batch-size", "2"],
+                            "the background must be whole batches")]:
+        rc, _, err = _run(base + flags, capsys)
+        assert rc == 2 and message in err, (flags, err)
+    assert not (tmp_path / "run" / "run.json").exists()

@@ -4,6 +4,13 @@ import json
 
 import pytest
 import torch
+
+from mose_fast import ARCHS, ArchSpec, EditRequest, MOSEEditor
+from mose_fast.hf.arch import is_conv1d, resolve_arch
+from mose_fast.hf.scoring import answer_nll
+from mose_fast.memit.keys import block_outputs_at_subject
+from mose_fast.memit.targets import compute_target
+
 from conftest import (
     FAMILIES,
     assert_state_unchanged,
@@ -13,12 +20,6 @@ from conftest import (
     tiny_mose_config,
     tiny_second_moments,
 )
-
-from mose_fast import ARCHS, ArchSpec, EditRequest, MOSEEditor
-from mose_fast.hf.arch import is_conv1d, resolve_arch
-from mose_fast.hf.scoring import answer_nll
-from mose_fast.memit.keys import block_outputs_at_subject
-from mose_fast.memit.targets import compute_target
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 REQ2 = EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")

@@ -4,6 +4,12 @@ scaled by √w, the memory left unweighted, and the editor's retry loop — it k
 edit with the final weights would give, bit for bit, and stays all-or-nothing."""
 import pytest
 import torch
+
+from mose_fast import EditRequest, MOSEConfig, MOSEEditor
+from mose_fast.hf.scoring import landed
+from mose_fast.rules import MOSEInputRule, MOSERule
+from mose_fast.rules.mose_input import reachable_key_targets
+
 from conftest import (
     N0,
     assert_state_unchanged,
@@ -16,11 +22,6 @@ from conftest import (
 from conftest import ridged_cholesky as _chol
 from conftest import scipy_rotation as _scipy_rotation
 from conftest import synthetic_problem as problem
-
-from mose_fast import EditRequest, MOSEConfig, MOSEEditor
-from mose_fast.hf.scoring import landed
-from mose_fast.rules import MOSEInputRule, MOSERule
-from mose_fast.rules.mose_input import reachable_key_targets
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 WEIGHTS = torch.tensor([1.0, 9.0, 0.25], dtype=torch.float64)

@@ -4,7 +4,6 @@ fused layouts included), state_dict, statistics from one pass — on tiny random
 family."""
 import pytest
 import torch
-from conftest import CORPUS, FAMILIES, make_tiny_model, tiny_mose_config
 
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.hf.arch import resolve_arch, unit_weights
@@ -13,6 +12,8 @@ from mose_fast.memit import stats as stats_mod
 from mose_fast.memit.keys import unit_keys_and_outputs
 from mose_fast.rules import MODULES
 from mose_fast.rules.mose_attn import QKKeys
+
+from conftest import CORPUS, FAMILIES, make_tiny_model, tiny_mose_config
 
 ALL = ("attn.qk", "attn.v", "mlp.in", "mlp.down")
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")

@@ -1,10 +1,11 @@
 import json
 
 import pytest
-from conftest import tiny_tokenizer
 
 from mose_fast.hf.tokens import subject_last_index
 from mose_fast.requests import EditRequest, detect_schema, load_requests, parse_records
+
+from conftest import tiny_tokenizer
 
 
 def test_template_and_text():

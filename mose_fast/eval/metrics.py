@@ -87,12 +87,13 @@ def summarize(scores: list[CaseScores]) -> dict[str, float]:
 AGE_BINS = 10
 
 
-def by_age(scores: list[CaseScores], positions: list[int], n_done: int, bins: int = AGE_BINS) -> list[dict]:
+def by_age(scores: list[CaseScores], positions: list[int], n_done: int, bins: int = AGE_BINS,
+           offset: int = 0) -> list[dict]:
     """The scores of the cases edited at ``positions`` (0-based places in the run's order of edits)
     split by when they were edited: ``bins`` equal spans of the first ``n_done`` edits, oldest first,
-    each with the edits it spans (``first``/``last``, 1-based) and ``summarize`` of its cases (``n`` 0
-    and no metrics where the sample has none there).  A decay with age shows as efficacy falling
-    from the last span to the first."""
+    each with the edits it spans (``first``/``last``, 1-based, plus ``offset``: edits made before the
+    first of them) and ``summarize`` of its cases (``n`` 0 and no metrics where the sample has none
+    there).  A decay with age shows as efficacy falling from the last span to the first."""
     if len(scores) != len(positions):
         raise ValueError(f"{len(scores)} scores for {len(positions)} positions")
     if not 0 < bins <= n_done:
@@ -103,7 +104,8 @@ def by_age(scores: list[CaseScores], positions: list[int], n_done: int, bins: in
         if not 0 <= pos < n_done:
             raise ValueError(f"position {pos} outside the {n_done} edits")
         spans[next(k for k in range(bins) if pos < edges[k + 1])].append(s)
-    return [{"first": edges[k] + 1, "last": edges[k + 1], **(summarize(cases) if cases else {"n": 0})}
+    return [{"first": offset + edges[k] + 1, "last": offset + edges[k + 1],
+             **(summarize(cases) if cases else {"n": 0})}
             for k, cases in enumerate(spans)]
 
 

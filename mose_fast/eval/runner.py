@@ -39,10 +39,15 @@ class EvalSettings:
     # own; None: every edited case
     sample: int | None = None
     sample_seed: int = 0
+    # the run's first ``background`` edits are a load the model takes before the cases it is scored on:
+    # evaluations score (and sample) only the cases after them, row 0 scores those cases unedited
+    background: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["glue_tasks"] = list(self.glue_tasks)
+        if not self.background:                  # as runs made before this setting existed
+            del d["background"]
         for name in ("eval_at", "sample"):       # unset: as runs made before these settings existed
             if d[name] is None:
                 del d[name]
@@ -73,6 +78,14 @@ class EvalSettings:
                              "must be an integer ≥ 1 (or None: all cases)")
         if isinstance(self.sample_seed, bool) or not isinstance(self.sample_seed, int):
             raise ValueError(f"evaluation setting sample_seed = {self.sample_seed!r}: must be an integer")
+        if isinstance(self.background, bool) or not isinstance(self.background, int) or self.background < 0:
+            raise ValueError(f"evaluation setting background = {self.background!r}: must be an integer ≥ 0")
+        if self.background and self.background % self.batch_size:
+            raise ValueError(f"evaluation settings background = {self.background}, batch_size = {self.batch_size}: "
+                             "the background must be whole batches (a batch never mixes it with scored cases)")
+        if self.background and self.eval_at is not None and min(self.eval_at) <= self.background:
+            raise ValueError(f"evaluation setting eval_at = {list(self.eval_at)}: every point must come after the "
+                             f"{self.background} background edits (points count every edit, the background's too)")
         data = Path(self.data_dir) if self.data_dir else default_data_dir()
         for task in self.glue_tasks:
             if task not in TASKS:
@@ -117,6 +130,12 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
     data = Path(settings.data_dir) if settings.data_dir else default_data_dir()
     t = time.perf_counter()
     out: dict = {"n_edits": n_done}
+    # the scored cases: those after the background, edited so far (before editing: all of them)
+    start = settings.background
+    if n_done and n_done <= start:
+        raise ValueError(f"an evaluation after {n_done} edits scores nothing: the first {start} are background")
+    requests = requests[start:]
+    n_done -= start if n_done else 0
     edited = requests[:n_done] if n_done else requests
     picked = evaluation_sample([r.case_id for r in edited], settings.sample, settings.sample_seed)
     last = list(range(n_done - last_batch, n_done)) if (settings.sample is not None and n_done) else []
@@ -125,6 +144,8 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
     cases = [requests[i] for i in picked]
     out["edit"] = summarize([scores[i] for i in picked])
     out["edit"]["cases"] = "edited so far" if n_done else "all cases of the run, before editing"
+    if start:
+        out["edit"]["cases"] += f" after the {start} background edits"
     if settings.sample is not None:
         out["edit"]["cases"] += f" (uniform sample of {len(picked)}, seed {settings.sample_seed})"
         out["sample"] = {"size": settings.sample, "seed": settings.sample_seed,
@@ -132,14 +153,14 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
         if last:
             out["edit_last_batch"] = summarize([scores[i] for i in last])
     if n_done:
-        out["edit_by_age"] = by_age([scores[i] for i in picked], picked, n_done, min(AGE_BINS, n_done))
+        out["edit_by_age"] = by_age([scores[i] for i in picked], picked, n_done, min(AGE_BINS, n_done), offset=start)
     reference = None
     if locality_reference is not None:
         reference = _locality_slices(requests, locality_reference, picked) if settings.sample is not None \
             else locality_reference
     tokens = token_scores(model, tok, cases, reference)
     out["locality_predictions"] = tokens.pop("locality_predictions")
-    if not n_done and len(picked) < len(requests):    # the reference covers every case of the run
+    if not n_done and len(picked) < len(requests):    # the reference covers every scored case of the run
         out["locality_predictions"] = teacher_forced_argmax(model, tok, *locality_items(requests))
     out["edit_token"] = tokens
     out["general"] = {task: task_accuracy(model, tok, data, task, settings.glue_n)["accuracy"]

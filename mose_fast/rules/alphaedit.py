@@ -38,6 +38,11 @@ class AlphaEditRule(AdditiveRule):
         self.P: dict[int, torch.Tensor] = {}
         self.C_p: dict[int, torch.Tensor] = {}
 
+    @classmethod
+    def planned_state(cls, d_out, d_in, kept_keys, hparams):
+        return {**super().planned_state(d_out, d_in, kept_keys, hparams),
+                "null-space projector (float64)": 8 * d_in * d_in, "C_p (float64)": 8 * d_in * d_in}
+
     def prepare(self, layer, W, C0):
         super().prepare(layer, W, C0)
         if layer not in self.P:

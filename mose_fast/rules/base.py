@@ -86,6 +86,13 @@ class Rule(abc.ABC):
         if state:
             raise ValueError(f"the {self.name} rule keeps no state, got {sorted(state)}")
 
+    @classmethod
+    def planned_state(cls, d_out: int, d_in: int, kept_keys: int, hparams: dict) -> dict[str, int]:
+        """Bytes of what the rule holds for one d_out × d_in layer after edits with ``kept_keys`` key
+        columns in all, by part (``plan.py``'s rule-state stage; ``state_bytes`` counts the same
+        tensors in a live rule)."""
+        raise NotImplementedError(f"the {cls.name} rule does not say what state it plans")
+
     def state_bytes(self) -> int:
         """Bytes of every tensor the rule holds per layer (its state dict and what ``prepare`` builds,
         on any device): the tensors in the rule's ``{layer: tensor}`` attributes."""
@@ -130,6 +137,10 @@ class AdditiveRule(Rule):
         self.hparams = type(self).check_options(hparams)
         self.C0: dict[int, torch.Tensor] = {}
         self.W0: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def planned_state(cls, d_out: int, d_in: int, kept_keys: int, hparams: dict) -> dict[str, int]:
+        return {"C0 (float64)": 8 * d_in * d_in, "W0 (float64)": 8 * d_out * d_in}
 
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
         if layer not in self.C0:

@@ -212,6 +212,19 @@ class MOSEInputRule(Rule):
         self._built: dict[int, torch.Tensor] = {}
 
     # --- state ------------------------------------------------------------------------------------
+    @classmethod
+    def planned_state(cls, d_out, d_in, kept_keys, hparams):
+        G = cross_dtype(d_in)
+        parts = {"Cholesky factor of C0 (float64)": 8 * d_in * d_in,
+                 f"cross Gram G ({G})": torch.empty((), dtype=G).element_size() * d_in * d_in,
+                 "W·Wᵀ (float64)": 8 * d_out * d_out, "S = W·C0⁻¹·Wᵀ (float64)": 8 * d_out * d_out}
+        if hparams.get("edit_memory"):
+            # key columns, compressed to a d_in × d_in factor once there are more (compress_memory)
+            size = torch.empty((), dtype=MEMORY_DTYPE).element_size()
+            name = f"edit memory (min(edits, d_in) columns, {str(MEMORY_DTYPE)[6:]})"
+            parts[name] = size * d_in * min(kept_keys, d_in)
+        return parts
+
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
         if layer in self.chol:
             return

@@ -44,6 +44,10 @@ class MOSERule(Rule):
         self.polar_method, self.solve_dtype = polar_method, solve_dtype
         self.gram: dict[int, torch.Tensor] = {}      # P = W·C0·Wᵀ, float64
 
+    @classmethod
+    def planned_state(cls, d_out, d_in, kept_keys, hparams):
+        return {"retention Gram P (float64)": 8 * d_out * d_out}
+
     def prepare(self, layer: int, W: torch.Tensor, C0: torch.Tensor) -> None:
         if layer in self.gram:
             self.gram[layer] = self.gram[layer].to(W.device, torch.float64)

@@ -6,13 +6,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_tokenizer
 
 from mose_fast.eval import general
 from mose_fast.eval.metrics import CaseScores, by_age, score_cases, summarize
 from mose_fast.hf.scoring import answer_nll, landed, logits_at
 from mose_fast.hf.tokens import target_ids
 from mose_fast.requests import EditRequest
+
+from conftest import make_tiny_model, tiny_tokenizer
 
 
 class ConstantModel(torch.nn.Module):
@@ -148,9 +149,9 @@ def test_token_accuracy_protocol_on_constant_models():
 
 @pytest.mark.model
 def test_logits_at_equals_the_full_logits_at_those_positions():
-    from conftest import make_tiny_model
-
     from mose_fast.hf.tokens import pad_batch
+
+    from conftest import make_tiny_model
     model, tok = make_tiny_model("llama")
     seqs = [tok("The capital of France is Paris")["input_ids"], tok("Rome")["input_ids"]]
     batch = pad_batch(tok, seqs, "cpu")
@@ -196,6 +197,7 @@ def test_by_age_splits_the_cases_by_when_they_were_edited():
     assert [(b["first"], b["last"], b["n"]) for b in spans] == [(1, 5, 2), (6, 10, 0), (11, 15, 1), (16, 20, 1)]
     assert spans[0]["efficacy"] == 0.5 and spans[2]["efficacy"] == 0.0 and spans[3]["efficacy"] == 1.0
     assert spans[0]["neighborhood"] == 1.0 and "efficacy" not in spans[1]
+    assert [(b["first"], b["last"]) for b in by_age([], [], 20, 4, offset=100)][0] == (101, 105)
     # uneven spans: 7 edits in 3 bins end at round(7k/3)
     assert [(b["first"], b["last"]) for b in by_age([], [], 7, 3)] == [(1, 2), (3, 5), (6, 7)]
     with pytest.raises(ValueError, match="outside"):

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
 
 from mose_fast import EditRequest, MOSEEditor
 from mose_fast.eval import runner, store
+
+from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French",
                     paraphrase_prompts=["Danielle Darrieux spoke"], neighborhood_prompts=["Paris is in"],
@@ -548,3 +549,34 @@ def test_checkpoint_every_saves_the_editor_state_and_a_resume_redoes_only_unsave
     for l in cfg.layers:
         assert torch.equal(model.model.layers[l].mlp.down_proj.weight, ref_w[l])
         assert torch.equal(load_file(str(path))[f"weight.{l}"], ref_w[l])
+
+
+def test_background_edits_are_made_first_and_never_scored(tmp_path, data_dir, monkeypatch):
+    """Cases 0-1 are background, 2-4 the run's own: row 0 scores the three own cases unedited, a row after
+    k edits the own cases edited so far (a sample draws only from them), their spans numbered as edits
+    of the whole run; the final scores are the edited model's scores of cases 2-4."""
+    from mose_fast.eval.metrics import score_cases, summarize
+    settings = runner.EvalSettings(batch_size=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir), eval_at=(3, 5),
+                                   background=2)
+    model, tok, cfg = setup(monkeypatch)
+    before = summarize(score_cases(model, tok, REQS[2:]))
+    rep = runner.run_eval(model, tok, REQS, cfg, tmp_path / "bg", settings, "tiny", progress=False)
+    rows = rep["evaluations"]
+    assert [e["n_edits"] for e in rows] == [0, 3, 5]
+    assert [e["edit"]["n"] for e in rows] == [3, 1, 3]
+    assert rows[0]["edit"]["efficacy"] == before["efficacy"]
+    assert rows[2]["edit"]["score"] == summarize(score_cases(model, tok, REQS[2:]))["score"]
+    assert [(b["first"], b["last"], b["n"]) for b in rows[2]["edit_by_age"]] == [(3, 3, 1), (4, 4, 1), (5, 5, 1)]
+    assert "after the 2 background edits" in rows[2]["edit"]["cases"]
+    assert rep["settings"]["background"] == 2 and len(rep["case_ids"]) == 5
+    journal = store.read_lines(tmp_path / "bg" / "journal.jsonl", lambda e: True)
+    assert [c for j in journal for c in j["case_ids"]] == [0, 1, 2, 3, 4]
+    # with a sample: only own cases are drawn
+    sampled = runner.EvalSettings(batch_size=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir), eval_at=(5,),
+                                  background=2, sample=2)
+    model, tok, cfg = setup(monkeypatch)
+    rows = runner.run_eval(model, tok, REQS, cfg, tmp_path / "bg-sample", sampled, "tiny",
+                           progress=False)["evaluations"]
+    assert set(rows[1]["sample"]["case_ids"]) <= {2, 3, 4} and rows[1]["edit"]["n"] == 2
+    with pytest.raises(ValueError, match="whole batches"):
+        runner.EvalSettings(batch_size=2, background=3, data_dir=str(data_dir), glue_tasks=()).validate()

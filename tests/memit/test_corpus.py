@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from mose_fast.memit import stats
+
+from conftest import make_tiny_model
 
 
 def test_default_data_dir_is_shared_data_beside_the_checkout(monkeypatch):

@@ -3,7 +3,6 @@ time, their group-weighted mean, and the one-forward ``keys_and_outputs`` agains
 ``compute_keys`` and ``block_outputs_at_subject``."""
 import pytest
 import torch
-from conftest import make_tiny_model
 
 from mose_fast import EditRequest
 from mose_fast.hf.arch import resolve_arch
@@ -17,6 +16,8 @@ from mose_fast.memit.keys import (
     mean_key,
     template_weights,
 )
+
+from conftest import make_tiny_model
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),
         EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")]

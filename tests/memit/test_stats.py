@@ -1,11 +1,12 @@
 """C0 = E[k kᵀ] against a float64 reference built from full forward passes; the disk cache."""
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_model
 
 from mose_fast.hf.arch import resolve_arch
 from mose_fast.hf.hooks import capture_inputs
 from mose_fast.memit import stats
+
+from conftest import CORPUS, make_tiny_model
 
 
 def reference_c0(model, tok, arch, layer, n_tokens, seq_len):

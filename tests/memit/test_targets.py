@@ -2,14 +2,17 @@
 optimisation equals one request at a time (float64); early stopping is per request."""
 import pytest
 import torch
-from conftest import FAMILIES, make_tiny_model, tiny_mose_config
 
 from mose_fast import EditRequest
 from mose_fast.hf.arch import resolve_arch
 from mose_fast.hf.hooks import edit_output
 from mose_fast.hf.tokens import pad_batch
+from mose_fast.memit import prefix_cache as P
 from mose_fast.memit import targets as T
 from mose_fast.memit.keys import generate_context_templates
+from mose_fast.memit.naive import naive_target
+
+from conftest import FAMILIES, make_tiny_model, tiny_mose_config
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English French")
 REQS = [REQ,
@@ -33,7 +36,7 @@ def test_prefix_cache_reproduces_full_forward(family):
     arch = resolve_arch(model)
     templates = [["{}"], ["The cat. {}", "I think that {}"]]
     batch = T._Batch(tok, REQS[:3], templates)
-    runner = T._PrefixCache(model, arch, 1, batch, tok)
+    runner = P.PrefixCache(model, arch, 1, batch, tok)
     assert runner.usable and runner.replays, family
     delta = 0.5 * torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
 
@@ -66,7 +69,7 @@ def test_replayed_blocks_give_the_computed_logits_and_gradient(family):
     model, tok = _model(family, torch.float64)
     arch = resolve_arch(model)
     batch = T._Batch(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
-    runner = T._PrefixCache(model, arch, 2, batch, tok)
+    runner = P.PrefixCache(model, arch, 2, batch, tok)
     assert runner.replays
     own = arch.block(model, 1).forward
     arch.block(model, 1).forward = own                     # an instance attribute, as accelerate sets
@@ -105,13 +108,13 @@ def test_packing_places_every_row_once_within_the_width():
     more than the allowed rows; choose_packing takes the width with the fewest tokens."""
     lengths = [6, 3, 3, 5, 4, 3, 6, 2, 3]
     for width in (6, 7, 9, 12):
-        bins = T.pack_rows(lengths, width, max_segments=3)
+        bins = P.pack_rows(lengths, width, max_segments=3)
         assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
         assert all(sum(lengths[i] for i in b) <= width and len(b) <= 3 for b in bins)
-    assert T.pack_rows([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
-    width, bins = T.choose_packing([3] * 10 + [6] * 4)        # KL-like rows of 3 and rewrite rows of 6
+    assert P.pack_rows([3, 3, 3, 3], 6) == [[0, 1], [2, 3]]
+    width, bins = P.choose_packing([3] * 10 + [6] * 4)        # KL-like rows of 3 and rewrite rows of 6
     assert len(bins) * width == 54 and width == 6               # unpacked: 14 × 6 = 84
-    assert T.choose_packing([5, 4])[0] == 9                     # one row of 9 beats two of 5
+    assert P.choose_packing([5, 4])[0] == 9                     # one row of 9 beats two of 5
 
 
 @pytest.mark.model
@@ -123,8 +126,8 @@ def test_packed_steps_give_the_unpacked_logits_and_gradient(family):
     model, tok = _model(family, torch.float64)
     arch = resolve_arch(model)
     batch = T._Batch(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
-    runner = T._PrefixCache(model, arch, 1, batch, tok)
-    assert T._CHECKED[model][3] is True and runner.packs
+    runner = P.PrefixCache(model, arch, 1, batch, tok)
+    assert P._CHECKED[model][3] is True and runner.packs
     g = torch.Generator().manual_seed(4)
     delta = torch.randn(len(REQS), model.config.hidden_size, generator=g, dtype=torch.float64)
     weights = torch.randn(len(batch.sel_rows), model.config.vocab_size, generator=g, dtype=torch.float64)
@@ -148,7 +151,7 @@ def test_packed_steps_give_the_unpacked_logits_and_gradient(family):
     # the builds after the first run the prefixes packed: their keys and values where they are read
     # (the rows' real prefix positions) are the unpacked ones
     assert runner._packed_prefix() is not None
-    second = T._PrefixCache(model, arch, 1, batch, tok)
+    second = P.PrefixCache(model, arch, 1, batch, tok)
     seen = runner.prefix_mask.bool()[:, None, :, None]
     for a, b in zip(runner.base_cache.layers, second.base_cache.layers):
         torch.testing.assert_close(b.keys * seen, a.keys * seen, rtol=0, atol=1e-10)
@@ -223,12 +226,12 @@ def test_target_same_with_and_without_cache(monkeypatch):
     cfg = tiny_mose_config(v_num_grad_steps=6)
     templates = generate_context_templates(model, tok, ("The",), 3, seed=0)
     fast = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, cfg)
-    real_init = T._PrefixCache.__init__
+    real_init = P.PrefixCache.__init__
 
     def disabled(self, *a, **k):
         real_init(self, *a, **k)
         self.usable = False
-    monkeypatch.setattr(T._PrefixCache, "__init__", disabled)
+    monkeypatch.setattr(P.PrefixCache, "__init__", disabled)
     slow = T.compute_targets(model, tok, arch, 2, REQS[:2], templates, cfg)
     for f, s in zip(fast, slow):
         assert f.steps == s.steps
@@ -245,9 +248,9 @@ def test_prefix_cache_is_accepted_for_low_precision_models(dtype):
     """The cached forward differs from the full one only by rounding in bf16/fp16: accepted."""
     model, tok = _model("llama", dtype)
     batch = T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]])
-    runner = T._PrefixCache(model, resolve_arch(model), 1, batch, tok)
+    runner = P.PrefixCache(model, resolve_arch(model), 1, batch, tok)
     assert runner.usable
-    assert T.prefix_cache_tolerance(dtype) < 0.1          # a wrong cache (O(1) off) is still refused
+    assert P.prefix_cache_tolerance(dtype) < 0.1          # a wrong cache (O(1) off) is still refused
 
 
 @pytest.mark.model
@@ -378,7 +381,7 @@ def test_low_precision_weight_copies_give_the_autocast_steps(family):
     assert f"{arch.lm_head}.weight" in low
     blocks = {int(n[len(arch.layers) + 1:].split(".")[0]) for n in low if n.startswith(arch.layers + ".")}
     assert blocks == set(range(2, arch.num_layers(model)))
-    runner = T._PrefixCache(model, arch, 1, T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]]), tok, low_weights=low)
+    runner = P.PrefixCache(model, arch, 1, T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]]), tok, low_weights=low)
     delta = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     got = []
     with T.step_precision(model, "bfloat16") as precision:
@@ -401,10 +404,10 @@ def test_prefix_cache_above_the_layer_is_computed_in_the_steps_precision():
     model, tok = _model("llama")
     arch = resolve_arch(model)
     batch = T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]])
-    T._PrefixCache(model, arch, 1, batch, tok)        # the first build (its checks): the two below are alike
-    exact = T._PrefixCache(model, arch, 1, batch, tok)
-    mixed = T._PrefixCache(model, arch, 1, batch, tok,
-                           low_weights=T.low_precision_weights(model, arch, 1, torch.bfloat16))
+    P.PrefixCache(model, arch, 1, batch, tok)        # the first build (its checks): the two below are alike
+    exact = P.PrefixCache(model, arch, 1, batch, tok)
+    mixed = P.PrefixCache(model, arch, 1, batch, tok,
+                          low_weights=T.low_precision_weights(model, arch, 1, torch.bfloat16))
     assert mixed.usable and mixed.replays
     torch.testing.assert_close(mixed.h0, exact.h0, rtol=0, atol=0)
     for k, (a, b) in enumerate(zip(exact.base_cache.layers, mixed.base_cache.layers)):
@@ -424,3 +427,27 @@ def test_chunks_are_as_even_as_possible():
         assert sum(sizes) == n and max(sizes) <= size and max(sizes) - min(sizes) <= 1
         assert len(sizes) == -(-n // size)                       # no more chunks than needed
         assert [c.start for c in even_chunks(n, size)] == [sum(sizes[:i]) for i in range(len(sizes))]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("stop_on", ["nll", "loss"])
+def test_batched_cached_targets_equal_the_plain_reference(stop_on):
+    """Four requests optimised together (prefix cache, replayed blocks, per-request Adam, one request
+    stopping early) give each request the z, NLL and step count of ``naive.naive_target``: one
+    request, whole prompts through the whole model, torch.optim.Adam (float64, clamp reached)."""
+    model, tok = _model("llama", torch.float64)
+    arch = resolve_arch(model)
+    templates = generate_context_templates(model, tok, ("The", "I"), 3, seed=0)
+    probe = tiny_mose_config(v_num_grad_steps=1, v_stop_on=stop_on)
+    start = sorted(naive_target(model, tok, arch, 2, r, templates, probe).nll for r in REQS)
+    cfg = tiny_mose_config(v_num_grad_steps=10, v_stop_on=stop_on, clamp_norm_factor=0.05,
+                           v_loss_early_stop=0.5 * (start[0] + start[1]), target_dtype=None)
+    fast = T.compute_targets(model, tok, arch, 2, REQS, templates, cfg)
+    plain = [naive_target(model, tok, arch, 2, r, templates, cfg) for r in REQS]
+    assert sorted(p.steps for p in plain)[0] == 1 and max(p.steps for p in plain) == 10
+    assert any(float((p.z - p.h0).norm()) >= 0.05 * float(p.h0.norm()) * (1 - 1e-9) for p in plain)   # clamped
+    for f, p in zip(fast, plain):
+        assert f.steps == p.steps
+        torch.testing.assert_close(f.h0.double(), p.h0.double(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(f.z.double(), p.z.double(), rtol=0, atol=1e-6)
+        assert f.nll == pytest.approx(p.nll, abs=1e-6)

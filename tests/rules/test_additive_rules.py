@@ -3,12 +3,13 @@ independently here; the Rule interface (update leaves the state alone, commit/un
 and each rule end to end through the editor on a tiny model."""
 import pytest
 import torch
-from conftest import D_IN, D_OUT, make_tiny_model, tiny_mose_config, tiny_second_moments
-from conftest import synthetic_problem as problem
 
 from mose_fast import EditRequest, MOSEEditor
 from mose_fast.rules import AlphaEditRule, MEMITRule, PRUNERule, RECTRule, ROMERule
 from mose_fast.rules.alphaedit import null_space_projector
+
+from conftest import D_IN, D_OUT, make_tiny_model, tiny_mose_config, tiny_second_moments
+from conftest import synthetic_problem as problem
 
 
 def run(rule, W, C0, K, resid, layer=0):

@@ -7,7 +7,6 @@ import importlib
 
 import pytest
 import torch
-from conftest import FAMILIES
 from test_modules import REQ, unit_editor
 
 from mose_fast.hf.arch import AttnGeometry, attention_geometry, qkv_modules, qkv_views, split_qkv
@@ -22,6 +21,8 @@ from mose_fast.rules.mose_attn import (
     rotate_heads_,
     structured_polar,
 )
+
+from conftest import FAMILIES
 
 TEXT = "Apple was founded by Steve Jobs. Microsoft was founded by Bill Gates."
 

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES
 from test_modules import REQ, unit_editor
 
 from mose_fast.hf.hooks import capture_inputs, capture_outputs
 from mose_fast.memit.keys import unit_keys_and_outputs
 from mose_fast.memit.stats import StreamingHistogram
 from mose_fast.rules.mose_ffn_in import FFN64, fit_polynomial, polynomial_targets
+
+from conftest import FAMILIES
 
 TEXT = "The Eiffel Tower is located in Paris. The Colosseum is located in Rome."
 

@@ -9,14 +9,15 @@ commit folds it in, undo takes it out, state_dict round trip), ``lam_unit`` and 
 import numpy as np
 import pytest
 import torch
-from conftest import D_IN, D_OUT, N0, tiny_mose_config
-from conftest import ridged_cholesky as _chol
-from conftest import scipy_rotation as _scipy_rotation
-from conftest import synthetic_problem as problem
 
 from mose_fast.rules import MOSEInputRule, MOSERule, Rotation, make_rule
 from mose_fast.rules.mose_input import PREIMAGE_RIDGE, InputRecord, reachable_key_targets
 from mose_fast.rules.mose_output import OutputRecord
+
+from conftest import D_IN, D_OUT, N0, tiny_mose_config
+from conftest import ridged_cholesky as _chol
+from conftest import scipy_rotation as _scipy_rotation
+from conftest import synthetic_problem as problem
 
 
 def _kkt_shift(W, C0, r):
