@@ -18,7 +18,8 @@ from ..hf.arch import ArchSpec
 from ..hf.hooks import capture_outputs, edit_output
 from ..hf.tokens import subject_last_index, target_ids
 from ..requests import EditRequest
-from .targets import KL_TEMPLATE, TargetResult
+from .prefix_cache import KL_TEMPLATE
+from .targets import TargetResult
 
 
 def naive_target(model, tok, arch: ArchSpec, layer: int, request: EditRequest,

@@ -10,18 +10,19 @@ import logging
 import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 
 from ..hf.arch import ArchSpec
 from ..hf.hooks import _hidden, edit_output, output_kind, relative_difference, replaying, run_until
-from ..hf.tokens import pad_batch
-
-if TYPE_CHECKING:
-    from .targets import _Batch
+from ..hf.tokens import pad_batch, subject_last_index, target_ids
+from ..requests import EditRequest
 
 log = logging.getLogger(__name__)
+
+# the prompt of the KL term, MEMIT's: the subject's next-token distribution held near the unedited one
+KL_TEMPLATE = "{} is a"
 
 
 def prefix_cache_tolerance(dtype: torch.dtype) -> float:
@@ -167,6 +168,43 @@ def _adding_at(rows: torch.Tensor, cols: torch.Tensor, add: torch.Tensor):
     return bump
 
 
+class PromptRows:
+    """The rows of every request: its rewrite prompts (context + prompt + target[:-1]) and its KL
+    prompt, with the positions the loss reads."""
+
+    def __init__(self, tok, requests: list[EditRequest], context_templates: list[list[str]]):
+        flat = [t for group in context_templates for t in group]
+        self.ids, self.lookup, self.row_request = [], [], []
+        self.sel_rows, self.sel_cols, self.labels = [], [], []
+        self.targets, self.n_rewrite = [], len(flat)
+        for j, req in enumerate(requests):
+            tgt = target_ids(tok, req.target_new)
+            self.targets.append(tgt)
+            for t in flat:
+                i, p = subject_last_index(tok, t.replace("{}", req.template, 1), req.subject)
+                row = len(self.ids)
+                self.ids.append(i + tgt[:-1])
+                self.lookup.append(p)
+                self.row_request.append(j)
+                end = len(self.ids[row])
+                self.sel_rows += [row] * len(tgt)
+                self.sel_cols += list(range(end - len(tgt), end))     # logits at c predict token c + 1
+                self.labels += tgt
+            i, p = subject_last_index(tok, KL_TEMPLATE, req.subject)
+            row = len(self.ids)
+            self.ids.append(i)
+            self.lookup.append(p)
+            self.row_request.append(j)
+            self.sel_rows.append(row)
+            self.sel_cols.append(p)
+            self.labels.append(-1)
+        self.n = len(requests)
+
+    def rows_of(self, requests: list[int]) -> list[int]:
+        keep = set(requests)
+        return [r for r, j in enumerate(self.row_request) if j in keep]
+
+
 def _fork(cache):
     """A cache that shares the prefix tensors but not their bookkeeping: a forward appends to its
     layers by concatenation (new tensors), so the original prefix stays as it was."""
@@ -199,7 +237,7 @@ class PrefixCache:
 
     ``select(requests)`` drops the rows of every other request (those that stopped early)."""
 
-    def __init__(self, model, arch: ArchSpec, layer: int, batch: _Batch, tok,
+    def __init__(self, model, arch: ArchSpec, layer: int, batch: PromptRows, tok,
                  low_weights: dict[str, torch.Tensor] | None = None):
         self.model, self.batch = model, batch
         self.block = arch.block(model, layer)

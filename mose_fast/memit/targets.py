@@ -38,11 +38,9 @@ import torch
 
 from ..config import MOSEConfig
 from ..hf.arch import ArchSpec
-from ..hf.tokens import subject_last_index, target_ids
 from ..requests import EditRequest
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, PromptRows
 
-KL_TEMPLATE = "{} is a"
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8      # torch.optim.Adam's defaults, as MEMIT uses them
 
 
@@ -52,43 +50,6 @@ class TargetResult:
     h0: torch.Tensor         # residual before optimisation
     nll: float               # final mean-token NLL of target_new over the rewrite prompts
     steps: int
-
-
-class _Batch:
-    """The rows of every request: its rewrite prompts (context + prompt + target[:-1]) and its KL
-    prompt, with the positions the loss reads."""
-
-    def __init__(self, tok, requests: list[EditRequest], context_templates: list[list[str]]):
-        flat = [t for group in context_templates for t in group]
-        self.ids, self.lookup, self.row_request = [], [], []
-        self.sel_rows, self.sel_cols, self.labels = [], [], []
-        self.targets, self.n_rewrite = [], len(flat)
-        for j, req in enumerate(requests):
-            tgt = target_ids(tok, req.target_new)
-            self.targets.append(tgt)
-            for t in flat:
-                i, p = subject_last_index(tok, t.replace("{}", req.template, 1), req.subject)
-                row = len(self.ids)
-                self.ids.append(i + tgt[:-1])
-                self.lookup.append(p)
-                self.row_request.append(j)
-                end = len(self.ids[row])
-                self.sel_rows += [row] * len(tgt)
-                self.sel_cols += list(range(end - len(tgt), end))     # logits at c predict token c + 1
-                self.labels += tgt
-            i, p = subject_last_index(tok, KL_TEMPLATE, req.subject)
-            row = len(self.ids)
-            self.ids.append(i)
-            self.lookup.append(p)
-            self.row_request.append(j)
-            self.sel_rows.append(row)
-            self.sel_cols.append(p)
-            self.labels.append(-1)
-        self.n = len(requests)
-
-    def rows_of(self, requests: list[int]) -> list[int]:
-        keep = set(requests)
-        return [r for r, j in enumerate(self.row_request) if j in keep]
 
 
 def compute_targets(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
@@ -113,7 +74,7 @@ def even_chunks(n: int, size: int) -> list[slice]:
 def _optimise(model, tok, arch: ArchSpec, layer: int, requests: list[EditRequest],
               context_templates: list[list[str]], cfg: MOSEConfig) -> list[TargetResult]:
     """Targets of ``requests`` optimised in one padded batch."""
-    batch = _Batch(tok, requests, context_templates)
+    batch = PromptRows(tok, requests, context_templates)
     low = autocast_dtype(model, cfg.target_dtype)
     runner = PrefixCache(model, arch, layer, batch, tok,
                          low_weights=low_precision_weights(model, arch, layer, low) if low is not None else None)

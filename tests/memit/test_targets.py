@@ -35,7 +35,7 @@ def test_prefix_cache_reproduces_full_forward(family):
     model, tok = _model(family)
     arch = resolve_arch(model)
     templates = [["{}"], ["The cat. {}", "I think that {}"]]
-    batch = T._Batch(tok, REQS[:3], templates)
+    batch = P.PromptRows(tok, REQS[:3], templates)
     runner = P.PrefixCache(model, arch, 1, batch, tok)
     assert runner.usable and runner.replays, family
     delta = 0.5 * torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -68,7 +68,7 @@ def test_replayed_blocks_give_the_computed_logits_and_gradient(family):
     is back in place afterwards, and a block without one has none."""
     model, tok = _model(family, torch.float64)
     arch = resolve_arch(model)
-    batch = T._Batch(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
+    batch = P.PromptRows(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
     runner = P.PrefixCache(model, arch, 2, batch, tok)
     assert runner.replays
     own = arch.block(model, 1).forward
@@ -125,7 +125,7 @@ def test_packed_steps_give_the_unpacked_logits_and_gradient(family):
     computing the blocks up to the layer, also after a request has left; the first build checks it."""
     model, tok = _model(family, torch.float64)
     arch = resolve_arch(model)
-    batch = T._Batch(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
+    batch = P.PromptRows(tok, REQS, [["{}"], ["The cat. {}", "I think that {}"]])
     runner = P.PrefixCache(model, arch, 1, batch, tok)
     assert P._CHECKED[model][3] is True and runner.packs
     g = torch.Generator().manual_seed(4)
@@ -247,7 +247,7 @@ def test_target_same_with_and_without_cache(monkeypatch):
 def test_prefix_cache_is_accepted_for_low_precision_models(dtype):
     """The cached forward differs from the full one only by rounding in bf16/fp16: accepted."""
     model, tok = _model("llama", dtype)
-    batch = T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]])
+    batch = P.PromptRows(tok, REQS[:2], [["{}"], ["The cat. {}"]])
     runner = P.PrefixCache(model, resolve_arch(model), 1, batch, tok)
     assert runner.usable
     assert P.prefix_cache_tolerance(dtype) < 0.1          # a wrong cache (O(1) off) is still refused
@@ -381,7 +381,7 @@ def test_low_precision_weight_copies_give_the_autocast_steps(family):
     assert f"{arch.lm_head}.weight" in low
     blocks = {int(n[len(arch.layers) + 1:].split(".")[0]) for n in low if n.startswith(arch.layers + ".")}
     assert blocks == set(range(2, arch.num_layers(model)))
-    runner = P.PrefixCache(model, arch, 1, T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]]), tok, low_weights=low)
+    runner = P.PrefixCache(model, arch, 1, P.PromptRows(tok, REQS[:2], [["{}"], ["The cat. {}"]]), tok, low_weights=low)
     delta = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     got = []
     with T.step_precision(model, "bfloat16") as precision:
@@ -403,7 +403,7 @@ def test_prefix_cache_above_the_layer_is_computed_in_the_steps_precision():
     (the replayed blocks read them) and those above are bf16 products, within bf16 rounding of them."""
     model, tok = _model("llama")
     arch = resolve_arch(model)
-    batch = T._Batch(tok, REQS[:2], [["{}"], ["The cat. {}"]])
+    batch = P.PromptRows(tok, REQS[:2], [["{}"], ["The cat. {}"]])
     P.PrefixCache(model, arch, 1, batch, tok)        # the first build (its checks): the two below are alike
     exact = P.PrefixCache(model, arch, 1, batch, tok)
     mixed = P.PrefixCache(model, arch, 1, batch, tok,
