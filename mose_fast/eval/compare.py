@@ -86,6 +86,12 @@ def _row(rep: dict, n: int, seconds: list[float]) -> dict:
             "seconds_median": journal_med}
 
 
+def _last_by_age(rep: dict) -> dict | None:
+    """The run's last evaluation that split its cases by when they were edited (``edit_by_age``)."""
+    aged = [e for e in rep["evaluations"] if e.get("edit_by_age")]
+    return {"n_edits": aged[-1]["n_edits"], "spans": aged[-1]["edit_by_age"]} if aged else None
+
+
 def compare_runs(folders: list[str | Path], at: list[int] | None = None, labels: list[str] | None = None) -> dict:
     reps = [load_report(f) for f in folders]
     # wall seconds per case, one entry per case in run order (a batch's time is shared by its cases)
@@ -114,7 +120,7 @@ def compare_runs(folders: list[str | Path], at: list[int] | None = None, labels:
             raise ValueError(f"runs {bad} edited other cases than {folders[idx[0]]} in their first {n} edits")
         table[n] = [{"label": labels[i], "folder": str(folders[i]), **_row(reps[i], n, seconds[i])} for i in idx]
     series = [{"label": lab, "n": [e["n_edits"] for e in r["evaluations"]],
-               "rows": [_row(r, e["n_edits"], sec) for e in r["evaluations"]]}
+               "rows": [_row(r, e["n_edits"], sec) for e in r["evaluations"]], "by_age": _last_by_age(r)}
               for lab, r, sec in zip(labels, reps, seconds)]
     return {"model": reps[0]["model"], "table": table, "series": series,
             "base": {lab: reps[i]["evaluations"][0]["general"] for i, lab in enumerate(labels)}}
@@ -164,6 +170,8 @@ def plot_comparison(cmp: dict, path: Path) -> None:
               ("neighborhood", "neighbourhood")] + \
              [(t, f"{t}: value / unedited") for t in tasks] + \
              [("fro", "|‖W‖_F / ‖W0‖_F − 1| (furthest layer)"), ("kappa", "|κ₂(W) / κ₂(W0) − 1| (furthest layer)")]
+    if any(s["by_age"] for s in cmp["series"]):
+        panels.append(("age", "efficacy by when the case was edited\n(each run's last evaluation that splits it)"))
     cols = 4
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
@@ -171,13 +179,21 @@ def plot_comparison(cmp: dict, path: Path) -> None:
     colours = plt.cm.tab20.colors if len(cmp["series"]) > 10 else plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (key, title) in zip(axes.flat, panels):
         for s, colour in zip(cmp["series"], itertools.cycle(colours)):
+            if key == "age":
+                if s["by_age"]:
+                    spans = [b for b in s["by_age"]["spans"] if b["n"]]
+                    ax.plot([(b["first"] + b["last"]) / 2 for b in spans], [b["efficacy"] for b in spans], marker="o",
+                            label=f"{s['label']} after {s['by_age']['n_edits']}", color=colour)
+                continue
             pts = [(n, r["general"][key][1] if key in tasks else r[key]) for n, r in zip(s["n"], s["rows"])]
             if key in ("fro", "kappa"):
                 pts = [(n, abs(y - 1)) for n, y in pts if n > 0]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s["label"], color=colour)
-        ax.set(title=title, xlabel="edits")
+        ax.set(title=title, xlabel="edited at (edit number)" if key == "age" else "edits")
         if key in ("fro", "kappa"):
             ax.set_yscale("log")
+        if key == "age":
+            ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)

@@ -389,6 +389,9 @@ def test_compare_reads_each_runs_rows_and_refuses_other_cases(tmp_path, data_dir
     assert cmp["table"][2][0]["label"].startswith("mose (") and cmp["table"][2][1]["label"].startswith("memit (")
     assert "side=output" in cmp["table"][2][0]["label"]
     assert abs(cmp["table"][2][1]["fro"] - 1) > abs(cmp["table"][2][0]["fro"] - 1)   # additive grows, rotation keeps
+    # the age panel's data: each run's last evaluation that split its cases by when they were edited
+    for series, name, last in zip(cmp["series"], ("mose", "memit"), (2, 3)):
+        assert series["by_age"] == {"n_edits": last, "spans": reps[name]["evaluations"][-1]["edit_by_age"]}
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "## after 2 sequential edits" in md and (tmp_path / "cmp" / "comparison.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="edited other cases"):
