@@ -190,7 +190,7 @@ def plot_comparison(cmp: dict, path: Path) -> None:
                 pts = [(n, abs(y - 1)) for n, y in pts if n > 0]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s["label"], color=colour)
         ax.set(title=title, xlabel="edited at (edit number)" if key == "age" else "edits")
-        if key in ("fro", "kappa"):
+        if key in ("fro", "kappa", "perplexity"):    # perplexity: ×1.2 and ×130 on one panel
             ax.set_yscale("log")
         if key == "age":
             ax.legend(fontsize=7)
