@@ -6,7 +6,7 @@ import pytest
 
 from mose_fast import MOSEConfig, cli
 
-from conftest import CORPUS, make_tiny_model
+from helpers import CORPUS, make_tiny_model
 
 GOOD = {"prompt": "The mother tongue of Danielle Darrieux is", "subject": "Danielle Darrieux",
         "target_new": "English", "ground_truth": "French"}

@@ -11,7 +11,7 @@ from mose_fast.hf.scoring import answer_nll
 from mose_fast.memit.keys import block_outputs_at_subject
 from mose_fast.memit.targets import compute_target
 
-from conftest import (
+from helpers import (
     FAMILIES,
     assert_state_unchanged,
     editor_state,

@@ -10,7 +10,7 @@ from mose_fast.hf.scoring import landed
 from mose_fast.rules import MOSEInputRule, MOSERule
 from mose_fast.rules.mose_input import reachable_key_targets
 
-from conftest import (
+from helpers import (
     N0,
     assert_state_unchanged,
     editor_state,
@@ -19,9 +19,9 @@ from conftest import (
     tiny_mose_config,
     tiny_second_moments,
 )
-from conftest import ridged_cholesky as _chol
-from conftest import scipy_rotation as _scipy_rotation
-from conftest import synthetic_problem as problem
+from helpers import ridged_cholesky as _chol
+from helpers import scipy_rotation as _scipy_rotation
+from helpers import synthetic_problem as problem
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 WEIGHTS = torch.tensor([1.0, 9.0, 0.25], dtype=torch.float64)

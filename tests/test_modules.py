@@ -13,7 +13,7 @@ from mose_fast.memit.keys import unit_keys_and_outputs
 from mose_fast.rules import MODULES
 from mose_fast.rules.mose_attn import QKKeys
 
-from conftest import CORPUS, FAMILIES, make_tiny_model, tiny_mose_config
+from helpers import CORPUS, FAMILIES, make_tiny_model, tiny_mose_config
 
 ALL = ("attn.qk", "attn.v", "mlp.in", "mlp.down")
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")

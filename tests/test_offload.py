@@ -11,7 +11,7 @@ import torch
 from mose_fast import EditRequest, MOSEConfig, MOSEEditor
 from mose_fast.offload import RuleStateHome, layer_state
 
-from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+from helpers import make_tiny_model, tiny_mose_config, tiny_second_moments
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),
         EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")]

@@ -5,7 +5,7 @@ import pytest
 from mose_fast.hf.tokens import subject_last_index
 from mose_fast.requests import EditRequest, detect_schema, load_requests, parse_records
 
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 
 
 def test_template_and_text():

@@ -10,7 +10,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import make_tiny_model, tiny_mose_config  # noqa: E402
+from helpers import make_tiny_model, tiny_mose_config  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("stale_keys", ROOT / "research" / "stale_keys.py")
 stale_keys = importlib.util.module_from_spec(spec)

@@ -13,7 +13,7 @@ from mose_fast.hf.scoring import answer_nll, landed, logits_at
 from mose_fast.hf.tokens import target_ids
 from mose_fast.requests import EditRequest
 
-from conftest import make_tiny_model, tiny_tokenizer
+from helpers import make_tiny_model, tiny_tokenizer
 
 
 class ConstantModel(torch.nn.Module):
@@ -115,7 +115,7 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path):
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_answer_nll_matches_full_logits_reference(family):
     """The unembed-only-where-read path equals the plain full-logits computation."""
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
     model, tok = make_tiny_model(family)
     prompts = ["The capital of France is", "Apple was founded by", "Rome"]
     answers = ["Paris", "Steve Jobs", "is in Italy"]
@@ -151,7 +151,7 @@ def test_token_accuracy_protocol_on_constant_models():
 def test_logits_at_equals_the_full_logits_at_those_positions():
     from mose_fast.hf.tokens import pad_batch
 
-    from conftest import make_tiny_model
+    from helpers import make_tiny_model
     model, tok = make_tiny_model("llama")
     seqs = [tok("The capital of France is Paris")["input_ids"], tok("Rome")["input_ids"]]
     batch = pad_batch(tok, seqs, "cpu")

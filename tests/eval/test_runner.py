@@ -8,7 +8,7 @@ import torch
 from mose_fast import EditRequest, MOSEEditor
 from mose_fast.eval import runner, store
 
-from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
+from helpers import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French",
                     paraphrase_prompts=["Danielle Darrieux spoke"], neighborhood_prompts=["Paris is in"],

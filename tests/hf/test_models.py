@@ -11,7 +11,7 @@ from mose_fast.hf import models
 from mose_fast.hf.models import check_savable, load_model, model_config, save_model
 from mose_fast.hf.scoring import answer_nll, landed
 
-from conftest import make_tiny_model, tiny_mose_config, tiny_second_moments
+from helpers import make_tiny_model, tiny_mose_config, tiny_second_moments
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 

@@ -7,7 +7,7 @@ import torch
 
 from mose_fast.memit import stats
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 
 def test_default_data_dir_is_shared_data_beside_the_checkout(monkeypatch):

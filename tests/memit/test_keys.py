@@ -17,7 +17,7 @@ from mose_fast.memit.keys import (
     template_weights,
 )
 
-from conftest import make_tiny_model
+from helpers import make_tiny_model
 
 REQS = [EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French"),
         EditRequest("{} plays the sport of", "Michael Jordan", "soccer", target_true="basketball")]

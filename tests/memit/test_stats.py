@@ -6,7 +6,7 @@ from mose_fast.hf.arch import resolve_arch
 from mose_fast.hf.hooks import capture_inputs
 from mose_fast.memit import stats
 
-from conftest import CORPUS, make_tiny_model
+from helpers import CORPUS, make_tiny_model
 
 
 def reference_c0(model, tok, arch, layer, n_tokens, seq_len):

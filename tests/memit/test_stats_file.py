@@ -10,7 +10,7 @@ from mose_fast import EditRequest, MOSEConfig, MOSEEditor, cli
 from mose_fast.memit.stats import _token_windows, read_corpus
 from mose_fast.memit.stats_file import check_statistics, load_statistics, read_header, save_statistics
 
-from conftest import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
+from helpers import CORPUS, make_tiny_model, tiny_mose_config, tiny_second_moments
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English", target_true="French")
 

@@ -12,7 +12,7 @@ from mose_fast.memit import targets as T
 from mose_fast.memit.keys import generate_context_templates
 from mose_fast.memit.naive import naive_target
 
-from conftest import FAMILIES, make_tiny_model, tiny_mose_config
+from helpers import FAMILIES, make_tiny_model, tiny_mose_config
 
 REQ = EditRequest("The mother tongue of Danielle Darrieux is", "Danielle Darrieux", "English French")
 REQS = [REQ,

@@ -8,8 +8,8 @@ from mose_fast import EditRequest, MOSEEditor
 from mose_fast.rules import AlphaEditRule, MEMITRule, PRUNERule, RECTRule, ROMERule
 from mose_fast.rules.alphaedit import null_space_projector
 
-from conftest import D_IN, D_OUT, make_tiny_model, tiny_mose_config, tiny_second_moments
-from conftest import synthetic_problem as problem
+from helpers import D_IN, D_OUT, make_tiny_model, tiny_mose_config, tiny_second_moments
+from helpers import synthetic_problem as problem
 
 
 def run(rule, W, C0, K, resid, layer=0):

@@ -22,7 +22,7 @@ from mose_fast.rules.mose_attn import (
     structured_polar,
 )
 
-from conftest import FAMILIES
+from helpers import FAMILIES
 
 TEXT = "Apple was founded by Steve Jobs. Microsoft was founded by Bill Gates."
 
@@ -47,7 +47,7 @@ def model_rope(model, family: str, x: torch.Tensor, positions: torch.Tensor) -> 
 
 def qk_outputs(model, arch, layer, text=TEXT):
     """Pre-rotary q (T × H × hd) and k (T × H_kv × hd) of ``text`` at ``layer``."""
-    from conftest import tiny_tokenizer
+    from helpers import tiny_tokenizer
     geom = attention_geometry(model, arch, layer)
     ids = tiny_tokenizer()(text, return_tensors="pt")
     with capture_outputs(qkv_modules(model, arch, layer)) as seen:

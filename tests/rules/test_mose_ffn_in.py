@@ -13,7 +13,7 @@ from mose_fast.memit.keys import unit_keys_and_outputs
 from mose_fast.memit.stats import StreamingHistogram
 from mose_fast.rules.mose_ffn_in import FFN64, fit_polynomial, polynomial_targets
 
-from conftest import FAMILIES
+from helpers import FAMILIES
 
 TEXT = "The Eiffel Tower is located in Paris. The Colosseum is located in Rome."
 

@@ -14,10 +14,10 @@ from mose_fast.rules import MOSEInputRule, MOSERule, Rotation, make_rule
 from mose_fast.rules.mose_input import PREIMAGE_RIDGE, InputRecord, reachable_key_targets
 from mose_fast.rules.mose_output import OutputRecord
 
-from conftest import D_IN, D_OUT, N0, tiny_mose_config
-from conftest import ridged_cholesky as _chol
-from conftest import scipy_rotation as _scipy_rotation
-from conftest import synthetic_problem as problem
+from helpers import D_IN, D_OUT, N0, tiny_mose_config
+from helpers import ridged_cholesky as _chol
+from helpers import scipy_rotation as _scipy_rotation
+from helpers import synthetic_problem as problem
 
 
 def _kkt_shift(W, C0, r):
