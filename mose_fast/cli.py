@@ -318,7 +318,7 @@ def _background_requests(args, requests: list) -> list:
 
 
 def cmd_eval(args) -> int:
-    from .eval.runner import EvalSettings, run_eval, run_identity, run_sequential
+    from .eval.runner import EvalSettings, control_cases, run_eval, run_identity, run_sequential
     from .eval.store import RunFolder
     from .hf.models import load_tokenizer
     data, requests = _eval_requests(args)
@@ -331,9 +331,10 @@ def cmd_eval(args) -> int:
                             glue_tasks=tuple(t for t in args.glue_tasks.split(",") if t),
                             ppl_tokens=args.ppl_tokens, data_dir=str(data), checkpoint_every=args.checkpoint_every,
                             eval_at=args.eval_at, sample=args.sample, sample_seed=args.sample_seed,
-                            background=len(background))
+                            background=len(background), control=args.control, control_n=args.control_n)
     if not args.before_after:
         settings.validate()
+        control_cases(settings, [r.case_id for r in requests])
         # a different run in --out is reported now, not after loading the model
         RunFolder(args.out).check(run_identity(args.model, cfg, settings, requests), args.extend)
     tok = load_tokenizer(args.model)
@@ -478,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="edit the first --background-n cases of FILE before the run's own cases, unscored: scores "
                         "of a model that has already taken that many edits (--eval-at and the journal count them)")
     p.add_argument("--background-n", dest="background_n", type=int, default=0, metavar="N")
+    p.add_argument("--control", metavar="FILE",
+                   help="score the first --control-n cases of FILE, which the run never edits, at every evaluation: "
+                        "the model's drift on facts nobody edited, beside the edited cases' scores")
+    p.add_argument("--control-n", dest="control_n", type=int, default=0, metavar="N")
     p.add_argument("--ppl-tokens", dest="ppl_tokens", type=int, default=20000)
     p.add_argument("--before-after", dest="before_after", action="store_true",
                    help="short run: scores before and after only, with per-stage timing")

@@ -226,7 +226,7 @@ def test_apply_checks_its_folder_before_loading_the_model(tiny_dir, tmp_path, ca
 
 
 @pytest.mark.model
-def test_background_edits_are_checked_before_loading(tiny_dir, tmp_path, capsys, no_model_load):
+def test_background_and_control_cases_are_checked_before_loading(tiny_dir, tmp_path, capsys, no_model_load):
     own = _requests(tmp_path, [GOOD, {**GOOD, "target_new": "German"}])
     other = _requests(tmp_path, [{**GOOD, "case_id": 10 + i, "target_new": t}
                                  for i, t in enumerate(("Dutch", "Latin"))], "other.json")
@@ -243,7 +243,10 @@ def test_background_edits_are_checked_before_loading(tiny_dir, tmp_path, capsys,
                            (["--background", other, "--background-n", "2", "--eval-at", "2,4"],
                             "every point must come after the 2 background edits"),
                            (["--background", other, "--background-n", "1", "--batch-size", "2"],
-                            "the background must be whole batches")]:
+                            "the background must be whole batches"),
+                           (["--control", other], "a control file needs a number of its cases"),
+                           (["--control", tmp_path / "none.json", "--control-n", "2"], "none.json not found"),
+                           (["--control", own, "--control-n", "1"], "are edited by the run")]:
         rc, _, err = _run(base + flags, capsys)
         assert rc == 2 and message in err, (flags, err)
     assert not (tmp_path / "run" / "run.json").exists()

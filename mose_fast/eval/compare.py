@@ -80,6 +80,7 @@ def _row(rep: dict, n: int, seconds: list[float]) -> dict:
     return {"efficacy": e["edit"]["efficacy"], "paraphrase": e["edit"]["paraphrase"],
             "neighborhood": e["edit"]["neighborhood"], "score": e["edit"]["score"],
             "rewrite_acc": e.get("edit_token", {}).get("rewrite_acc", float("nan")),
+            "control_score": e.get("control", {}).get("score", float("nan")),
             "landed": e.get("landed", float("nan")),
             "general": {k: (gen[k], ret[k]) for k in gen},
             "fro": max(fro, key=lambda x: abs(x - 1)), "kappa": max(kap, key=lambda x: abs(x - 1)),
@@ -134,22 +135,27 @@ def comparison_markdown(cmp: dict) -> str:
     lines = [f"# Side-by-side: {cmp['model']}", ""]
     for n, rows in cmp["table"].items():
         tasks = list(rows[0]["general"])
+        control = any(not math.isnan(r["control_score"]) for r in rows)
         lines += [f"## after {n} sequential edits", "",
-                  "| rule | efficacy | paraphrase | neighb. | Score | rewrite acc | landed | " +
-                  " | ".join(f"{t} (ratio)" for t in tasks) + " | ‖W‖_F ratio | κ₂ ratio | s/case (median) |",
-                  "|---" * (10 + len(tasks)) + "|"]
+                  "| rule | efficacy | paraphrase | neighb. | Score | " + ("never-edited Score | " if control else "") +
+                  "rewrite acc | landed | " + " | ".join(f"{t} (ratio)" for t in tasks) +
+                  " | ‖W‖_F ratio | κ₂ ratio | s/case (median) |",
+                  "|---" * (10 + len(tasks) + control) + "|"]
         best = max(r["score"] for r in rows)
         for r in rows:
             score = _fmt(r["score"], ".3f")
             gen = " | ".join(f"{_fmt(r['general'][t][0], '.3f')} ({_fmt(r['general'][t][1], '.3f')})" for t in tasks)
             lines.append(f"| {r['label']} | {_fmt(r['efficacy'], '.3f')} | {_fmt(r['paraphrase'], '.3f')} | "
                          f"{_fmt(r['neighborhood'], '.3f')} | {'**' + score + '**' if r['score'] == best else score} | "
+                         + (f"{_fmt(r['control_score'], '.3f')} | " if control else "") +
                          f"{_fmt(r['rewrite_acc'], '.3f')} | {_fmt(r['landed'], '.2f')} | {gen} | "
                          f"{_fmt(r['fro'], '.6f')} | {_fmt(r['kappa'], '.4f')} | "
                          f"{_fmt(r['seconds_median'], '.2f')} |")
         lines.append("")
     lines += ["Efficacy, paraphrase, neighbourhood, Score: probability comparison over the cases edited so far; "
-              "rewrite acc: teacher-forced target-token accuracy; landed: share of the edits since the previous "
+              "never-edited Score: the same on control cases the run never edits (`--control`: the drift the "
+              "edited cases' Score includes); rewrite acc: teacher-forced target-token accuracy; "
+              "landed: share of the edits since the previous "
               "evaluation that succeeded right after being made (nan: not recorded by that run). "
               "Ratios are against each run's unedited model "
               "(perplexity ratio: lower is better); ‖W‖_F and κ₂ ratio: the edited layer furthest from 1; "
@@ -186,6 +192,11 @@ def plot_comparison(cmp: dict, path: Path) -> None:
                             label=f"{s['label']} after {s['by_age']['n_edits']}", color=colour)
                 continue
             pts = [(n, r["general"][key][1] if key in tasks else r[key]) for n, r in zip(s["n"], s["rows"])]
+            if key == "score":      # the never-edited control cases, dashed, where the run scored them
+                ctl = [(n, r["control_score"]) for n, r in zip(s["n"], s["rows"]) if not math.isnan(r["control_score"])]
+                if ctl:
+                    ax.plot([p[0] for p in ctl], [p[1] for p in ctl], linestyle="--", marker=".", color=colour,
+                            label=f"{s['label']}: never-edited cases")
             if key in ("fro", "kappa"):
                 pts = [(n, abs(y - 1)) for n, y in pts if n > 0]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s["label"], color=colour)

@@ -132,8 +132,24 @@ def markdown_summary(rep: dict) -> str:
               "Retention = value / value before editing (perplexity: ratio, lower is better). "
               "s/batch: seconds per edit call since the previous row; state MiB: every tensor the rules hold "
               f"after the row's last edit.{items}"]
+    lines += _control_table(ev, st)
     lines += _age_table(ev)
     return "\n".join(lines) + "\n"
+
+
+def _control_table(ev: list[dict], st: dict) -> list[str]:
+    """The never-edited control cases at every evaluation (``EvalSettings.control``)."""
+    rows = [e for e in ev if e.get("control")]
+    if not rows:
+        return []
+    lines = ["", f"Cases the run never edits ({st.get('control_n')} of {st.get('control')}), at each evaluation: "
+             "the drift on facts nobody edited, to read the edited cases' scores against:", "",
+             "| edits | efficacy | paraphrase | neighbourhood | Score |", "|---|---|---|---|---|"]
+    for e in rows:
+        c = e["control"]
+        lines.append(f"| {e['n_edits']} | {c['efficacy']:.3f} | {c['paraphrase']:.3f} | {c['neighborhood']:.3f} | "
+                     f"{c['score']:.3f} |")
+    return lines
 
 
 def _age_table(ev: list[dict]) -> list[str]:

@@ -42,12 +42,19 @@ class EvalSettings:
     # the run's first ``background`` edits are a load the model takes before the cases it is scored on:
     # evaluations score (and sample) only the cases after them, row 0 scores those cases unedited
     background: int = 0
+    # cases the run never edits, scored at every evaluation (the first ``control_n`` of the requests file
+    # ``control``): how far the model drifts on facts nobody edited, the level the edited cases' scores
+    # are to be read against
+    control: str | None = None
+    control_n: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["glue_tasks"] = list(self.glue_tasks)
-        if not self.background:                  # as runs made before this setting existed
+        if not self.background:                  # as runs made before these settings existed
             del d["background"]
+        if self.control is None:
+            del d["control"], d["control_n"]
         for name in ("eval_at", "sample"):       # unset: as runs made before these settings existed
             if d[name] is None:
                 del d[name]
@@ -86,6 +93,14 @@ class EvalSettings:
         if self.background and self.eval_at is not None and min(self.eval_at) <= self.background:
             raise ValueError(f"evaluation setting eval_at = {list(self.eval_at)}: every point must come after the "
                              f"{self.background} background edits (points count every edit, the background's too)")
+        if (self.control is None) != (not self.control_n):
+            raise ValueError(f"evaluation settings control = {self.control!r}, control_n = {self.control_n!r}: "
+                             "a control file needs a number of its cases ≥ 1, and a number needs the file")
+        if self.control is not None:
+            if isinstance(self.control_n, bool) or not isinstance(self.control_n, int) or self.control_n < 1:
+                raise ValueError(f"evaluation setting control_n = {self.control_n!r}: must be an integer ≥ 1")
+            if not Path(self.control).is_file():
+                raise FileNotFoundError(f"control cases: {self.control} not found")
         data = Path(self.data_dir) if self.data_dir else default_data_dir()
         for task in self.glue_tasks:
             if task not in TASKS:
@@ -97,6 +112,20 @@ class EvalSettings:
 
 
 # --- evaluation at one point of the run ---------------------------------------------------------
+
+def control_cases(settings: EvalSettings, run_case_ids: list | None = None) -> list[EditRequest]:
+    """The control cases of ``settings`` (none without a control file); with ``run_case_ids``, refused
+    where the run edits any of them (they would not be controls)."""
+    if settings.control is None:
+        return []
+    from ..requests import load_benchmark
+    cases, _ = load_benchmark(Path(settings.control), limit=settings.control_n)
+    if run_case_ids is not None:
+        shared = sorted({r.case_id for r in cases} & set(run_case_ids), key=str)
+        if shared:
+            raise ValueError(f"control cases {settings.control}: case ids {shared[:5]} are edited by the run")
+    return cases
+
 
 def evaluation_sample(case_ids: list, size: int | None, seed: int) -> list[int]:
     """Positions (in order) of a uniform sample of ``size`` of the cases ``case_ids``: those whose
@@ -163,6 +192,9 @@ def evaluate(editor: MOSEEditor, requests: list[EditRequest], settings: EvalSett
     if not n_done and len(picked) < len(requests):    # the reference covers every scored case of the run
         out["locality_predictions"] = teacher_forced_argmax(model, tok, *locality_items(requests))
     out["edit_token"] = tokens
+    controls = control_cases(settings)
+    if controls:
+        out["control"] = summarize(score_cases(model, tok, controls))
     out["general"] = {task: task_accuracy(model, tok, data, task, settings.glue_n)["accuracy"]
                       for task in settings.glue_tasks}
     if settings.glue_n is None:
@@ -202,6 +234,7 @@ def run_eval(model, tok, requests: list[EditRequest], cfg: MOSEConfig, out_dir: 
     cfg.validate()
     editor = MOSEEditor(model, tok, cfg, progress=progress, data_dir=settings.data_dir, statistics_file=statistics_file)
     editor.validate(requests)
+    control_cases(settings, [r.case_id for r in requests])      # refused before any edit where the run edits one
     folder = RunFolder(out_dir)
     identity = run_identity(model_name, cfg, settings, requests)
     folder.check_or_start(identity, extend)

@@ -583,3 +583,36 @@ def test_background_edits_are_made_first_and_never_scored(tmp_path, data_dir, mo
     assert set(rows[1]["sample"]["case_ids"]) <= {2, 3, 4} and rows[1]["edit"]["n"] == 2
     with pytest.raises(ValueError, match="whole batches"):
         runner.EvalSettings(batch_size=2, background=3, data_dir=str(data_dir), glue_tasks=()).validate()
+
+
+def test_control_cases_are_scored_at_every_evaluation_and_never_edited(tmp_path, data_dir, monkeypatch):
+    """Cases 3-4 as controls of a run editing cases 0-2: every evaluation scores them as the model stands
+    (row 0: the unedited model's scores of them, the last row the edited model's), the summary and the
+    comparison show them, and a run that edits a control case is refused before its first edit."""
+    from mose_fast.eval import compare
+    from mose_fast.eval.metrics import score_cases, summarize
+    controls = tmp_path / "controls.json"
+    controls.write_text(json.dumps([{"case_id": r.case_id, "requested_rewrite": {
+        "prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target_new},
+        "target_true": {"str": r.target_true}}, "paraphrase_prompts": r.paraphrase_prompts,
+        "neighborhood_prompts": r.neighborhood_prompts} for r in REQS[3:]]))
+    settings = runner.EvalSettings(batch_size=1, glue_n=10, ppl_tokens=200, data_dir=str(data_dir), eval_at=(2, 3),
+                                   control=str(controls), control_n=2)
+    model, tok, cfg = setup(monkeypatch)
+    ctl = runner.control_cases(settings)
+    assert [r.case_id for r in ctl] == [3, 4]
+    before = summarize(score_cases(model, tok, ctl))
+    rep = runner.run_eval(model, tok, REQS[:3], cfg, tmp_path / "ctl", settings, "tiny", progress=False)
+    rows = rep["evaluations"]
+    assert rows[0]["control"] == before
+    after = summarize(score_cases(model, tok, ctl))
+    assert rows[-1]["control"] == after and after != before          # the edits moved the controls
+    assert "Cases the run never edits (2 of" in (tmp_path / "ctl" / "summary.md").read_text()
+    cmp = compare.compare_runs([tmp_path / "ctl"], at=[3])
+    assert cmp["table"][3][0]["control_score"] == after["score"]
+    model, tok, cfg = setup(monkeypatch)
+    with pytest.raises(ValueError, match="are edited by the run"):
+        runner.run_eval(model, tok, REQS, cfg, tmp_path / "bad", settings, "tiny", progress=False)
+    assert not (tmp_path / "bad" / "journal.jsonl").exists()
+    with pytest.raises(ValueError, match="a control file needs"):
+        runner.EvalSettings(control=str(controls), data_dir=str(data_dir), glue_tasks=(), ppl_tokens=0).validate()
