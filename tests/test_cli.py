@@ -250,3 +250,39 @@ def test_background_and_control_cases_are_checked_before_loading(tiny_dir, tmp_p
         rc, _, err = _run(base + flags, capsys)
         assert rc == 2 and message in err, (flags, err)
     assert not (tmp_path / "run" / "run.json").exists()
+
+
+@pytest.mark.model
+def test_eval_with_background_and_control_cases_end_to_end(tiny_dir, tmp_path, capsys):
+    """Two background edits, two own cases in batches of one, one control case: the journal holds all four
+    edits in order, the evaluations score the own cases (ages counted as edits 3-4) and the control case,
+    and run.json records both settings."""
+    own = _requests(tmp_path, [{**GOOD, "case_id": 1}, {**GOOD, "case_id": 2, "target_new": "German"}])
+    other = _requests(tmp_path, [{**GOOD, "case_id": 10 + i, "target_new": t}
+                                 for i, t in enumerate(("Dutch", "Latin", "Greek"))], "other.json")
+    data = tmp_path / "data"
+    (data / "glue").mkdir(parents=True)
+    (data / "wikitext-2").mkdir()
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(CORPUS))
+    out = tmp_path / "run"
+    rc, stdout, err = _run(["eval", "--model", tiny_dir, "--dataset", own, "--n-edits", "2", "--data-dir", data,
+                            "--out", out, "--layers", "1-2", "--glue-tasks", "", "--ppl-tokens", "0",
+                            "--stats-corpus", corpus, "--stats-tokens", "400", "--eval-at", "3,4",
+                            "--background", other, "--background-n", "2", "--control", other, "--control-n", "3"],
+                           capsys)
+    assert rc == 2 and "are edited by the run" in err          # the background's cases cannot be controls
+    control = _requests(tmp_path, [{**GOOD, "case_id": 20, "target_new": "Welsh"}], "control.json")
+    rc, stdout, err = _run(["eval", "--model", tiny_dir, "--dataset", own, "--n-edits", "2", "--data-dir", data,
+                            "--out", out, "--layers", "1-2", "--glue-tasks", "", "--ppl-tokens", "0",
+                            "--stats-corpus", corpus, "--stats-tokens", "400", "--eval-at", "3,4",
+                            "--background", other, "--background-n", "2", "--control", control, "--control-n", "1"],
+                           capsys)
+    assert rc == 0, err
+    run = json.loads((out / "run.json").read_text())
+    assert run["case_ids"] == [10, 11, 1, 2]
+    assert run["settings"]["background"] == 2 and run["settings"]["control_n"] == 1
+    rows = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(e["n_edits"], e["edit"]["n"], e["control"]["n"]) for e in rows] == [(0, 2, 1), (3, 1, 1), (4, 2, 1)]
+    assert [(b["first"], b["last"]) for b in rows[-1]["edit_by_age"]] == [(3, 3), (4, 4)]
+    assert "Cases the run never edits (1 of" in stdout

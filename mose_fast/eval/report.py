@@ -184,7 +184,8 @@ def plot_report(rep: dict, path: Path) -> None:
     for k in ev[0]["general"]:
         ax[1].plot(n, [e["retention"][k] for e in ev], marker="o", label=k)
     ax[1].set(title="general capability (relative to unedited)", xlabel="edits")
-    ax[1].legend()
+    if ev[0]["general"]:
+        ax[1].legend()
     for l in ev[0]["stability"]:
         ax[2].plot(n, [e["stability_ratio"][l]["fro"] for e in ev], marker=".", label=f"layer {l}")
         ax[3].plot(n, [e["stability_ratio"][l]["kappa"] for e in ev], marker=".", label=f"layer {l}")
